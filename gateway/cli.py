@@ -1,0 +1,132 @@
+"""``gateway serve | demo | sandbox | check-config`` (also ``python -m gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+import yaml
+
+from gateway.config import ConfigFileError, GatewayConfig, load_config, masked_dict
+
+
+def _serve_app(app: object, host: str, port: int) -> None:
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        # X-Forwarded-* are the gateway's business (access.trusted_proxies), not uvicorn's.
+        proxy_headers=False,
+        server_header=False,
+        log_level="info",
+        lifespan="on",
+    )
+
+
+def build_sidecar(config: GatewayConfig) -> object:
+    from gateway.middleware import AuthGateway
+    from gateway.proxy import UpstreamProxy
+
+    proxy = UpstreamProxy(
+        url=config.upstream.url,
+        timeout_s=config.upstream.timeout_s,
+        max_connections=config.upstream.max_connections,
+        trusted_proxies=config.access.trusted_proxies,
+    )
+    return AuthGateway(proxy, config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    host = args.host or config.listen.host
+    port = args.port if args.port is not None else config.listen.port
+    _serve_app(build_sidecar(config), host, port)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.file)
+    if config is None:
+        return 2
+    print(yaml.safe_dump(masked_dict(config), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _load_or_report(path: str) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigFileError as exc:
+        print(f"{path}: the configuration is invalid:", file=sys.stderr)
+        for where, message in exc.errors:
+            print(f"  {where}: {message}", file=sys.stderr)
+        return None
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway.sandbox import available_sandboxes, serve_apps
+
+    async def run() -> None:
+        port = args.port
+        providers = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for name, cls in sorted(available_sandboxes().items()):
+                sandbox = cls()
+                urls = await stack.enter_async_context(serve_apps(sandbox.hosts(), host=args.host, port=port))
+                port += len(urls)
+                providers[name] = sandbox.provider_settings(urls)
+                for role, url in urls.items():
+                    print(f"# {name} {role} host: {url}")
+            print(yaml.safe_dump({"providers": providers}, sort_keys=False, allow_unicode=True), flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(host=args.host, port=args.port))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="In-client single sign-on gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the sidecar reverse proxy")
+    serve.add_argument("--config", required=True, help="YAML configuration file")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="gateway + demo app + provider emulators, no accounts needed")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(handler=cmd_demo)
+
+    sandbox = commands.add_parser("sandbox", help="the provider emulators alone, one port per provider host")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=9100)
+    sandbox.set_defaults(handler=cmd_sandbox)
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(handler=cmd_check_config)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

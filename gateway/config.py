@@ -1,0 +1,341 @@
+"""Configuration: pydantic-settings models, YAML loading, ``${VAR}`` interpolation, env overrides.
+
+Precedence, lowest first: the models' defaults, the YAML file (after ``${VAR}`` /
+``${VAR:-default}`` interpolation), then ``GATEWAY_<SECTION>__<KEY>`` environment variables.
+
+Each provider's own keys are validated by its plugin's settings model, so an error in
+``providers.lark.app_id`` is reported with exactly that path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+from gateway.providers import ProviderSettings, load_plugin
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Listen(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Upstream(_Section):
+    url: str = "http://127.0.0.1:9000"
+    timeout_s: float = Field(30.0, gt=0)
+    # Connections kept open to the upstream (the sidecar's pool).
+    max_connections: int = Field(100, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:9000")
+        return value.rstrip("/")
+
+
+class Session(_Section):
+    secrets: list[SecretStr] = Field(default_factory=list)
+    cookie_name: str = "gw_session"
+    max_age_s: int = Field(604800, gt=0)
+    secure: bool = True
+    same_site: Literal["lax", "strict", "none"] = "lax"
+    # How long a verified session stays cached in-process (no store round trip on the hot path).
+    cache_ttl_s: float = Field(10.0, ge=0)
+
+    @field_validator("secrets")
+    @classmethod
+    def _long_enough(cls, secrets: list[SecretStr]) -> list[SecretStr]:
+        if not secrets:
+            raise ValueError("at least one secret is required (the first signs, all verify)")
+        for index, secret in enumerate(secrets):
+            if len(secret.get_secret_value()) < 32:
+                raise ValueError(f"secret #{index + 1} is shorter than 32 characters")
+        return secrets
+
+    @field_validator("cookie_name")
+    @classmethod
+    def _token_chars(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", value):
+            raise ValueError("use letters, digits, '_' and '-' only")
+        return value
+
+
+class StoreConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    url: SecretStr | None = None  # redis://[:password@]host:port/db
+    key_prefix: str = "gw:"
+    max_entries: int = Field(200_000, ge=100)
+
+
+class Tokens(_Section):
+    refresh_margin_s: float = Field(300, ge=0)
+
+
+class IdentityHeaders(_Section):
+    user: str = "X-Auth-User"
+    provider: str = "X-Auth-Provider"
+    tenant: str = "X-Auth-Tenant"
+    name: str = "X-Auth-Name"
+    jwt: str = "X-Auth-Identity"
+    access_token: str = "X-Auth-Access-Token"
+
+    @field_validator("*")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", value):
+            raise ValueError("a header name uses letters, digits and '-' only")
+        return value
+
+
+class Identity(_Section):
+    headers: IdentityHeaders = Field(default_factory=IdentityHeaders)
+    pass_access_token: bool = False
+    jwt_audience: str = "upstream"
+    jwt_ttl_s: int = Field(60, ge=5)
+    signing_key_file: Path | None = None
+
+
+class Access(_Section):
+    public_paths: list[str] = Field(default_factory=list)
+    allow_tenants: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+        return values
+
+
+class GatewayConfig(BaseSettings):
+    """The whole configuration. Build it with ``load_config`` (YAML) or directly in code."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    public_url: str = "http://127.0.0.1:8080"
+    path_prefix: str = "/_gateway"
+    listen: Listen = Field(default_factory=Listen)
+    upstream: Upstream = Field(default_factory=Upstream)
+    session: Session
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tokens: Tokens = Field(default_factory=Tokens)
+    identity: Identity = Field(default_factory=Identity)
+    access: Access = Field(default_factory=Access)
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    _provider_settings: dict[str, ProviderSettings] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be the external origin, e.g. https://app.example.com")
+        return value.rstrip("/")
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9_\-.]+)+", value):
+            raise ValueError("must look like /_gateway (no trailing slash)")
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, providers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, settings in providers.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,31}", name):
+                raise ValueError(f"provider name {name!r}: use lower-case letters, digits, '_' and '-'")
+            if not isinstance(settings, Mapping) or "plugin" not in settings:
+                raise ValueError(f"provider {name!r} needs a 'plugin' key")
+        return providers
+
+    @model_validator(mode="after")
+    def _validate_provider_settings(self) -> GatewayConfig:
+        # Not a ValueError on purpose: the plugin's own error paths must survive intact.
+        settings, errors = validate_providers(self.providers)
+        if errors:
+            raise ConfigFileError(errors)
+        self._provider_settings = settings
+        return self
+
+    def provider_settings(self) -> dict[str, ProviderSettings]:
+        """Each provider's settings, validated by its plugin's model."""
+        return dict(self._provider_settings)
+
+    @property
+    def origin(self) -> str:
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def redirect_uri(self, provider: str) -> str:
+        return f"{self.public_url}{self.path_prefix}/callback/{provider}"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigFileError(Exception):
+    """The file cannot be used; ``errors`` lists each problem as ``(yaml path, message)``."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {message}" for path, message in errors))
+        self.errors = errors
+
+
+def interpolate(value: Any, environ: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML document."""
+    if isinstance(value, str):
+        missing: list[str] = []
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            missing.append(name)
+            return ""
+
+        result = _VAR.sub(substitute, value)
+        if missing:
+            raise ConfigFileError([(path or "<root>", f"environment variable {missing[0]} is not set")])
+        return result
+    if isinstance(value, dict):
+        return {key: interpolate(item, environ, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, environ, f"{path}[{index}]") for index, item in enumerate(value)]
+    return value
+
+
+def _error_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path or "<root>"
+
+
+def validation_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    errors = []
+    for error in exc.errors():
+        location = tuple(part for part in error["loc"] if part not in ("function-after",))
+        path = _error_path(location)
+        errors.append((f"{prefix}.{path}" if prefix else path, error["msg"]))
+    return errors
+
+
+def validate_providers(
+    providers: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, ProviderSettings], list[tuple[str, str]]]:
+    """Validate each provider's keys with its plugin's model; errors carry their YAML path."""
+    settings: dict[str, ProviderSettings] = {}
+    errors: list[tuple[str, str]] = []
+    for name, raw in providers.items():
+        if not isinstance(raw, Mapping) or "plugin" not in raw:
+            continue  # reported by the field validator
+        try:
+            model = load_plugin(str(raw["plugin"])).settings_model
+        except ConfigError as exc:
+            errors.append((f"providers.{name}.plugin", exc.message))
+            continue
+        try:
+            settings[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            errors.extend(validation_errors(exc, prefix=f"providers.{name}"))
+    return settings, errors
+
+
+def build_config(data: Mapping[str, Any]) -> GatewayConfig:
+    """Validate a config mapping (already interpolated); env overrides apply on top."""
+    try:
+        return GatewayConfig(**data)
+    except ValidationError as exc:
+        errors = validation_errors(exc)
+        providers = data.get("providers")
+        if isinstance(providers, Mapping):
+            errors.extend(validate_providers(providers)[1])
+        raise ConfigFileError(errors) from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, interpolate and validate a YAML config file."""
+    environ = os.environ if environ is None else environ
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigFileError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+        raise ConfigFileError([(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    if not isinstance(document, dict):
+        raise ConfigFileError([("<root>", "the file must hold a mapping of sections")])
+    return build_config(interpolate(document, environ))
+
+
+def masked_dict(config: GatewayConfig) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret replaced by ``***``."""
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return "***" if value.get_secret_value() else ""
+        if isinstance(value, BaseModel):
+            return {key: mask(getattr(value, key)) for key in type(value).model_fields}
+        if isinstance(value, dict):
+            return {key: mask(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [mask(item) for item in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    data: dict[str, Any] = mask(config)
+    data["providers"] = {name: mask(settings) for name, settings in config.provider_settings().items()}
+    return data

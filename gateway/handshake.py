@@ -1,0 +1,378 @@
+"""The gateway's own endpoints under ``path_prefix``: login, exchange, callback, logout, me, auth...
+
+``/login`` either answers 302 straight to the provider's browser OAuth (no client in the
+User-Agent) or serves the handshake page, whose script asks the client's JSAPI for a code and POSTs
+it to ``/exchange/<provider>``. Both paths end in ``complete_login``: the token record is saved
+(replacing the user's previous one), a session is created, the cookie is set.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Router
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
+from gateway.pages import error_response, gateway_error_response, message_page, page, wants_html
+from gateway.providers import Grant, LoginContext, Provider
+from gateway.runtime import Runtime
+from gateway.state import (
+    STATE_TTL_S,
+    PendingLogin,
+    binding_digest,
+    is_valid_state,
+    new_browser_binding,
+    new_state,
+    pkce_pair,
+    safe_next,
+)
+
+log = logging.getLogger("gateway.handshake")
+
+_STATIC = Path(__file__).with_name("static")
+_MAX_CODE = 4096
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+
+class BadRequest(GatewayError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Handshake:
+    """The ASGI app behind ``path_prefix``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.prefix = runtime.config.path_prefix
+        self.binding_cookie = f"{runtime.config.session.cookie_name}_login"
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("GET", "login"): self.login,
+            ("POST", "exchange"): self.exchange,
+            ("GET", "callback"): self.callback,
+            ("POST", "logout"): self.logout,
+            ("GET", "me"): self.me,
+            ("GET", "auth"): self.auth,
+            ("GET", "jwks.json"): self.jwks,
+            ("GET", "healthz"): self.healthz,
+            ("GET", "readyz"): self.readyz,
+            ("GET", "static"): self.static,
+        }
+        self._scripts = {"handshake.js": (_STATIC / "handshake.js").read_bytes()}
+        for provider in runtime.providers.values():
+            if provider.bridge_js is not None:
+                self._scripts[f"bridge/{provider.plugin}.js"] = provider.bridge_js.read_bytes()
+        self._provider_routes = Router(
+            routes=[
+                Mount(f"{self.prefix}/providers/{name}", routes=list(provider.routes()))
+                for name, provider in runtime.providers.items()
+                if provider.routes()
+            ]
+        )
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        sub = scope["path"][len(self.prefix) :].strip("/")
+        if sub.startswith("providers/"):
+            await self._provider_routes(scope, receive, send)
+            return
+        head, _, rest = sub.partition("/")
+        method = "GET" if scope["method"] == "HEAD" else scope["method"]
+        handler = self._routes.get((method, head))
+        request = Request(scope, receive)
+        try:
+            if handler is None:
+                response = self._no_route(scope, head)
+            else:
+                response = await handler(request, rest)
+        except GatewayError as exc:
+            response = self._error(request, exc)
+        await response(scope, receive, send)
+
+    def _no_route(self, scope: Scope, head: str) -> Response:
+        if any(key[1] == head for key in self._routes):
+            allowed = ", ".join(sorted(key[0] for key in self._routes if key[1] == head))
+            return error_response(scope, 405, "method_not_allowed", f"Use {allowed} for this endpoint.",
+                                  headers={"allow": allowed})
+        return error_response(scope, 404, "not_found", "There is no such gateway endpoint.")
+
+    def _error(self, request: Request, exc: GatewayError, provider: str | None = None) -> Response:
+        if isinstance(exc, ProviderError) and exc.provider_code is not None:
+            log.info("provider answered %s (%s)", exc.code, exc.provider_code)
+        actions = None
+        if wants_html(request.headers) and isinstance(exc, ProviderError | BadRequest):
+            query = {"next": request.query_params.get("next", "/")}
+            if provider:
+                query["provider"] = provider
+            actions = {"Try again": f"{self.prefix}/login?{urlencode(query)}"}
+        return gateway_error_response(request.scope, exc, actions=actions)
+
+    def _provider(self, name: str) -> Provider:
+        provider = self.runtime.providers.get(name)
+        if provider is None:
+            raise GatewayError(f"No provider named {name!r} is configured.", code="unknown_provider", status_code=404)
+        return provider
+
+    # -- login ------------------------------------------------------------------------------
+
+    async def login(self, request: Request, rest: str) -> Response:
+        next_path = safe_next(request.query_params.get("next"))
+        user_agent = request.headers.get("user-agent", "")
+        requested = request.query_params.get("provider")
+        providers = self.runtime.providers
+        if requested:
+            provider = self._provider(requested)
+        else:
+            detected = [p for p in providers.values() if p.detect_client(user_agent)]
+            if detected:
+                provider = detected[0]
+            elif len(providers) == 1:
+                provider = next(iter(providers.values()))
+            elif not providers:
+                raise GatewayError("No identity provider is configured.", code="no_providers", status_code=503)
+            else:
+                return self._chooser(next_path)
+
+        binding = request.cookies.get(self.binding_cookie) or new_browser_binding()
+        state = new_state()
+        verifier, challenge = pkce_pair() if provider.uses_pkce else (None, None)
+        pending = PendingLogin(provider.name, next_path, binding_digest(binding), verifier, time.time())
+        await self.runtime.store.set(f"state:{state}", pending.to_bytes(), STATE_TTL_S)
+        context = LoginContext(
+            state=state, redirect_uri=self.config.redirect_uri(provider.name), next_path=next_path,
+            code_challenge=challenge,
+        )
+        fallback_url = provider.authorize_url(context)
+        if provider.detect_client(user_agent):
+            response: Response = self._handshake_page(provider, context, fallback_url, request)
+        else:
+            response = RedirectResponse(fallback_url, status_code=302, headers={"cache-control": "no-store"})
+        response.set_cookie(
+            self.binding_cookie, binding, max_age=STATE_TTL_S, path=self.prefix, httponly=True,
+            secure=self.config.session.secure, samesite=self.config.session.same_site,
+        )
+        return response
+
+    def _chooser(self, next_path: str) -> Response:
+        links = "".join(
+            f'<a class="button" href="{html.escape(self.prefix)}/login?'
+            f'{html.escape(urlencode({"provider": name, "next": next_path}))}">'
+            f"{html.escape(provider.display_name or name)}</a>"
+            for name, provider in self.runtime.providers.items()
+        )
+        return page("Sign in", f"<h1>Sign in</h1><p>Choose how to sign in.</p><p>{links}</p>")
+
+    def _handshake_page(
+        self, provider: Provider, login: LoginContext, fallback_url: str, request: Request
+    ) -> Response:
+        retry_query = urlencode({"provider": provider.name, "next": login.next_path, "retry": "1"})
+        settings = provider.settings
+        page_config: dict[str, Any] = {
+            "plugin": provider.plugin,
+            "displayName": provider.display_name or provider.name,
+            "state": login.state,
+            "next": login.next_path,
+            "exchangeUrl": f"{self.prefix}/exchange/{provider.name}",
+            "fallbackUrl": fallback_url,
+            "retryUrl": f"{self.prefix}/login?{retry_query}",
+            "fresh": request.query_params.get("retry") != "1",
+            "timeoutMs": int(settings.client_timeout_s * 1000),
+            "jssdkUrl": settings.jssdk_url,
+            "bridge": provider.bridge_config(login),
+        }
+        # "</" cannot end the script element when escaped; nothing else in JSON can.
+        config_json = json.dumps(page_config).replace("</", "<\\/")
+        name = html.escape(provider.display_name or provider.name)
+        body = (
+            f'<h1 id="gw-title">Signing in with {name}</h1>'
+            '<p id="gw-status">Connecting…</p><p id="gw-actions"></p>'
+            f'<noscript><p><a class="button" href="{html.escape(fallback_url)}">Continue</a></p></noscript>'
+            f'<script id="gw-config" type="application/json">{config_json}</script>'
+            f'<script src="{self.prefix}/static/bridge/{html.escape(provider.plugin)}.js"></script>'
+            f'<script src="{self.prefix}/static/handshake.js"></script>'
+        )
+        return page(f"Signing in with {name}", body, headers={"referrer-policy": "no-referrer"})
+
+    # -- completing a login -----------------------------------------------------------------
+
+    async def _take_pending(self, request: Request, state: str, provider: Provider) -> PendingLogin:
+        """Consume the state (single use) and check it belongs to this browser and provider."""
+        if not is_valid_state(state):
+            raise BadRequest("The sign-in link is malformed; please start again.", code="state_invalid")
+        data = await self.runtime.store.pop(f"state:{state}")
+        if data is None:
+            raise BadRequest("This sign-in link has expired or was already used; please start again.",
+                             code="state_invalid")
+        pending = PendingLogin.from_bytes(data)
+        if pending.expired() or pending.provider != provider.name:
+            raise BadRequest("This sign-in link is not valid here; please start again.", code="state_invalid")
+        if not pending.matches_browser(request.cookies.get(self.binding_cookie)):
+            raise BadRequest("This sign-in was started in another browser; please start again here.",
+                             code="state_mismatch")
+        return pending
+
+    async def _complete_login(
+        self, request: Request, provider: Provider, grant: Grant, response: Response
+    ) -> Response:
+        identity = grant.identity
+        if not self.runtime.access.tenant_allowed(identity.tenant):
+            raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
+        key = await self.runtime.tokens.save(provider.name, identity.tenant, identity.user, grant.tokens)
+        previous = request.cookies.get(self.config.session.cookie_name)
+        if previous:
+            await self._end_session(previous)
+        ticket, _ = await self.runtime.sessions.create(
+            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name, token_key=key
+        )
+        session = self.config.session
+        response.set_cookie(
+            session.cookie_name, ticket, max_age=session.max_age_s, path="/", httponly=True,
+            secure=session.secure, samesite=session.same_site,
+        )
+        response.delete_cookie(self.binding_cookie, path=self.prefix)
+        return response
+
+    async def exchange(self, request: Request, rest: str) -> Response:
+        provider = self._provider(rest)
+        self._require_same_origin(request)
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise GatewayError("Send the code as JSON.", code="unsupported_media_type", status_code=415)
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest("Send a JSON object with code and state.", code="invalid_json")
+        code, state, context = body.get("code"), body.get("state"), body.get("context") or {}
+        if not isinstance(code, str) or not code or len(code) > _MAX_CODE:
+            raise BadRequest("The request has no usable code.", code="code_missing")
+        if not isinstance(state, str):
+            raise BadRequest("The request has no state.", code="state_invalid")
+        if not isinstance(context, dict) or not all(isinstance(v, str) for v in context.values()):
+            raise BadRequest("context must be an object of strings.", code="invalid_json")
+        pending = await self._take_pending(request, state, provider)
+        grant = await provider.redeem(
+            code, flow="client", redirect_uri=self.config.redirect_uri(provider.name), client_context=context
+        )
+        return await self._complete_login(request, provider, grant, JSONResponse({"next": pending.next_path}))
+
+    async def callback(self, request: Request, rest: str) -> Response:
+        provider = self._provider(rest)
+        try:
+            result = provider.parse_callback(dict(request.query_params))
+            pending = await self._take_pending(request, result.state, provider)
+            if result.error:
+                if result.error == "access_denied":
+                    raise LoginDenied("You declined the authorization, so you are not signed in.")
+                raise ProviderError(f"The provider reported an error ({result.error}).", code="provider_error")
+            if not result.code:
+                raise BadRequest("The provider sent no authorization code.", code="code_missing")
+            grant = await provider.redeem(
+                result.code, flow="browser", redirect_uri=self.config.redirect_uri(provider.name),
+                code_verifier=pending.code_verifier, client_context=result.context,
+            )
+            redirect = RedirectResponse(pending.next_path, status_code=302, headers={"cache-control": "no-store"})
+            return await self._complete_login(request, provider, grant, redirect)
+        except (LoginDenied, LoginPending, ReauthRequired, BadRequest, ProviderError) as exc:
+            return self._error(request, exc, provider=provider.name)
+
+    # -- session endpoints ------------------------------------------------------------------
+
+    def _require_same_origin(self, request: Request) -> None:
+        origin = request.headers.get("origin")
+        if origin is not None:
+            if origin.rstrip("/") != self.config.origin:
+                raise GatewayError("This request must come from the app's own pages.", code="cross_origin",
+                                   status_code=403)
+        elif request.headers.get("sec-fetch-site") not in (None, "same-origin", "none"):
+            raise GatewayError("This request must come from the app's own pages.", code="cross_origin",
+                               status_code=403)
+
+    async def _end_session(self, ticket: str) -> None:
+        record = await self.runtime.sessions.load(ticket)
+        if record is not None:
+            await self.runtime.sessions.end(record.sid)
+        self.runtime.authenticator.forget(ticket)
+
+    async def logout(self, request: Request, rest: str) -> Response:
+        origin = request.headers.get("origin")
+        if origin is None and request.headers.get("sec-fetch-site") != "same-origin":
+            raise GatewayError("Sign out from the app's own pages.", code="cross_origin", status_code=403)
+        self._require_same_origin(request)
+        ticket = request.cookies.get(self.config.session.cookie_name)
+        if ticket:
+            await self._end_session(ticket)
+        response: Response
+        if wants_html(request.headers):
+            response = message_page("Signed out", "You are signed out.", status_code=200, code="signed_out",
+                                    actions={"Sign in again": f"{self.prefix}/login"})
+        else:
+            response = JSONResponse({"ok": True})
+        response.delete_cookie(self.config.session.cookie_name, path="/")
+        return response
+
+    def login_url(self, next_path: str) -> str:
+        return f"{self.prefix}/login?next={quote(next_path, safe='')}"
+
+    async def me(self, request: Request, rest: str) -> Response:
+        ticket = request.cookies.get(self.config.session.cookie_name)
+        authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+        if authenticated is None:
+            return JSONResponse({"error": "login_required", "message": "You are not signed in.",
+                                 "login_url": self.login_url("/")}, status_code=401,
+                                headers={"cache-control": "no-store"})
+        return JSONResponse(authenticated.identity.as_json(), headers={"cache-control": "no-store"})
+
+    async def auth(self, request: Request, rest: str) -> Response:
+        """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth): 200 + identity, or 401."""
+        original = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri") or "/"
+        if self.runtime.access.is_public(original.split("?", 1)[0]):
+            return PlainTextResponse("", headers={"cache-control": "no-store"})
+        ticket = request.cookies.get(self.config.session.cookie_name)
+        authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+        if authenticated is None:
+            return JSONResponse({"error": "login_required", "message": "You are not signed in.",
+                                 "login_url": self.login_url(safe_next(original))}, status_code=401)
+        if not self.runtime.access.tenant_allowed(authenticated.identity.tenant):
+            raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
+        response = PlainTextResponse("", headers={"cache-control": "no-store"})
+        for key, value in authenticated.headers:
+            response.headers.append(key.decode("latin-1"), value.decode("latin-1"))
+        return response
+
+    async def jwks(self, request: Request, rest: str) -> Response:
+        return JSONResponse(self.runtime.signer.jwks(), headers={"cache-control": "public, max-age=300"})
+
+    async def healthz(self, request: Request, rest: str) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request, rest: str) -> Response:
+        try:
+            await self.runtime.store.ping()
+        except GatewayError as exc:
+            return JSONResponse({"status": "unavailable", "error": exc.code, "message": exc.message},
+                                status_code=503, headers={"retry-after": "5"})
+        return JSONResponse({"status": "ready"})
+
+    async def static(self, request: Request, rest: str) -> Response:
+        script = self._scripts.get(rest)
+        if script is None:
+            return error_response(request.scope, 404, "not_found", "There is no such file.")
+        return Response(script, media_type="application/javascript",
+                        headers={"cache-control": "public, max-age=300", "x-content-type-options": "nosniff"})

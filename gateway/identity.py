@@ -1,0 +1,138 @@
+"""The identity the upstream receives: headers, and a signed JWT it can verify with the JWKS.
+
+Two rules make the identity unforgeable:
+
+- every header that claims identity is removed from the client's request first (any case, the
+  underscore spelling some servers map to the same CGI variable, every duplicate);
+- the gateway then adds its own: plain headers for convenience, and ``X-Auth-Identity``, an
+  Ed25519-signed JWT (``kid``, iss/aud/sub/provider/tenant/name/iat/exp/jti) for upstreams that
+  verify. The key comes from ``identity.signing_key_file`` or is derived from the first session
+  secret, so replicas that share secrets share the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jwt
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.config import IdentityHeaders
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class Identity:
+    provider: str
+    user: str
+    tenant: str
+    name: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"provider": self.provider, "user": self.user, "tenant": self.tenant, "name": self.name}
+
+
+def spoofable_names(headers: IdentityHeaders) -> frozenset[bytes]:
+    """Lower-case header names to strip: each configured name and its underscore spelling."""
+    names = set()
+    for name in headers.model_dump().values():
+        lowered = name.lower()
+        names.add(lowered.encode("latin-1"))
+        names.add(lowered.replace("-", "_").encode("latin-1"))
+    return frozenset(names)
+
+
+def strip_headers(raw: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> Headers:
+    """The headers without any of ``names`` (compared case-insensitively)."""
+    return [(key, value) for key, value in raw if key.lower() not in names]
+
+
+def encode_name(name: str) -> str:
+    """A display name as a header value: UTF-8, percent-encoded, so no byte can break the header."""
+    return quote(name, safe="")
+
+
+def identity_headers(
+    identity: Identity, names: IdentityHeaders, *, token: str, access_token: str | None = None
+) -> Headers:
+    """The headers the gateway adds upstream. ``tenant`` is absent (not empty) when unknown."""
+    result: Headers = [
+        (names.user.lower().encode(), identity.user.encode()),
+        (names.provider.lower().encode(), identity.provider.encode()),
+    ]
+    if identity.tenant:
+        result.append((names.tenant.lower().encode(), identity.tenant.encode()))
+    if identity.name:
+        result.append((names.name.lower().encode(), encode_name(identity.name).encode()))
+    result.append((names.jwt.lower().encode(), token.encode()))
+    if access_token is not None:
+        result.append((names.access_token.lower().encode(), access_token.encode()))
+    return result
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def derive_signing_key(secret: str) -> Ed25519PrivateKey:
+    """An Ed25519 key derived (HKDF-SHA256) from a session secret: same secret, same key."""
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"gateway identity jwt v1").derive(
+        secret.encode()
+    )
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} does not hold an Ed25519 private key")
+    return key
+
+
+class IdentitySigner:
+    """Issues identity JWTs and publishes the JWKS that verifies them."""
+
+    def __init__(self, key: Ed25519PrivateKey, *, issuer: str, audience: str, ttl_s: int) -> None:
+        self._key = key
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.kid = _b64url(hashlib.sha256(public).digest()[:12])
+        self._public_jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(public), "kid": self.kid,
+                            "use": "sig", "alg": "EdDSA"}
+        self.issuer = issuer
+        self.audience = audience
+        self.ttl_s = ttl_s
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
+    def sign(self, identity: Identity, *, now: float | None = None) -> tuple[str, float]:
+        """A fresh JWT for ``identity`` and its expiry time."""
+        issued = int(now if now is not None else time.time())
+        expires = issued + self.ttl_s
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": identity.user,
+            "provider": identity.provider,
+            "tenant": identity.tenant,
+            "name": identity.name,
+            "iat": issued,
+            "exp": expires,
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self.kid}), float(expires)
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [self._public_jwk]}

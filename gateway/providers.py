@@ -1,0 +1,277 @@
+"""The provider plugin interface and its entry-point registry.
+
+A provider plugin teaches the gateway one identity provider (Lark/Feishu, DingTalk, Tencent
+Meeting...). The core never knows which one it talks to: everything provider-specific lives in a
+``Provider`` subclass, registered under the entry-point group ``gateway.providers``::
+
+    # pyproject.toml of a plugin package
+    [project.entry-points."gateway.providers"]
+    acme = "acme_gateway.provider:AcmeProvider"
+
+How to write one (see ``plugins/lark/provider.py`` for a complete example):
+
+1. Subclass ``ProviderSettings`` with the plugin's own config keys (``client_id``, base URLs with
+   the real hosts as defaults, ``jssdk_url``...). Mark secrets ``SecretStr`` so they are masked.
+2. Subclass ``Provider``, set ``settings_model`` and ``bridge_js`` (the path of the JavaScript
+   adapter that asks the client's JSAPI for a code), and implement:
+
+   - ``detect_client(user_agent)``: does this User-Agent belong to the provider's client?
+   - ``bridge_config(login)``: the JSON the bridge needs (app id, JSSDK URL, scopes...).
+   - ``authorize_url(login)``: the browser OAuth URL.
+   - ``parse_callback(params)``: the code (or the error) from the OAuth redirect.
+   - ``redeem(code, ...)``: code -> ``Grant`` (tokens and identity).
+   - ``refresh(tokens)``: rotate the tokens. Only refresh tokens that rotate need care here: the
+     core guarantees one refresh at a time per token record.
+
+3. Raise the ``gateway.errors`` provider errors to classify every failure: ``ReauthRequired``
+   (definitive), ``ProviderUnavailable`` (transient), ``ProviderMisconfigured``, ``LoginDenied``,
+   ``LoginPending``. ``classify_http_error`` below turns network failures into the transient one.
+
+The shared defaults (PKCE off, no extra routes, no app-level token) live in ``Provider`` itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+from starlette.routing import BaseRoute
+
+from gateway.errors import ConfigError, ProviderUnavailable
+from gateway.stores import Store
+
+ENTRY_POINT_GROUP = "gateway.providers"
+
+Flow = Literal["client", "browser"]
+
+
+class ProviderSettings(BaseModel):
+    """Base of every plugin's settings model: ``plugin`` names the entry point."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plugin: str
+    jssdk_url: str = ""
+    # Bounded waits of the handshake page (seconds): SDK load, ready hook, each JSAPI call.
+    client_timeout_s: float = 8.0
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """Who the provider says the user is. ``tenant`` is "" for users outside any organisation."""
+
+    user: str
+    tenant: str = ""
+    name: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """A user's provider tokens. Times are absolute unix seconds.
+
+    ``extra`` holds what a provider needs to refresh besides the refresh token (e.g. WeMeet's
+    ``open_id``); it is stored with the record, so keep it small and non-secret.
+    """
+
+    access_token: str
+    expires_at: float
+    refresh_token: str | None = None
+    refresh_expires_at: float | None = None
+    issued_at: float = field(default_factory=time.time)
+    scope: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def lifetime_s(self) -> float:
+        return max(0.0, self.expires_at - self.issued_at)
+
+    def refresh_at(self, margin_s: float) -> float:
+        """When to refresh: ``min(margin, half the lifetime)`` before expiry."""
+        return self.expires_at - min(margin_s, self.lifetime_s / 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.access_token,
+            "exp": self.expires_at,
+            "rt": self.refresh_token,
+            "rexp": self.refresh_expires_at,
+            "iat": self.issued_at,
+            "scope": self.scope,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TokenSet:
+        return cls(
+            access_token=data["at"],
+            expires_at=data["exp"],
+            refresh_token=data.get("rt"),
+            refresh_expires_at=data.get("rexp"),
+            issued_at=data.get("iat", 0.0),
+            scope=data.get("scope", ""),
+            extra=data.get("extra") or {},
+        )
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a redeemed code yields: fresh tokens and the identity they belong to."""
+
+    tokens: TokenSet
+    identity: UserIdentity
+
+
+@dataclass(frozen=True)
+class LoginContext:
+    """One login attempt, as the handshake page and the authorize URL need it."""
+
+    state: str
+    redirect_uri: str
+    next_path: str
+    code_challenge: str | None = None  # PKCE S256, when ``Provider.uses_pkce``
+
+
+@dataclass(frozen=True)
+class CallbackResult:
+    """The OAuth redirect, read: a code, or the provider's error (e.g. ``access_denied``)."""
+
+    state: str
+    code: str | None = None
+    error: str | None = None
+    error_description: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ProviderContext:
+    """What the core hands every provider: its HTTP client, the store, its callback URL."""
+
+    name: str
+    redirect_uri: str
+    http: httpx.AsyncClient
+    store: Store
+    path_prefix: str = "/_gateway"
+
+
+class Provider:
+    """Base class of every provider plugin. Subclass it; see the module docstring."""
+
+    settings_model: ClassVar[type[ProviderSettings]] = ProviderSettings
+    #: The JavaScript adapter served to the handshake page (registers ``gatewayBridges[<plugin>]``).
+    bridge_js: ClassVar[Path | None] = None
+    #: Whether ``authorize_url`` uses a PKCE S256 challenge; the core then keeps the verifier.
+    uses_pkce: ClassVar[bool] = False
+    #: The human name shown on pages ("Feishu", "DingTalk"...).
+    display_name: ClassVar[str] = ""
+
+    def __init__(self, settings: ProviderSettings, context: ProviderContext) -> None:
+        self.settings = settings
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        return self.context.name
+
+    @property
+    def plugin(self) -> str:
+        return self.settings.plugin
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self.context.http
+
+    # -- the browser side -------------------------------------------------------------------
+
+    def detect_client(self, user_agent: str) -> bool:
+        """True when the User-Agent shows this provider's client (the page can try its JSAPI)."""
+        return False
+
+    def bridge_config(self, login: LoginContext) -> dict[str, Any]:
+        """JSON for the bridge script. ``jssdk_url`` and timeouts are added by the core."""
+        return {}
+
+    def authorize_url(self, login: LoginContext) -> str:
+        """The browser OAuth URL that comes back to ``login.redirect_uri`` with ``state``."""
+        raise NotImplementedError
+
+    def parse_callback(self, params: Mapping[str, str]) -> CallbackResult:
+        """Read the OAuth redirect. The default reads ``code``/``error``/``state``."""
+        return CallbackResult(
+            state=params.get("state", ""),
+            code=params.get("code") or None,
+            error=params.get("error") or None,
+            error_description=params.get("error_description", ""),
+        )
+
+    def routes(self) -> Sequence[BaseRoute]:
+        """Extra endpoints, mounted under ``<prefix>/providers/<name>`` (e.g. event callbacks)."""
+        return ()
+
+    # -- the server side --------------------------------------------------------------------
+
+    async def redeem(
+        self,
+        code: str,
+        *,
+        flow: Flow,
+        redirect_uri: str,
+        code_verifier: str | None = None,
+        client_context: Mapping[str, str] | None = None,
+    ) -> Grant:
+        """Exchange a one-time code for tokens and the user's identity.
+
+        ``flow`` is ``"client"`` for a JSAPI code and ``"browser"`` for an OAuth redirect code.
+        ``client_context`` carries what the bridge reported besides the code (e.g. a corpId).
+        """
+        raise NotImplementedError
+
+    async def refresh(self, tokens: TokenSet) -> TokenSet:
+        """Rotate the tokens. Raise ``ReauthRequired`` when the refresh token is dead."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release what the provider holds (the HTTP client belongs to the core)."""
+
+
+def classify_http_error(exc: httpx.HTTPError, *, provider: str) -> ProviderUnavailable:
+    """A network failure talking to a provider is always transient."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderUnavailable(f"{provider} did not answer in time.", code="provider_timeout")
+    return ProviderUnavailable(f"{provider} could not be reached.", code="provider_unreachable")
+
+
+_registered: dict[str, type[Provider]] = {}
+
+
+def register_plugin(name: str, cls: type[Provider]) -> None:
+    """Register a provider class in-process (tests, apps that embed a private provider).
+
+    Installed packages should use the ``gateway.providers`` entry point instead.
+    """
+    _registered[name] = cls
+
+
+def available_plugins() -> dict[str, type[Provider]]:
+    """Every provider class registered under ``gateway.providers``, plus in-process ones."""
+    found: dict[str, type[Provider]] = dict(_registered)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        cls = entry.load()
+        if isinstance(cls, type) and issubclass(cls, Provider):
+            found[entry.name] = cls
+    return found
+
+
+def load_plugin(name: str) -> type[Provider]:
+    plugins = available_plugins()
+    try:
+        return plugins[name]
+    except KeyError:
+        known = ", ".join(sorted(plugins)) or "none"
+        raise ConfigError(f"No provider plugin named {name!r} is installed (installed: {known}).") from None

@@ -1,0 +1,71 @@
+"""Everything one gateway instance holds, built once from the config.
+
+The middleware, the handshake endpoints and the CLI share one ``Runtime``: the store, the
+providers (instantiated from their plugins), sessions, token records, the identity signer and the
+hot-path authenticator.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from gateway.access import AccessRules
+from gateway.auth import Authenticator
+from gateway.config import GatewayConfig
+from gateway.errors import ConfigError
+from gateway.identity import IdentitySigner, derive_signing_key, load_signing_key, spoofable_names
+from gateway.providers import Provider, ProviderContext, load_plugin
+from gateway.sessions import CookieCodec, SessionStore
+from gateway.stores import Store
+from gateway.stores.memory import MemoryStore
+from gateway.tokens import TokenManager
+
+
+def make_store(config: GatewayConfig) -> Store:
+    if config.store.backend == "memory":
+        return MemoryStore(max_entries=config.store.max_entries)
+    raise ConfigError("store.backend 'redis' is not available in this version; use 'memory'.")
+
+
+class Runtime:
+    """The gateway's state: build it from a config, close it with ``aclose``."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        store: Store | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store if store is not None else make_store(config)
+        self._owns_http = http_client is None
+        self.http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self.providers: dict[str, Provider] = {}
+        for name, settings in config.provider_settings().items():
+            context = ProviderContext(
+                name=name,
+                redirect_uri=config.redirect_uri(name),
+                http=self.http,
+                store=self.store,
+                path_prefix=config.path_prefix,
+            )
+            self.providers[name] = load_plugin(settings.plugin)(settings, context)
+        secrets = [secret.get_secret_value() for secret in config.session.secrets]
+        self.sessions = SessionStore(self.store, CookieCodec(secrets), max_age_s=config.session.max_age_s)
+        self.tokens = TokenManager(self.store, self.providers, refresh_margin_s=config.tokens.refresh_margin_s)
+        key_file = config.identity.signing_key_file
+        key = load_signing_key(key_file) if key_file else derive_signing_key(secrets[0])
+        self.signer = IdentitySigner(
+            key, issuer=config.public_url, audience=config.identity.jwt_audience, ttl_s=config.identity.jwt_ttl_s
+        )
+        self.authenticator = Authenticator(config, self.sessions, self.tokens, self.signer)
+        self.spoofable = spoofable_names(config.identity.headers)
+        self.access = AccessRules(config.access)
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+        if self._owns_http:
+            await self.http.aclose()
+        await self.store.aclose()

@@ -1,0 +1,122 @@
+"""Browser sessions: a signed ticket in the cookie, the record itself server-side.
+
+The cookie holds only ``{sid, iat, exp}`` signed with HS256 (pyjwt). ``session.secrets`` is a
+list: the first secret signs, every secret verifies, so secrets rotate without logging anyone
+out. The ``kid`` header names the secret (a short hash of it), so verification tries one key.
+
+The record (who the user is, which token record is theirs, when the session ends) lives in the
+store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever its own ``exp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import jwt
+
+from gateway.stores import Store
+
+_ALGORITHM = "HS256"
+
+
+def _kid(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    sid: str
+    provider: str
+    user: str
+    tenant: str
+    name: str
+    token_key: str
+    created_at: float
+    expires_at: float
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionRecord:
+        return cls(**json.loads(data))
+
+
+class CookieCodec:
+    """Signs and verifies the session ticket."""
+
+    def __init__(self, secrets_: Sequence[str]) -> None:
+        if not secrets_:
+            raise ValueError("at least one session secret is required")
+        self._signing_secret = secrets_[0]
+        self._signing_kid = _kid(secrets_[0])
+        self._keys = {_kid(secret): secret for secret in secrets_}
+
+    def encode(self, sid: str, *, issued_at: float, expires_at: float) -> str:
+        claims = {"sid": sid, "iat": int(issued_at), "exp": int(expires_at)}
+        return jwt.encode(claims, self._signing_secret, algorithm=_ALGORITHM, headers={"kid": self._signing_kid})
+
+    def decode(self, ticket: str) -> tuple[str, float] | None:
+        """``(sid, exp)`` of a valid, unexpired ticket; None for anything else."""
+        try:
+            kid = jwt.get_unverified_header(ticket).get("kid")
+            key = self._keys.get(kid) if isinstance(kid, str) else None
+            if key is None:
+                return None
+            claims = jwt.decode(ticket, key, algorithms=[_ALGORITHM], options={"require": ["sid", "exp"]})
+        except jwt.PyJWTError:
+            return None
+        sid = claims.get("sid")
+        if not isinstance(sid, str) or not sid:
+            return None
+        return sid, float(claims["exp"])
+
+
+class SessionStore:
+    """Creates, loads and ends session records in the store."""
+
+    def __init__(self, store: Store, codec: CookieCodec, *, max_age_s: int) -> None:
+        self.store = store
+        self.codec = codec
+        self.max_age_s = max_age_s
+
+    @staticmethod
+    def _key(sid: str) -> str:
+        return f"sess:{sid}"
+
+    async def create(
+        self, *, provider: str, user: str, tenant: str, name: str, token_key: str
+    ) -> tuple[str, SessionRecord]:
+        """A new session; returns the cookie value and the record."""
+        now = time.time()
+        record = SessionRecord(
+            sid=secrets.token_urlsafe(24),
+            provider=provider,
+            user=user,
+            tenant=tenant,
+            name=name,
+            token_key=token_key,
+            created_at=now,
+            expires_at=now + self.max_age_s,
+        )
+        await self.store.set(self._key(record.sid), record.to_bytes(), self.max_age_s)
+        return self.codec.encode(record.sid, issued_at=now, expires_at=record.expires_at), record
+
+    async def load(self, ticket: str) -> SessionRecord | None:
+        """The live record behind a cookie, or None (bad signature, expired, ended)."""
+        decoded = self.codec.decode(ticket)
+        if decoded is None:
+            return None
+        data = await self.store.get(self._key(decoded[0]))
+        if data is None:
+            return None
+        record = SessionRecord.from_bytes(data)
+        return record if record.expires_at > time.time() else None
+
+    async def end(self, sid: str) -> None:
+        await self.store.delete(self._key(sid))

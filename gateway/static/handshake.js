@@ -1,0 +1,147 @@
+/*
+ * The handshake page runtime: ask the client's JSAPI for a one-time code, hand it to the gateway,
+ * go on to the app. Runs inside old embedded webviews (Chrome 77 and older engines), so: ES5 syntax
+ * plus Promise and fetch-with-XHR-fallback only.
+ *
+ * The page embeds its settings as JSON in <script id="gw-config" type="application/json">:
+ *   {plugin, exchangeUrl, fallbackUrl, next, timeoutMs, jssdkUrl, bridge: {...provider's config}}
+ *
+ * A provider's bridge.js registers window.gatewayBridges[plugin] = {requestCode(config, tools)}:
+ * it resolves {code, context?} or rejects {outcome: "fallback"|"denied"|"pending", message}.
+ * Every wait is bounded: the SDK script, the bridge (ready hook and each JSAPI call) and the
+ * exchange. The page never ends blank: it moves on, or says what happened and offers a way on.
+ */
+(function () {
+  "use strict";
+
+  var config = JSON.parse(document.getElementById("gw-config").textContent);
+  var statusNode = document.getElementById("gw-status");
+  var actionsNode = document.getElementById("gw-actions");
+  var finished = false;
+  var exchanging = false;
+
+  function say(text) {
+    statusNode.textContent = text;
+  }
+
+  function offer(label, href) {
+    var link = document.createElement("a");
+    link.className = "button";
+    link.href = href;
+    link.textContent = label;
+    actionsNode.appendChild(link);
+  }
+
+  function stop(title, message) {
+    if (finished) { return; }
+    finished = true;
+    document.getElementById("gw-title").textContent = title;
+    say(message);
+    offer("Try again", window.location.href);
+    offer("Sign in in the browser", config.fallbackUrl);
+  }
+
+  function fallback(reason) {
+    if (finished) { return; }
+    finished = true;
+    say("Continuing with the browser sign-in" + (reason ? " (" + reason + ")" : "") + "…");
+    window.location.replace(config.fallbackUrl);
+  }
+
+  function withTimeout(promise, ms, what) {
+    return new Promise(function (resolve, reject) {
+      var timer = setTimeout(function () {
+        reject({ outcome: "fallback", message: what + " did not answer in time" });
+      }, ms);
+      promise.then(function (value) { clearTimeout(timer); resolve(value); },
+                   function (error) { clearTimeout(timer); reject(error); });
+    });
+  }
+
+  function loadScript(url) {
+    if (!url) { return Promise.resolve(); }
+    return withTimeout(new Promise(function (resolve, reject) {
+      var script = document.createElement("script");
+      script.src = url;
+      script.onload = function () { resolve(); };
+      script.onerror = function () { reject({ outcome: "fallback", message: "the client SDK could not be loaded" }); };
+      document.head.appendChild(script);
+    }), config.timeoutMs, "the client SDK");
+  }
+
+  function postJson(url, body) {
+    return new Promise(function (resolve, reject) {
+      var request = new XMLHttpRequest();
+      request.open("POST", url, true);
+      request.setRequestHeader("Content-Type", "application/json");
+      request.setRequestHeader("Accept", "application/json");
+      request.timeout = config.timeoutMs * 2;
+      request.onload = function () {
+        var data = {};
+        try { data = JSON.parse(request.responseText); } catch (ignored) { data = {}; }
+        if (request.status >= 200 && request.status < 300) { resolve(data); }
+        else { reject({ status: request.status, error: data.error, message: data.message }); }
+      };
+      request.onerror = function () { reject({ status: 0, message: "the network request failed" }); };
+      request.ontimeout = function () { reject({ status: 0, message: "the gateway did not answer in time" }); };
+      request.send(JSON.stringify(body));
+    });
+  }
+
+  function exchange(result) {
+    exchanging = true;
+    say("Signing you in…");
+    var body = { code: result.code, state: config.state };
+    if (result.context) { body.context = result.context; }
+    return postJson(config.exchangeUrl, body).then(function (data) {
+      finished = true;
+      window.location.replace(data.next || config.next || "/");
+    }, function (error) {
+      if (error.status === 403 || error.error === "access_denied" || error.error === "approval_pending") {
+        stop("Sign-in was not completed", error.message || "Access was denied.");
+      } else if (error.error === "reauth_required" || error.error === "state_invalid") {
+        // A code that expired or was already used: one more silent attempt, then a page.
+        if (window.sessionStorage && !window.sessionStorage.getItem("gw-retried")) {
+          window.sessionStorage.setItem("gw-retried", "1");
+          finished = true;
+          window.location.replace(config.retryUrl);
+        } else {
+          stop("Sign-in did not complete", error.message || "The sign-in code could not be used.");
+        }
+      } else {
+        stop("Sign-in did not complete", error.message || "The gateway could not complete the sign-in.");
+      }
+    });
+  }
+
+  function run() {
+    say("Connecting to " + config.displayName + "…");
+    loadScript(config.jssdkUrl).then(function () {
+      var bridges = window.gatewayBridges || {};
+      var bridge = bridges[config.plugin];
+      if (!bridge) { throw { outcome: "fallback", message: "no client bridge" }; }
+      var bridgeConfig = config.bridge;
+      bridgeConfig.timeout_ms = config.timeoutMs;
+      return bridge.requestCode(bridgeConfig, { withTimeout: withTimeout });
+    }).then(function (result) {
+      if (!result || !result.code) { throw { outcome: "fallback", message: "the client returned no code" }; }
+      return exchange(result);
+    }).then(null, function (error) {
+      error = error || {};
+      if (error.outcome === "pending") {
+        stop("Waiting for your administrator", error.message || "Your request was sent to an administrator for approval. You can come back once it is approved.");
+      } else if (error.outcome === "denied") {
+        stop("Sign-in was declined", error.message || "The authorization was declined.");
+      } else {
+        fallback(error.message);
+      }
+    });
+  }
+
+  // Whatever happens inside the client bridge, the page moves on in bounded time.
+  setTimeout(function () {
+    if (!exchanging) { fallback("the client did not answer"); }
+  }, config.timeoutMs * 4);
+  if (window.sessionStorage && config.fresh) { window.sessionStorage.removeItem("gw-retried"); }
+  run();
+}());

@@ -1,0 +1,564 @@
+"""The Lark / Feishu provider: in-client code (``tt.requestAccess``) or browser OAuth, then v2 tokens.
+
+One plugin serves both brands. Feishu (China) and Lark (international) are the same product on
+different hosts, and an app registered on one brand only works on that brand's hosts (the old
+endpoints even answer 20046 "brand inconsistency"), so ``brand`` is a setting and never a guess.
+
+The flow, as the fact sheet (``shared/providers/lark.md``) describes it:
+
+1. Inside the client, ``bridge.js`` asks ``tt.requestAccess`` (or the older ``tt.requestAuthCode``)
+   for a one-time code. Outside it, the browser goes to ``accounts…/open-apis/authen/v1/authorize``
+   with PKCE and comes back with ``?code=…&state=…``.
+2. ``redeem`` exchanges the code at the token endpoint (v2 on the open host by default; the v3
+   endpoint on the accounts host when ``token_url`` says so) and asks ``authen/v1/user_info`` who
+   the user is.
+3. ``refresh`` rotates the tokens: each refresh token works once, so the core serialises refreshes.
+
+Every failure goes through ``_ERRORS``, the one table that turns a Lark error code into the gateway
+error that tells the core what to do (re-run the login, retry later, call an operator...).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from gateway.errors import (
+    LoginDenied,
+    ProviderError,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+    ReauthRequired,
+)
+from gateway.providers import (
+    Flow,
+    Grant,
+    LoginContext,
+    Provider,
+    ProviderContext,
+    ProviderSettings,
+    TokenSet,
+    UserIdentity,
+    classify_http_error,
+)
+
+Brand = Literal["feishu", "lark"]
+UserIdField = Literal["open_id", "union_id", "user_id"]
+
+AUTHORIZE_PATH = "/open-apis/authen/v1/authorize"
+V2_TOKEN_PATH = "/open-apis/authen/v2/oauth/token"
+V3_TOKEN_PATH = "/oauth/v3/token"
+USER_INFO_PATH = "/open-apis/authen/v1/user_info"
+
+# ``Lark/<version>`` is in the UA of both brands' clients on every platform; ``LarkLocale/`` is the
+# UI language. A bare "lark" substring would also match unrelated browsers and crawlers.
+_CLIENT_UA = re.compile(r"Lark/\d|LarkLocale/")
+
+# The scope that puts ``user_id`` into user_info (open_id and union_id need none).
+USER_ID_SCOPE = "contact:user.employee_id:readonly"
+
+
+@dataclass(frozen=True)
+class BrandDefaults:
+    """The real hosts of one brand: what every URL setting falls back to."""
+
+    display_name: str
+    open_base_url: str
+    accounts_base_url: str
+    jssdk_url: str
+
+
+BRANDS: dict[str, BrandDefaults] = {
+    "feishu": BrandDefaults(
+        display_name="Feishu",
+        open_base_url="https://open.feishu.cn",
+        accounts_base_url="https://accounts.feishu.cn",
+        jssdk_url="https://lf-scm-cn.feishucdn.com/lark/op/h5-js-sdk-1.5.44.js",
+    ),
+    "lark": BrandDefaults(
+        display_name="Lark",
+        open_base_url="https://open.larksuite.com",
+        accounts_base_url="https://accounts.larksuite.com",
+        jssdk_url="https://lf-package-sg.larksuitecdn.com/obj/lark-static-sgsaas/lark/op/h5-js-sdk-1.5.44.js",
+    ),
+}
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http(s) URL such as https://open.feishu.cn")
+    return value
+
+
+class LarkSettings(ProviderSettings):
+    """``providers.<name>`` for ``plugin: lark``.
+
+    Every URL left out (or ``null``) is the real one of ``brand``; set them to point the plugin at
+    the sandbox or a proxy. ``jssdk_url: ""`` means the page already has ``h5sdk``/``tt``.
+    ``token_url`` defaults to the v2 endpoint on the open host; the v3 endpoint
+    (``{accounts_base_url}/oauth/v3/token``, the one the official SDKs call) works the same way.
+    """
+
+    app_id: str = Field(min_length=1)
+    app_secret: SecretStr
+    brand: Brand = "feishu"
+    # offline_access is what makes Lark issue a refresh token at all.
+    scopes: list[str] = Field(default_factory=lambda: ["offline_access"], max_length=50)
+    user_id_field: UserIdField = "open_id"
+    # Declared without defaults on purpose: ``_brand_defaults`` always fills them before field
+    # validation, so after validation they are plain strings (the base declares jssdk_url a str).
+    open_base_url: str
+    accounts_base_url: str
+    jssdk_url: str
+    token_url: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _brand_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        values = dict(data)
+        # An unknown brand is reported by the Literal check; fall back so it is the only error.
+        brand = BRANDS.get(str(values.get("brand") or "feishu"), BRANDS["feishu"])
+        for key in ("open_base_url", "accounts_base_url", "jssdk_url"):
+            if values.get(key) is None:  # absent or null; "" is a real value for jssdk_url
+                values[key] = getattr(brand, key)
+        if values.get("token_url") is None and isinstance(values["open_base_url"], str):
+            values["token_url"] = values["open_base_url"].rstrip("/") + V2_TOKEN_PATH
+        return values
+
+    @field_validator("open_base_url", "accounts_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return _http_url(value).rstrip("/")
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("jssdk_url")
+    @classmethod
+    def _jssdk_url(cls, value: str) -> str:
+        return _http_url(value) if value else value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scope_keys(cls, scopes: list[str]) -> list[str]:
+        for scope in scopes:
+            if not scope or any(char.isspace() for char in scope):
+                raise ValueError(f"{scope!r} is not a scope key (no spaces; e.g. offline_access)")
+        return list(dict.fromkeys(scopes))  # keep the order, drop duplicates (20067 otherwise)
+
+
+# -- error classification ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What one Lark error code means for the gateway. ``{p}`` in the message is the brand name."""
+
+    kind: type[ProviderError]
+    message: str
+    code: str | None = None  # the gateway's stable error code; None keeps the class default
+
+
+def _reauth(message: str, code: str | None = None) -> _Rule:
+    return _Rule(ReauthRequired, message, code)
+
+
+def _transient(message: str, code: str | None = None) -> _Rule:
+    return _Rule(ProviderUnavailable, message, code)
+
+
+def _config(message: str) -> _Rule:
+    return _Rule(ProviderMisconfigured, message)
+
+
+def _denied(message: str, code: str) -> _Rule:
+    return _Rule(LoginDenied, message, code)
+
+
+_BUG = "{p} rejected the gateway's request as malformed; this is a bug, please report it."
+_SECRET = (
+    "{p} rejected the app credentials: check app_id and app_secret against the app's "
+    "Credentials & Basic Info page in the developer console (and that brand matches the app)."
+)
+_TOKEN_DEAD = "{p} no longer accepts this user access token; a new login is needed."
+_REFRESH_DEAD = "{p} no longer accepts the refresh token; a new login is needed."
+_INACTIVE = "{p} says this account is not active (left the organisation, frozen or not activated)."
+
+#: Every Lark error code the login flow can meet (token endpoints §5.4 and §7, user_info §9,
+#: generic OpenAPI codes §10, app tokens §8). Codes absent here go through ``_unknown_rule``.
+_ERRORS: dict[int, _Rule] = {
+    # Authorization codes: the login starts again and mints a new one.
+    20003: _reauth("The {p} login code is invalid or was already used; please sign in again.", "code_invalid"),
+    20004: _reauth("The {p} login code has expired; please sign in again.", "code_expired"),
+    20065: _reauth("The {p} login code was already used; please sign in again.", "code_used"),
+    20049: _reauth("The {p} login could not be verified (PKCE check failed); please sign in again."),
+    20007: _reauth("{p} could not issue a token for this code (reused code or old refresh token)."),
+    # Refresh tokens: dead for good (rotation: a used one is revoked at once; 365-day cap).
+    20026: _reauth(_REFRESH_DEAD),
+    20037: _reauth("The {p} refresh token has expired; a new login is needed."),
+    20038: _reauth(_REFRESH_DEAD),
+    20064: _reauth("{p} revoked the refresh token (each one works once); a new login is needed."),
+    20073: _reauth("The {p} refresh token was already used (a lost rotation race); a new login is needed."),
+    99991669: _reauth(_REFRESH_DEAD),
+    # User access tokens: right after an exchange these mean the grant is unusable; log in again.
+    20005: _reauth(_TOKEN_DEAD),
+    20006: _reauth(_TOKEN_DEAD),
+    20039: _reauth(_TOKEN_DEAD),
+    99991661: _reauth(_TOKEN_DEAD),
+    99991663: _reauth(_TOKEN_DEAD),
+    99991668: _reauth(_TOKEN_DEAD),
+    99991671: _reauth(_TOKEN_DEAD),
+    99991677: _reauth("The {p} user access token has expired; a new login is needed."),
+    99991681: _reauth(_TOKEN_DEAD),
+    99991692: _reauth(_TOKEN_DEAD),
+    99991679: _reauth("The user has not granted a scope this app needs{scopes}; a new login asks for it."),
+    # Transient: keep every token and try again later.
+    20050: _transient("{p} had an internal error; please try again."),
+    20072: _transient("{p} is temporarily unavailable; please try again."),
+    99991400: _transient("{p} rate-limited the gateway; please try again shortly.", "rate_limited"),
+    99991403: _transient("The app has used up its monthly {p} API quota.", "rate_limited"),
+    # The user (or their organisation) may not use this app.
+    20008: _denied("{p} says this user does not exist.", "user_inactive"),
+    20021: _denied(_INACTIVE, "user_inactive"),
+    20022: _denied(_INACTIVE, "user_inactive"),
+    20023: _denied(_INACTIVE, "user_inactive"),
+    20066: _denied(_INACTIVE, "user_inactive"),
+    20009: _denied("This app is not installed in your {p} organisation; ask its administrator.", "user_not_allowed"),
+    20010: _denied(
+        "You are not in this app's availability scope; ask the administrator to add you "
+        "(developer console: Version Management & Release → Availability).",
+        "user_not_allowed",
+    ),
+    21000: _denied("Your organisation's {p} access-control policy blocks this sign-in.", "user_not_allowed"),
+    21001: _denied("Your organisation's {p} access-control policy blocks this sign-in.", "user_not_allowed"),
+    # Our configuration: only an operator can fix these, in the developer console or the config.
+    20002: _config(_SECRET),
+    20025: _config(_SECRET),
+    20035: _config(_SECRET),
+    10015: _config(_SECRET),
+    99991543: _config(_SECRET),
+    20028: _config("{p} does not know this app_id; check app_id (and brand) in the gateway config."),
+    20048: _config("{p} says the app does not exist; check app_id (and brand) in the gateway config."),
+    20024: _config(
+        "The code or refresh token belongs to another {p} app than app_id: the JSSDK/authorize page "
+        "and the token exchange must use the same app (check app_id)."
+    ),
+    20046: _config("The app belongs to the other brand: set brand (feishu or lark) to the app's brand."),
+    20027: _config(
+        "A requested scope is not enabled for the app: enable every entry of scopes under "
+        "Permissions & Scopes in the developer console, then release a version."
+    ),
+    20029: _config(
+        "The redirect URL is not registered: add the gateway callback URL under Security Settings "
+        "→ Redirect URLs in the developer console."
+    ),
+    20071: _config(
+        "redirect_uri differs from the one used on the authorize page: public_url and path_prefix "
+        "must not change during a login."
+    ),
+    20074: _config(
+        "The app may not refresh user tokens: turn on Security Settings → Refresh user_access_token "
+        "in the developer console, then release a version."
+    ),
+    20069: _config("The app is not enabled; enable it in the {p} developer console / admin console."),
+    20042: _config("The app is disabled; enable it in the {p} developer console / admin console."),
+    99991662: _config("The app is disabled; enable it in the {p} developer console / admin console."),
+    99991673: _config("The app is not available (not installed or not enabled) in this {p} organisation."),
+    10014: _config("{p} says the app is not authorized; check that it is installed and enabled."),
+    99991401: _config("{p} refused the gateway's IP address: check the app's IP allowlist."),
+    99991672: _config(
+        "The app has not enabled a scope it needs{scopes}: enable it under Permissions & Scopes in "
+        "the developer console, then release a version."
+    ),
+    99991676: _config("The token lacks a permission the API needs; check the app's enabled scopes."),
+    20013: _config("{p} rejected the tenant access token the gateway sent."),
+    20014: _config("{p} rejected the app access token the gateway sent."),
+    99991664: _config("{p} rejected the app access token the gateway sent."),
+    99991665: _config("{p} rejected the tenant access token the gateway sent."),
+    # Requests the gateway should never build: surface them loudly as configuration/bug errors.
+    10003: _config(_BUG),
+    20001: _config(_BUG),
+    20036: _config(_BUG),
+    20063: _config(_BUG),
+    20067: _config(_BUG),
+    20068: _config(_BUG),
+    20070: _config(_BUG),
+}
+
+#: RFC 6749 ``error`` names, for answers whose numeric code is missing or unknown (the v3 endpoint's
+#: error table is not documented).
+_OAUTH_ERRORS: dict[str, _Rule] = {
+    "invalid_grant": _reauth("{p} no longer accepts this grant; a new login is needed."),
+    "invalid_client": _config(_SECRET),
+    "unauthorized_client": _config("{p} does not allow this app to use this grant; check the console."),
+    "invalid_scope": _config(_BUG),
+    "invalid_request": _config(_BUG),
+    "unsupported_grant_type": _config(_BUG),
+    "access_denied": _denied("{p} denied the sign-in.", "access_denied"),
+    "server_error": _transient("{p} had an internal error; please try again."),
+    "temporarily_unavailable": _transient("{p} is temporarily unavailable; please try again."),
+}
+
+Operation = Literal["code exchange", "refresh", "user info"]
+
+_SCOPE_KEY = re.compile(r"[A-Za-z0-9_.:\-]+")
+
+
+def _unknown_rule(operation: Operation) -> _Rule:
+    """An error code nobody documented. A refresh that fails that way is treated as dead (what the
+    official CLI does); anything else is reported as is, without ending anything."""
+    if operation == "refresh":
+        return _reauth("{p} refused to refresh the token; a new login is needed.")
+    return _Rule(ProviderError, "{p} answered the " + operation + " with an unexpected error.", "provider_error")
+
+
+def _scopes_named(body: Mapping[str, Any]) -> str:
+    """The scope keys a 99991672/99991679 answer names, as " (a, b)", or ""."""
+    found: list[str] = []
+    error = body.get("error")
+    if isinstance(error, Mapping):
+        for violation in error.get("permission_violations") or []:
+            if isinstance(violation, Mapping) and isinstance(violation.get("subject"), str):
+                found.append(violation["subject"])
+    msg = body.get("msg")
+    if not found and isinstance(msg, str) and (bracket := re.search(r"\[([^\]]*)\]", msg)):
+        found = [part.strip() for part in bracket.group(1).split(",")]
+    # Only what looks like a scope key reaches the message; nothing else from the answer does.
+    keys = [key for key in found if _SCOPE_KEY.fullmatch(key)]
+    return f" ({', '.join(dict.fromkeys(keys))})" if keys else ""
+
+
+def _retry_after(headers: httpx.Headers) -> int:
+    try:
+        return max(1, int(float(headers.get("x-ogw-ratelimit-reset", "5"))))
+    except ValueError:
+        return 5
+
+
+def _text(data: Mapping[str, Any], key: str) -> str:
+    """A string field of an answer, or "" when it is absent or not a string."""
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _error_code(body: Mapping[str, Any]) -> int | None:
+    """The numeric ``code`` (Lark sends ``0`` and, reportedly, ``"0"``); None when absent or odd."""
+    code = body.get("code")
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
+        return int(code)
+    return None
+
+
+def _build(
+    rule: _Rule, *, brand: str, provider_code: int | str | None, body: Mapping[str, Any], headers: httpx.Headers
+) -> ProviderError:
+    message = rule.message.format(p=brand, scopes=_scopes_named(body))
+    log_id = headers.get("x-tt-logid")
+    if provider_code is not None:
+        message += f" ({brand} error {provider_code}{', log_id ' + log_id if log_id else ''})"
+    if rule.kind is ProviderUnavailable:
+        retry = _retry_after(headers) if provider_code == 99991400 else 5
+        return ProviderUnavailable(message, code=rule.code, provider_code=provider_code, retry_after_s=retry)
+    return rule.kind(message, code=rule.code, provider_code=provider_code)
+
+
+def classify_answer(
+    response: httpx.Response, *, brand: str, operation: Operation
+) -> tuple[dict[str, Any], ProviderError | None]:
+    """Read one Lark answer: its JSON body, and the error it stands for (None on success).
+
+    HTTP 5xx and bodies that are not a JSON object are transient whatever they say; 429 is a rate
+    limit. Otherwise the decision rests on ``code`` (the statuses of Lark's errors are not
+    reliable), then on the OAuth ``error`` name when the code is missing or unknown.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+        if response.status_code < 500:
+            return body, ProviderUnavailable(
+                f"{brand} answered the {operation} with something that is not JSON "
+                f"(HTTP {response.status_code}).",
+                provider_code=response.status_code,
+            )
+    code = _error_code(body)
+    oauth_error = _text(body, "error") or None
+    if response.status_code < 400 and code in (0, None) and oauth_error is None:
+        return body, None
+    provider_code: int | str | None = code if code not in (0, None) else (oauth_error or response.status_code)
+    if response.status_code >= 500:
+        rule = _ERRORS.get(code or 0)
+        if rule is None or rule.kind is not ProviderUnavailable:
+            rule = _transient("{p} failed to answer the " + operation + "; please try again.")
+    elif response.status_code == 429:
+        rule = _ERRORS[99991400]
+        provider_code = code or 99991400
+    else:
+        rule = _ERRORS.get(code or 0) or _OAUTH_ERRORS.get(oauth_error or "") or _unknown_rule(operation)
+    return body, _build(rule, brand=brand, provider_code=provider_code, body=body, headers=response.headers)
+
+
+# -- the provider -----------------------------------------------------------------------------
+
+
+class LarkProvider(Provider):
+    """Feishu / Lark. See the module docstring for the flow."""
+
+    settings_model = LarkSettings
+    bridge_js = Path(__file__).with_name("bridge.js")
+    uses_pkce = True
+    display_name = "Feishu"  # replaced per instance by the brand's name
+
+    settings: LarkSettings
+
+    def __init__(self, settings: ProviderSettings, context: ProviderContext) -> None:
+        if not isinstance(settings, LarkSettings):
+            raise TypeError("LarkProvider needs LarkSettings")
+        super().__init__(settings, context)
+        # ``display_name`` is a ClassVar in the base, but one class serves both brands.
+        vars(self)["display_name"] = BRANDS[settings.brand].display_name
+
+    # -- the browser side ---------------------------------------------------------------------
+
+    def detect_client(self, user_agent: str) -> bool:
+        return bool(_CLIENT_UA.search(user_agent))
+
+    def bridge_config(self, login: LoginContext) -> dict[str, Any]:
+        # requestAccess shows the user only the scopes not granted yet; [] would grant just the
+        # identity, and no refresh token without offline_access.
+        return {"appId": self.settings.app_id, "scopeList": list(self.settings.scopes), "state": login.state}
+
+    def authorize_url(self, login: LoginContext) -> str:
+        params = {
+            "client_id": self.settings.app_id,
+            "response_type": "code",
+            "redirect_uri": login.redirect_uri,
+        }
+        if self.settings.scopes:
+            params["scope"] = " ".join(self.settings.scopes)
+        params["state"] = login.state
+        if login.code_challenge:
+            # Lark's default method is "plain": name S256 explicitly.
+            params["code_challenge"] = login.code_challenge
+            params["code_challenge_method"] = "S256"
+        return f"{self.settings.accounts_base_url}{AUTHORIZE_PATH}?{urlencode(params)}"
+
+    # -- the server side ----------------------------------------------------------------------
+
+    async def redeem(
+        self,
+        code: str,
+        *,
+        flow: Flow,
+        redirect_uri: str,
+        code_verifier: str | None = None,
+        client_context: Mapping[str, str] | None = None,
+    ) -> Grant:
+        body = self._client_body(grant_type="authorization_code", code=code)
+        if flow == "browser":
+            # The token endpoint compares it with the authorize-time value (20071). In-client codes
+            # were never bound to a redirect_uri, and the official example sends none.
+            body["redirect_uri"] = redirect_uri
+            if code_verifier:
+                body["code_verifier"] = code_verifier
+        tokens = await self._token_call(body, "code exchange")
+        identity = await self._identity(tokens.access_token)
+        return Grant(tokens=tokens, identity=identity)
+
+    async def refresh(self, tokens: TokenSet) -> TokenSet:
+        if not tokens.refresh_token:
+            raise ReauthRequired(
+                f"{self.display_name} issued no refresh token (the user did not grant offline_access); "
+                "a new login is needed."
+            )
+        body = self._client_body(grant_type="refresh_token", refresh_token=tokens.refresh_token)
+        return await self._token_call(body, "refresh")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _client_body(self, **fields: str) -> dict[str, str]:
+        # The client authenticates in the body only: adding HTTP Basic as well gives 20070.
+        return {
+            **fields,
+            "client_id": self.settings.app_id,
+            "client_secret": self.settings.app_secret.get_secret_value(),
+        }
+
+    async def _send(self, method: str, url: str, operation: Operation, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = await self.http.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise classify_http_error(exc, provider=self.display_name) from None
+        body, error = classify_answer(response, brand=self.display_name, operation=operation)
+        if error is not None:
+            raise error
+        return body
+
+    async def _token_call(self, body: dict[str, str], operation: Operation) -> TokenSet:
+        now = time.time()
+        answer = await self._send("POST", self.settings.token_url, operation, json=body)
+        access_token = answer.get("access_token")
+        expires_in = answer.get("expires_in")
+        if not isinstance(access_token, str) or not access_token or not isinstance(expires_in, int | float):
+            raise ProviderUnavailable(f"{self.display_name} answered the {operation} without a usable token.")
+        refresh_token = _text(answer, "refresh_token") or None  # absent without offline_access
+        refresh_in = answer.get("refresh_token_expires_in")
+        return TokenSet(
+            access_token=access_token,
+            expires_at=now + float(expires_in),
+            refresh_token=refresh_token,
+            refresh_expires_at=(
+                now + float(refresh_in) if refresh_token and isinstance(refresh_in, int | float) else None
+            ),
+            issued_at=now,
+            scope=_text(answer, "scope"),
+        )
+
+    async def _identity(self, access_token: str) -> UserIdentity:
+        answer = await self._send(
+            "GET",
+            f"{self.settings.open_base_url}{USER_INFO_PATH}",
+            "user info",
+            headers={"Authorization": f"Bearer {access_token}"},
+        )
+        data = answer.get("data")
+        if not isinstance(data, Mapping):
+            raise ProviderUnavailable(f"{self.display_name} answered user_info without user data.")
+        field = self.settings.user_id_field
+        user = data.get(field)
+        if not isinstance(user, str) or not user:
+            hint = (
+                f"enable the {USER_ID_SCOPE} scope under Permissions & Scopes in the developer console "
+                "and release a version"
+                if field == "user_id"
+                else "check user_id_field"
+            )
+            raise ProviderMisconfigured(
+                f"{self.display_name} returned no {field} for the user: {hint} (or use user_id_field: open_id)."
+            )
+        ids = {key: _text(data, key) for key in ("open_id", "union_id", "user_id")}
+        return UserIdentity(
+            user=user,
+            tenant=_text(data, "tenant_key"),
+            name=_text(data, "name"),
+            extra={key: value for key, value in ids.items() if value},
+        )
