@@ -14,11 +14,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
@@ -58,8 +60,15 @@ class Upstream(_Section):
         return value.rstrip("/")
 
 
+def _secret_long_enough(secret: SecretStr) -> SecretStr:
+    # Checked per item, so the error carries the item's path (session.secrets[1]).
+    if len(secret.get_secret_value()) < 32:
+        raise ValueError("a session secret must be at least 32 characters long")
+    return secret
+
+
 class Session(_Section):
-    secrets: list[SecretStr] = Field(default_factory=list)
+    secrets: list[Annotated[SecretStr, AfterValidator(_secret_long_enough)]] = Field(default_factory=list)
     cookie_name: str = "gw_session"
     max_age_s: int = Field(604800, gt=0)
     secure: bool = True
@@ -69,12 +78,9 @@ class Session(_Section):
 
     @field_validator("secrets")
     @classmethod
-    def _long_enough(cls, secrets: list[SecretStr]) -> list[SecretStr]:
+    def _at_least_one(cls, secrets: list[SecretStr]) -> list[SecretStr]:
         if not secrets:
             raise ValueError("at least one secret is required (the first signs, all verify)")
-        for index, secret in enumerate(secrets):
-            if len(secret.get_secret_value()) < 32:
-                raise ValueError(f"secret #{index + 1} is shorter than 32 characters")
         return secrets
 
     @field_validator("cookie_name")
@@ -330,11 +336,14 @@ def masked_dict(config: GatewayConfig) -> dict[str, Any]:
             return {key: mask(getattr(value, key)) for key in type(value).model_fields}
         if isinstance(value, dict):
             return {key: mask(item) for key, item in value.items()}
-        if isinstance(value, list):
+        if isinstance(value, list | tuple | set | frozenset):
             return [mask(item) for item in value]
         if isinstance(value, Path):
             return str(value)
-        return value
+        if value is None or type(value) in (str, int, float, bool):
+            return value
+        # Anything else a plugin's model may hold (enums, URLs, dates) as plain data, so it prints.
+        return to_jsonable_python(value)
 
     data: dict[str, Any] = mask(config)
     data["providers"] = {name: mask(settings) for name, settings in config.provider_settings().items()}

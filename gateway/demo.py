@@ -22,7 +22,7 @@ import jwt
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -62,7 +62,7 @@ def _cookie(scope: Scope, name: str) -> str | None:
             for part in value.decode("latin-1").split(";"):
                 cookie_name, _, cookie_value = part.strip().partition("=")
                 if cookie_name == name:
-                    return cookie_value
+                    return str(cookie_value)
     return None
 
 

@@ -33,7 +33,7 @@ The shared defaults (PKCE off, no extra routes, no app-level token) live in ``Pr
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -158,6 +158,8 @@ class ProviderContext:
     http: httpx.AsyncClient
     store: Store
     path_prefix: str = "/_gateway"
+    #: The time source for token lifetimes (tests move it forward).
+    clock: Callable[[], float] = time.time
 
 
 class Provider:
@@ -168,8 +170,8 @@ class Provider:
     bridge_js: ClassVar[Path | None] = None
     #: Whether ``authorize_url`` uses a PKCE S256 challenge; the core then keeps the verifier.
     uses_pkce: ClassVar[bool] = False
-    #: The human name shown on pages ("Feishu", "DingTalk"...).
-    display_name: ClassVar[str] = ""
+    #: The human name shown on pages ("Feishu", "DingTalk"...); an instance may set its own.
+    display_name: str = ""
 
     def __init__(self, settings: ProviderSettings, context: ProviderContext) -> None:
         self.settings = settings

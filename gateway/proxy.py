@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -56,21 +55,28 @@ def _hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
 
 
-def _close_code(code: Any) -> int:
-    code = code if isinstance(code, int) and 1000 <= code < 5000 else 1011
+def _close_code(code: object) -> int:
+    if not isinstance(code, int) or not 1000 <= code < 5000:
+        return 1011
     return _UNSENDABLE_CLOSE.get(code, code)
 
 
 class _DisconnectWatch:
-    """Once the request body is read, cancels the request's task if the client goes away."""
+    """Cancels the request's task if the client goes away while the response streams.
+
+    Armed only once the request body is read (receive is ours then) and the response body is not
+    already all here (a small response just goes out: no extra task on the hot path).
+    """
 
     def __init__(self, receive: Receive) -> None:
         self.receive, self.task = receive, asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
-        self.gone = self.finished = False
+        self.body_read = self.streaming = self.gone = self.finished = False
 
-    def start(self) -> None:
-        self.watcher = asyncio.create_task(self._watch())
+    def arm(self, *, body_read: bool = False, streaming: bool = False) -> None:
+        self.body_read, self.streaming = self.body_read or body_read, self.streaming or streaming
+        if self.body_read and self.streaming and self.watcher is None and not self.finished:
+            self.watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
         while (await self.receive())["type"] != "http.disconnect":
@@ -146,7 +152,7 @@ class UpstreamProxy:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         drop = _hop_by_hop(raw) | {b"expect"}  # the server already answered any 100-continue
         peer = scope["client"][0] if scope.get("client") else None
-        trusted = peer is not None and self._is_trusted(peer)
+        trusted = bool(self._trusted) and peer is not None and self._is_trusted(peer)
         websocket = scope["type"] == "websocket"
         headers: list[tuple[str, str]] = []
         forwarded: dict[bytes, str] = {}
@@ -170,7 +176,8 @@ class UpstreamProxy:
         chain = ", ".join(filter(None, (forwarded.get(b"x-forwarded-for"), peer)))
         if chain:
             headers.append(("x-forwarded-for", chain))
-        scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", ""), scope.get("scheme", "http"))
+        scheme: str = scope.get("scheme", "http")
+        scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
         headers.append(("x-forwarded-proto", forwarded.get(b"x-forwarded-proto") or scheme))
         if forwarded.get(b"x-forwarded-host") or host:
             headers.append(("x-forwarded-host", forwarded.get(b"x-forwarded-host") or host))
@@ -185,7 +192,7 @@ class UpstreamProxy:
             if not message.get("more_body"):
                 break
             message = await receive()
-        watch.start()
+        watch.arm(body_read=True)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, watch: _DisconnectWatch) -> None:
         message = await receive()
@@ -196,21 +203,28 @@ class UpstreamProxy:
             data = self._body(message, receive, watch)
         else:
             data = message.get("body") or None
-            watch.start()
+            watch.arm(body_read=True)
         try:
             response = await self._client().request(
                 scope["method"], self._target(scope, self._http_base),
                 headers=self._request_headers(scope), data=data, allow_redirects=False)
         except TimeoutError:
-            await error_response(scope, 504, "upstream_timeout", _TIMEOUT)(scope, receive, send)
-            return
+            status, code, text = 504, "upstream_timeout", _TIMEOUT
         except aiohttp.ClientError:
-            await error_response(scope, 502, "upstream_unavailable", _UNAVAILABLE)(scope, receive, send)
-            return
+            status, code, text = 502, "upstream_unavailable", _UNAVAILABLE
+        else:
+            return await self._stream(response, send, watch)
+        watch.finished = True
+        await error_response(scope, status, code, text)(scope, receive, send)
+
+    @staticmethod
+    async def _stream(response: aiohttp.ClientResponse, send: Send, watch: _DisconnectWatch) -> None:
         try:
             drop = _hop_by_hop(response.raw_headers)
             headers = [(name.lower(), value) for name, value in response.raw_headers if name.lower() not in drop]
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            if not response.content.is_eof():
+                watch.arm(streaming=True)
             try:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -237,16 +251,13 @@ class UpstreamProxy:
             return await self._refuse(scope, receive, send, 502, "upstream_unavailable", _UNAVAILABLE)
         async with upstream:
             await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
-            pumps = [asyncio.create_task(self._to_upstream(receive, upstream)),
-                     asyncio.create_task(self._to_client(upstream, send))]
+            to_upstream = asyncio.create_task(self._to_upstream(receive, upstream))
             try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                if not await self._to_client(upstream, send):
+                    to_upstream.cancel()  # the upstream ended: the client has been sent its close
+                await asyncio.gather(to_upstream, return_exceptions=True)  # else: finishing the close
             finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-            if pumps[0].done() and not pumps[0].cancelled() and pumps[0].exception() is not None:
-                await send({"type": "websocket.close", "code": 1011})  # the upstream failed under us
+                to_upstream.cancel()
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str) -> None:
         if "websocket.http.response" in scope.get("extensions", {}):
@@ -268,7 +279,8 @@ class UpstreamProxy:
                 await upstream.send_bytes(message["bytes"])
 
     @staticmethod
-    async def _to_client(upstream: aiohttp.ClientWebSocketResponse, send: Send) -> None:
+    async def _to_client(upstream: aiohttp.ClientWebSocketResponse, send: Send) -> bool:
+        """Upstream → client until the upstream ends (False) or the client closed first (True)."""
         while True:
             message = await upstream.receive()
             if message.type is aiohttp.WSMsgType.TEXT:
@@ -276,9 +288,9 @@ class UpstreamProxy:
             elif message.type is aiohttp.WSMsgType.BINARY:
                 await send({"type": "websocket.send", "bytes": message.data})
             elif message.type is aiohttp.WSMsgType.CLOSING:
-                return  # the client closed first; _to_upstream is finishing the close handshake
+                return True  # the client closed first; _to_upstream is finishing the close handshake
             else:  # CLOSE from the upstream, or the connection broke (CLOSED / ERROR)
                 closed = message.type is aiohttp.WSMsgType.CLOSE
                 await send({"type": "websocket.close", "code": _close_code(message.data if closed else 1011),
                             "reason": (message.extra or "") if closed else ""})
-                return
+                return False

@@ -105,4 +105,4 @@ class PendingLogin:
         return hmac.compare_digest(self.binding, binding_digest(binding_cookie))
 
     def expired(self, now: float | None = None) -> bool:
-        return (now or time.time()) - self.created_at > STATE_TTL_S
+        return (time.time() if now is None else now) - self.created_at > STATE_TTL_S

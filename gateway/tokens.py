@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -97,8 +98,15 @@ class TokenManager:
             raise ReauthRequired("Your sign-in has ended; please sign in again.", code="session_ended")
         if not self.needs_refresh(tokens):
             return tokens
-        if self.clock() < self._not_before.get(key, 0.0) and tokens.expires_at > self.clock():
-            return tokens
+        not_before = self._not_before.get(key, 0.0)
+        if self.clock() < not_before:
+            # Backing off after a transient failure: no provider call before ``retry_after``.
+            if tokens.expires_at > self.clock():
+                return tokens
+            raise ProviderUnavailable(
+                "The sign-in provider is unavailable; please try again shortly.",
+                retry_after_s=max(1, math.ceil(not_before - self.clock())),
+            )
         return await self._single_flight(key, provider)
 
     async def _single_flight(self, key: str, provider: str) -> TokenSet:

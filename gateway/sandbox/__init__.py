@@ -19,7 +19,9 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
+import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -49,6 +51,28 @@ class Sandbox:
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         """Settings for ``gateway demo``: by default the same, with the simulated JSSDK if any."""
         return self.provider_settings(base_urls)
+
+    def transport(self, base_urls: Mapping[str, str]) -> httpx.AsyncBaseTransport:
+        """An in-process httpx transport serving ``base_urls`` (role -> URL) from ``hosts()``.
+
+        Tests hand it to the gateway's HTTP client: the provider talks to the emulator with no
+        socket at all, through the same URLs a served sandbox would have.
+        """
+        apps = self.hosts()
+        return HostRoutingTransport({urlsplit(url).netloc: apps[role] for role, url in base_urls.items()})
+
+
+class HostRoutingTransport(httpx.AsyncBaseTransport):
+    """Serves each request from the ASGI app of its host (``netloc`` -> app), in process."""
+
+    def __init__(self, apps: Mapping[str, ASGIApp]) -> None:
+        self._transports = {netloc: httpx.ASGITransport(app=app) for netloc, app in apps.items()}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        transport = self._transports.get(request.url.netloc.decode("ascii"))
+        if transport is None:
+            raise httpx.ConnectError(f"no sandbox host {request.url.host}", request=request)
+        return await transport.handle_async_request(request)
 
 
 def available_sandboxes() -> dict[str, type[Sandbox]]:

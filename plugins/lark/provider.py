@@ -21,7 +21,6 @@ error that tells the core what to do (re-run the login, retry later, call an ope
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +115,7 @@ class LarkSettings(ProviderSettings):
     user_id_field: UserIdField = "open_id"
     # Declared without defaults on purpose: ``_brand_defaults`` always fills them before field
     # validation, so after validation they are plain strings (the base declares jssdk_url a str).
+    # token_url "" stands for "the v2 endpoint of open_base_url", filled in after validation.
     open_base_url: str
     accounts_base_url: str
     jssdk_url: str
@@ -132,9 +132,15 @@ class LarkSettings(ProviderSettings):
         for key in ("open_base_url", "accounts_base_url", "jssdk_url"):
             if values.get(key) is None:  # absent or null; "" is a real value for jssdk_url
                 values[key] = getattr(brand, key)
-        if values.get("token_url") is None and isinstance(values["open_base_url"], str):
-            values["token_url"] = values["open_base_url"].rstrip("/") + V2_TOKEN_PATH
+        if values.get("token_url") is None:
+            values["token_url"] = ""  # derived from open_base_url once that one is validated
         return values
+
+    @model_validator(mode="after")
+    def _default_token_url(self) -> LarkSettings:
+        if not self.token_url:
+            self.token_url = self.open_base_url + V2_TOKEN_PATH
+        return self
 
     @field_validator("open_base_url", "accounts_base_url")
     @classmethod
@@ -144,7 +150,7 @@ class LarkSettings(ProviderSettings):
     @field_validator("token_url")
     @classmethod
     def _token_url(cls, value: str) -> str:
-        return _http_url(value)
+        return _http_url(value) if value else value
 
     @field_validator("jssdk_url")
     @classmethod
@@ -426,7 +432,6 @@ class LarkProvider(Provider):
     settings_model = LarkSettings
     bridge_js = Path(__file__).with_name("bridge.js")
     uses_pkce = True
-    display_name = "Feishu"  # replaced per instance by the brand's name
 
     settings: LarkSettings
 
@@ -434,8 +439,7 @@ class LarkProvider(Provider):
         if not isinstance(settings, LarkSettings):
             raise TypeError("LarkProvider needs LarkSettings")
         super().__init__(settings, context)
-        # ``display_name`` is a ClassVar in the base, but one class serves both brands.
-        vars(self)["display_name"] = BRANDS[settings.brand].display_name
+        self.display_name = BRANDS[settings.brand].display_name
 
     # -- the browser side ---------------------------------------------------------------------
 
@@ -514,7 +518,7 @@ class LarkProvider(Provider):
         return body
 
     async def _token_call(self, body: dict[str, str], operation: Operation) -> TokenSet:
-        now = time.time()
+        now = self.context.clock()
         answer = await self._send("POST", self.settings.token_url, operation, json=body)
         access_token = answer.get("access_token")
         expires_in = answer.get("expires_in")

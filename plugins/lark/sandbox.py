@@ -1,0 +1,977 @@
+"""A strict emulator of Lark / Feishu's server side, for tests, the demo and ``gateway sandbox``.
+
+It follows ``shared/providers/lark.md`` and is deliberately picky, so that a client which works
+against it has a fair chance against the real thing:
+
+- one-time codes: browser codes live 5 min, ``requestAccess`` codes 3 min, ``requestAuthCode``
+  codes 5 min; a second use answers 20065, an unknown code 20003, an expired one 20004;
+- browser codes are bound to their ``redirect_uri`` (20071) and PKCE challenge (20049, S256 or
+  plain); in-client codes need no redirect_uri;
+- refresh tokens exist only with ``offline_access``, rotate on every use, and a used one answers
+  **20064** ("revoked ... a refresh token can only be used once", the answer observed from the real
+  server; 20073 is only reachable through ``inject_fault``); they die 365 days after the
+  authorization at the latest (20037); the access token they replace keeps 60 s of grace;
+- the v2 endpoint takes only v2-issued refresh tokens (20026), the v3 endpoint takes both;
+- HTTP Basic auth together with ``client_secret`` answers 20070;
+- grants accumulate: a user's newest token carries every scope they ever granted the app.
+
+Two hosts, as in production (official SDKs take a host, not a path):
+
+- ``open``: ``/open-apis/authen/v2/oauth/token``, ``/open-apis/authen/v1/user_info``,
+  ``/open-apis/auth/v3/{app,tenant}_access_token/internal`` and the fake JSSDK at
+  ``/_sandbox/h5-js-sdk.js``;
+- ``accounts``: ``/open-apis/authen/v1/authorize`` (plus its consent form) and ``/oauth/v3/token``.
+
+Both serve the admin API under ``/_sandbox/``: ``GET stats``, ``POST faults`` (``DELETE`` clears),
+``POST current_user``, ``POST jsapi_mode`` and ``POST jsapi/code`` (CORS-enabled: the fake JSSDK
+mints in-client codes there). Paths are spelled out here rather than imported from the provider,
+so a typo on one side cannot hide behind the same typo on the other.
+
+All state lives on the instance; the ``clock`` knob lets a test move time forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import html
+import json
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from gateway.sandbox import Sandbox
+
+CodeApi = Literal["browser", "requestAccess", "requestAuthCode"]
+JsapiMode = Literal["current", "old_client", "old_sdk", "hang", "sdk_error"]
+JSAPI_MODES: tuple[JsapiMode, ...] = get_args(JsapiMode)
+
+# Lifetimes from the sheet (seconds).
+CODE_TTL_S: dict[CodeApi, float] = {"browser": 300, "requestAccess": 180, "requestAuthCode": 300}
+ROTATION_GRACE_S = 60  # the replaced user_access_token still works this long after a refresh
+AUTHORIZATION_CAP_S = 365 * 86400  # refresh stops working this long after the user authorized
+APP_TOKEN_TTL_S = 7200
+APP_TOKEN_REISSUE_S = 1800  # with less than this left, a call mints a new app/tenant token
+CONSENT_TTL_S = 600
+
+SANDBOX_APP_ID = "cli_sandbox0000001"
+SANDBOX_APP_SECRET = "sandbox-app-secret-0123456789abcdefXYZ"  # not a secret: the sandbox's fixed default
+USER_ID_SCOPE = "contact:user.employee_id:readonly"
+EMAIL_SCOPE = "contact:user.email:readonly"
+_PKCE_VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
+_CLIENT_UA = re.compile(r"Lark/\d|LarkLocale/")
+
+
+@dataclass(frozen=True)
+class LarkUser:
+    """One account of the emulated organisation(s). ``status`` and ``visible`` drive the errors:
+    an inactive user gets 20066 at the token endpoint and 20021-20023 at user_info; a user outside
+    the app's availability scope gets 20010 (and 10228 from requestAuthCode)."""
+
+    open_id: str
+    union_id: str
+    user_id: str
+    tenant_key: str
+    name: str
+    en_name: str = ""
+    email: str = ""
+    status: Literal["active", "resigned", "frozen", "not_registered"] = "active"
+    visible: bool = True
+
+
+DEFAULT_USERS: tuple[LarkUser, ...] = (
+    LarkUser(
+        open_id="ou_7dab8a3d3cdcc9da365777c7ad535d62",
+        union_id="on_94a1ee5551019f18cd73d9f111898cf2",
+        user_id="3e3cf96b",
+        tenant_key="736588c9260f175d",
+        name="张三",
+        en_name="San Zhang",
+        email="zhangsan@example.com",
+    ),
+    LarkUser(
+        open_id="ou_1f2d3c4b5a69788796a5b4c3d2e1f0a9",
+        union_id="on_0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+        user_id="5d9bdxxa",
+        tenant_key="736588c9260f175d",
+        name="Li Si",
+        en_name="Si Li",
+    ),
+    LarkUser(
+        open_id="ou_c99c5f35d542efc7ee492afe11af19ef",
+        union_id="on_2d6f0ab1e4c3e5a7f9b8c1d0e2f3a4b5",
+        user_id="ab12cd34",
+        tenant_key="2ed263bf32cf1651",
+        name="Alice Smith",
+        en_name="Alice Smith",
+        email="alice@other.example",
+    ),
+)
+
+# Token endpoint errors (sheet 5.4): HTTP status, OAuth ``error``, ``error_description``. Only
+# server_error (20050) and invalid_grant (20064, 20037) are known names; the rest follow RFC 6749.
+TOKEN_ERRORS: dict[int, tuple[int, str, str]] = {
+    20001: (400, "invalid_request", "The request is missing a required parameter."),
+    20002: (400, "invalid_client", "The client secret is invalid."),
+    20003: (400, "invalid_grant", "The authorization code is not found. Please note that an authorization code can only be used once."),  # noqa: E501
+    20004: (400, "invalid_grant", "The authorization code has expired."),
+    20008: (400, "invalid_grant", "The user does not exist."),
+    20009: (400, "unauthorized_client", "The app is not installed by the tenant."),
+    20010: (400, "invalid_grant", "The user does not have permission to use this app."),
+    20024: (400, "invalid_grant", "The provided authorization code or refresh token does not match the client."),
+    20026: (400, "invalid_grant", "The refresh token is invalid."),
+    20036: (400, "unsupported_grant_type", "The grant type is not supported."),
+    20037: (400, "invalid_grant", "The refresh token has expired."),
+    20048: (400, "invalid_client", "The app does not exist."),
+    20049: (400, "invalid_grant", "PKCE code challenge failed."),
+    20050: (500, "server_error", "An unexpected server error occurred. Please retry your request."),
+    20063: (400, "invalid_request", "The request is malformed."),
+    20064: (400, "invalid_grant", "The refresh token has been revoked. Please note that a refresh token can only be used once."),  # noqa: E501
+    20065: (400, "invalid_grant", "The authorization code has been used."),
+    20066: (400, "invalid_grant", "The user status is invalid."),
+    20067: (400, "invalid_scope", "The scope contains duplicates."),
+    20068: (400, "invalid_scope", "The scope has not been granted."),
+    20069: (400, "unauthorized_client", "The app is not enabled."),
+    20070: (400, "invalid_request", "Both HTTP Basic authentication and client_secret were provided."),
+    20071: (400, "invalid_grant", "The redirect_uri does not match the one used for authorization."),
+    20072: (503, "temporarily_unavailable", "The server is temporarily unavailable. Please retry your request."),
+    20073: (400, "invalid_grant", "The refresh token has been used."),
+    20074: (400, "unauthorized_client", "The app is not allowed to refresh user access tokens."),
+}
+
+# Other OpenAPI answers ``{code, msg}``: HTTP status and msg. user_info's own errors are HTTP 200
+# (sheet 9); the generic 9999xxxx ones have no documented status, 400 is what older APIs use.
+API_ERRORS: dict[int, tuple[int, str]] = {
+    10003: (200, "invalid param"),
+    10014: (200, "app unauthorized"),
+    10015: (200, "app secret invalid"),
+    20001: (200, "invalid request"),
+    20005: (200, "invalid access_token"),
+    20008: (200, "user not exist"),
+    20021: (200, "user resigned"),
+    20022: (200, "user frozen"),
+    20023: (200, "user not registered"),
+    20050: (500, "system error"),
+    99991400: (429, "request trigger frequency limit"),
+    99991543: (200, "login_user invalid"),
+    99991661: (400, "Missing access token for authorization. Please make a request with token attached."),
+    99991663: (400, "Invalid access token for authorization. Please make a request with token attached."),
+    99991668: (400, "Invalid access token for authorization. Please make a request with token attached."),
+    99991672: (400, "Access denied. One of the following scopes is required: [contact:user.base:readonly]."),
+    99991677: (400, "token expire"),
+    99991679: (400, "Unauthorized. You do not have permission to perform the requested operation on the resource. Please request user re-authorization and try again. required one of these privileges: [contact:user.base:readonly]"),  # noqa: E501
+}
+
+# The authorize page's own errors, shown to the user (no redirect: the redirect_uri is not trusted).
+PAGE_ERRORS: dict[int, str] = {
+    20001: "Invalid request: a required parameter is missing or malformed.",
+    20027: "The app has not enabled a requested scope.",
+    20029: "Invalid redirect_uri: it is missing or not registered for this app.",
+    20048: "The app does not exist.",
+}
+
+
+class LarkApiError(Exception):
+    """Raised inside a handler to answer one of the documented error codes."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class _Code:
+    open_id: str
+    api: CodeApi
+    scopes: frozenset[str]
+    expires_at: float
+    redirect_uri: str | None = None  # browser codes only
+    challenge: str | None = None
+    challenge_method: str = "plain"
+    used: bool = False
+
+
+@dataclass
+class _AccessToken:
+    open_id: str
+    expires_at: float
+    dies_at: float | None = None  # set when a refresh replaced it: the end of its grace minute
+
+
+@dataclass
+class _RefreshToken:
+    open_id: str
+    scopes: frozenset[str]
+    expires_at: float
+    authorized_at: float
+    issuer: Literal["v2", "v3"]
+    access_token: str
+    state: Literal["active", "used", "revoked"] = "active"
+
+
+@dataclass
+class _Fault:
+    endpoint: str  # an endpoint name, or "<endpoint>:<grant_type>" for the token endpoints
+    code: int | None
+    status: int | None
+    delay_s: float
+    remaining: int | None  # None: until cleared
+
+
+@dataclass
+class _Consent:
+    open_id: str
+    redirect_uri: str
+    state: str | None
+    scopes: frozenset[str]
+    challenge: str | None
+    challenge_method: str
+    expires_at: float
+
+
+def _token(prefix: str, nbytes: int) -> str:
+    return prefix + secrets.token_urlsafe(nbytes)
+
+
+def _text(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
+    if not _PKCE_VERIFIER.fullmatch(verifier):
+        return False
+    if method == "S256":
+        digest = hashlib.sha256(verifier.encode("ascii")).digest()
+        verifier = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return hmac.compare_digest(verifier, challenge)
+
+
+def _without_query(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _redirect_to(redirect_uri: str, params: Mapping[str, str | None]) -> RedirectResponse:
+    """``redirect_uri`` plus ``params``; a #fragment of redirect_uri stays after the query."""
+    parts = urlsplit(redirect_uri)
+    extra = urlencode({key: value for key, value in params.items() if value is not None})
+    query = f"{parts.query}&{extra}" if parts.query else extra
+    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=302)
+
+
+async def _read_body(request: Request) -> dict[str, Any] | None:
+    """A form or JSON body as a dict (JSON whatever the Content-Type says, as Lark's SDK sends it
+    without one); None when it is neither."""
+    raw = await request.body()
+    if "application/x-www-form-urlencoded" in request.headers.get("content-type", ""):
+        try:
+            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:
+            return None
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _basic_auth(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("basic "):
+        return None
+    try:
+        client_id, _, client_secret = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return ("", "")
+    return client_id, client_secret
+
+
+def token_error(code: int, status: int | None = None) -> JSONResponse:
+    """The token endpoint's error shape: ``{code, error, error_description}``."""
+    default_status, error, description = TOKEN_ERRORS.get(code, (400, "invalid_request", "Request failed."))
+    return JSONResponse(
+        {"code": code, "error": error, "error_description": description}, status_code=status or default_status
+    )
+
+
+def api_error(code: int, status: int | None = None) -> JSONResponse:
+    """The OpenAPI error shape ``{code, msg, error: {log_id}}``, with the rate-limit headers."""
+    default_status, msg = API_ERRORS.get(code, (400, "request failed"))
+    headers = {"x-tt-logid": _token("sandbox", 9)}
+    if code == 99991400:
+        headers.update({"x-ogw-ratelimit-limit": "50", "x-ogw-ratelimit-reset": "7"})
+    body = {"code": code, "msg": msg, "error": {"log_id": headers["x-tt-logid"]}}
+    return JSONResponse(body, status_code=status or default_status, headers=headers)
+
+
+_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+class LarkSandbox(Sandbox):
+    """The emulator. Knobs are constructor arguments; the rest of the API is for tests and demos.
+
+    ``enabled_scopes`` are the scopes the app enabled in its console: requesting another one is
+    20027 on the authorize page; ``user_id`` (``contact:user.employee_id:readonly``) and ``email``
+    (``contact:user.email:readonly``) only appear in user_info when enabled. ``refresh_enabled``
+    is the console's refresh switch (20074 when off). ``redirect_uris`` is the console's redirect
+    URL list (empty accepts any http(s) URL). ``jsapi_mode`` shapes the fake JSSDK: ``current``,
+    ``old_client`` (requestAccess fails with errno 103), ``old_sdk`` (no ``tt.requestAccess``),
+    ``hang`` (``h5sdk.ready`` never fires), ``sdk_error`` (``h5sdk.error`` fires instead).
+    """
+
+    plugin = "lark"
+    client_user_agent = "Lark/7.30.8 LarkLocale/en_US ChannelName/Feishu"
+
+    def __init__(
+        self,
+        *,
+        app_id: str = SANDBOX_APP_ID,
+        app_secret: str = SANDBOX_APP_SECRET,
+        users: Sequence[LarkUser] = DEFAULT_USERS,
+        access_ttl_s: int = 7200,
+        refresh_ttl_s: int = 604800,
+        auto_consent: bool = True,
+        redirect_uris: Sequence[str] = (),
+        enabled_scopes: Sequence[str] = ("offline_access", USER_ID_SCOPE, EMAIL_SCOPE),
+        refresh_enabled: bool = True,
+        jsapi_mode: JsapiMode = "current",
+        delay_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not users:
+            raise ValueError("the sandbox needs at least one user")
+        self.app_id = app_id
+        self.app_secret = app_secret
+        self.users: dict[str, LarkUser] = {user.open_id: user for user in users}
+        self.access_ttl_s = access_ttl_s
+        self.refresh_ttl_s = refresh_ttl_s
+        self.auto_consent = auto_consent
+        self.redirect_uris = [_without_query(uri) for uri in redirect_uris]
+        self.enabled_scopes = set(enabled_scopes)
+        self.refresh_enabled = refresh_enabled
+        self.jsapi_mode: JsapiMode = jsapi_mode
+        self.delay_s = delay_s  # every API call waits this long first: a slow provider
+        self.clock = clock
+        self.current_user = users[0].open_id
+        self._codes: dict[str, _Code] = {}
+        self._access: dict[str, _AccessToken] = {}
+        self._refresh: dict[str, _RefreshToken] = {}
+        self._grants: dict[str, set[str]] = {}  # open_id -> every scope the user ever granted
+        self._consents: dict[str, _Consent] = {}
+        self._app_tokens: dict[str, list[tuple[str, float]]] = {"app": [], "tenant": []}
+        self._faults: list[_Fault] = []
+        self._stats: Counter[str] = Counter()
+        self._base_urls: dict[str, str] = {}
+        self._apps: dict[str, ASGIApp] | None = None
+
+    # -- the Python API ------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Calls per endpoint (``token``, ``token_v3``, ``user_info``, ``authorize``, ``jsapi_code``,
+        ``app_access_token``, ``tenant_access_token``) and per grant type (``authorization_code``,
+        ``refresh_token``). A copy: missing keys read as 0."""
+        return Counter(self._stats)
+
+    def set_current_user(self, open_id: str) -> None:
+        """The user the authorize page and the fake JSAPI log in as."""
+        if open_id not in self.users:
+            raise KeyError(f"no sandbox user {open_id!r}")
+        self.current_user = open_id
+
+    def mint_client_code(
+        self, api: Literal["requestAccess", "requestAuthCode"] = "requestAccess", open_id: str | None = None,
+        scopes: Sequence[str] = ("offline_access",),
+    ) -> str:
+        """A code as the client's JSAPI would hand it to the page (``scopes``: requestAccess's
+        scopeList; requestAuthCode grants nothing new)."""
+        user = open_id or self.current_user
+        if user not in self.users:
+            raise KeyError(f"no sandbox user {user!r}")
+        return self._mint(user, api, frozenset(scopes) if api == "requestAccess" else frozenset())
+
+    def inject_fault(
+        self, endpoint: str, code: int | None = None, *, times: int | None = 1, delay_s: float = 0.0,
+        status: int | None = None,
+    ) -> None:
+        """Make the next ``times`` calls of ``endpoint`` fail (``None``: until ``clear_faults``).
+
+        ``endpoint`` is a name from ``stats`` or ``token:refresh_token``-style for one grant type.
+        ``code`` answers that Lark error code with its documented status and body (``status``
+        overrides the status); no code but a ``status`` answers a non-JSON error page, as a load
+        balancer would; neither only waits ``delay_s`` and then answers normally.
+        """
+        self._faults.append(_Fault(endpoint, code, status, delay_s, times))
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def revoke(self, open_id: str) -> None:
+        """Revoke every token of a user (an admin or the user removed the authorization)."""
+        for refresh in self._refresh.values():
+            if refresh.open_id == open_id and refresh.state == "active":
+                refresh.state = "revoked"
+        now = self.clock()
+        for access in self._access.values():
+            if access.open_id == open_id:
+                access.dies_at = now
+        self._grants.pop(open_id, None)
+
+    # -- Sandbox ------------------------------------------------------------------------------
+
+    def hosts(self) -> dict[str, ASGIApp]:
+        if self._apps is None:
+            admin = self._admin_routes()
+            self._apps = {
+                "open": Starlette(
+                    routes=[
+                        Route("/open-apis/authen/v2/oauth/token", self._token_v2, methods=["POST"]),
+                        Route("/open-apis/authen/v1/user_info", self._user_info, methods=["GET"]),
+                        Route("/open-apis/auth/v3/app_access_token/internal", self._app_token, methods=["POST"]),
+                        Route(
+                            "/open-apis/auth/v3/tenant_access_token/internal", self._tenant_token, methods=["POST"]
+                        ),
+                        Route("/_sandbox/h5-js-sdk.js", self._jssdk, methods=["GET"]),
+                        *admin,
+                    ]
+                ),
+                "accounts": Starlette(
+                    routes=[
+                        Route("/open-apis/authen/v1/authorize", self._authorize, methods=["GET"]),
+                        Route("/_sandbox/consent", self._consent, methods=["POST"]),
+                        Route("/oauth/v3/token", self._token_v3, methods=["POST"]),
+                        *admin,
+                    ]
+                ),
+            }
+        return dict(self._apps)
+
+    def provider_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
+        # Remembered so the fake JSSDK (served by the open host) knows where the accounts host is.
+        self._base_urls = dict(base_urls)
+        return {
+            "plugin": "lark",
+            "app_id": self.app_id,
+            "app_secret": self.app_secret,
+            "brand": "feishu",
+            "open_base_url": base_urls["open"],
+            "accounts_base_url": base_urls["accounts"],
+            "jssdk_url": "",
+        }
+
+    def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
+        return {**self.provider_settings(base_urls), "jssdk_url": base_urls["open"] + "/_sandbox/h5-js-sdk.js"}
+
+    def transport(self, base_urls: Mapping[str, str]) -> httpx.AsyncBaseTransport:
+        self._base_urls = dict(base_urls)
+        return super().transport(base_urls)
+
+    # -- shared request plumbing -------------------------------------------------------------
+
+    async def _gate(self, endpoint: str, grant_type: str = "") -> Response | None:
+        """Count the call, wait out any delay, and answer an injected fault if one matches."""
+        self._stats[endpoint] += 1
+        if grant_type:
+            self._stats[grant_type] += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        names = {endpoint, f"{endpoint}:{grant_type}"}
+        fault = next((fault for fault in self._faults if fault.endpoint in names), None)
+        if fault is None:
+            return None
+        if fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                self._faults.remove(fault)
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault.code is not None:
+            if endpoint.startswith("token"):
+                return token_error(fault.code, fault.status)
+            if endpoint == "authorize":
+                return self._error_page(fault.code, fault.status or 400)
+            return api_error(fault.code, fault.status)
+        if fault.status is not None:
+            return HTMLResponse("<html><body><h1>Bad Gateway</h1></body></html>", status_code=fault.status)
+        return None
+
+    def _active_user(self, open_id: str) -> LarkUser:
+        """The user a grant is for, as the token endpoint checks them."""
+        user = self.users.get(open_id)
+        if user is None:
+            raise LarkApiError(20008)
+        if user.status != "active":
+            raise LarkApiError(20066)
+        if not user.visible:
+            raise LarkApiError(20010)
+        return user
+
+    def _mint(
+        self, open_id: str, api: CodeApi, requested: frozenset[str], *, redirect_uri: str | None = None,
+        challenge: str | None = None, challenge_method: str = "plain",
+    ) -> str:
+        granted = self._grants.setdefault(open_id, set())
+        granted |= requested
+        code = _token("", 32)  # [A-Za-z0-9_-], 43 chars
+        self._codes[code] = _Code(
+            open_id=open_id,
+            api=api,
+            scopes=frozenset(granted),
+            expires_at=self.clock() + CODE_TTL_S[api],
+            redirect_uri=redirect_uri,
+            challenge=challenge,
+            challenge_method=challenge_method,
+        )
+        return code
+
+    # -- token endpoints (v2 on open, v3 on accounts) -----------------------------------------
+
+    async def _token_v2(self, request: Request) -> Response:
+        return await self._token_endpoint(request, "token", "v2")
+
+    async def _token_v3(self, request: Request) -> Response:
+        return await self._token_endpoint(request, "token_v3", "v3")
+
+    async def _token_endpoint(self, request: Request, endpoint: str, issuer: Literal["v2", "v3"]) -> Response:
+        body = await _read_body(request)
+        grant_type = _text(body or {}, "grant_type")
+        counted = grant_type if grant_type in ("authorization_code", "refresh_token") else ""
+        if (fault := await self._gate(endpoint, counted)) is not None:
+            return fault
+        try:
+            # No await from here on: each exchange is atomic, so two uses of one code or refresh
+            # token are strictly ordered and exactly one wins.
+            return JSONResponse(self._grant(body, _basic_auth(request), issuer))
+        except LarkApiError as exc:
+            return token_error(exc.code)
+
+    def _grant(
+        self, body: dict[str, Any] | None, basic: tuple[str, str] | None, issuer: Literal["v2", "v3"]
+    ) -> dict[str, Any]:
+        if body is None:
+            raise LarkApiError(20063)
+        client_id, client_secret = _text(body, "client_id"), _text(body, "client_secret")
+        if basic is not None:
+            if client_secret:
+                raise LarkApiError(20070)
+            client_id, client_secret = basic
+        grant_type = _text(body, "grant_type")
+        if not grant_type or not client_id or not client_secret:
+            raise LarkApiError(20001)
+        if grant_type not in ("authorization_code", "refresh_token"):
+            raise LarkApiError(20036)
+        if client_id != self.app_id or not hmac.compare_digest(client_secret.encode(), self.app_secret.encode()):
+            raise LarkApiError(20002)
+        if grant_type == "authorization_code":
+            return self._redeem(body, issuer)
+        return self._rotate(body, issuer)
+
+    def _redeem(self, body: dict[str, Any], issuer: Literal["v2", "v3"]) -> dict[str, Any]:
+        value = _text(body, "code")
+        if not value:
+            raise LarkApiError(20001)
+        code = self._codes.get(value)
+        if code is None:
+            raise LarkApiError(20003)
+        if code.used:
+            raise LarkApiError(20065)
+        if self.clock() >= code.expires_at:
+            raise LarkApiError(20004)
+        # A failed check below does not burn the code: the client may retry with the right value.
+        if code.redirect_uri is not None and _text(body, "redirect_uri") != code.redirect_uri:
+            raise LarkApiError(20071)  # absent counts as different: the browser flow requires it
+        if code.challenge is not None and not _pkce_ok(
+            _text(body, "code_verifier"), code.challenge, code.challenge_method
+        ):
+            raise LarkApiError(20049)
+        self._active_user(code.open_id)
+        code.used = True
+        return self._issue(code.open_id, code.scopes, authorized_at=self.clock(), issuer=issuer)
+
+    def _rotate(self, body: dict[str, Any], issuer: Literal["v2", "v3"]) -> dict[str, Any]:
+        value = _text(body, "refresh_token")
+        if not value:
+            raise LarkApiError(20001)
+        if not self.refresh_enabled:
+            raise LarkApiError(20074)
+        refresh = self._refresh.get(value)
+        # v2 accepts only v2-issued refresh tokens; v3 reportedly accepts both.
+        if refresh is None or (issuer == "v2" and refresh.issuer != "v2"):
+            raise LarkApiError(20026)
+        if refresh.state != "active":
+            raise LarkApiError(20064)
+        now = self.clock()
+        if now >= refresh.expires_at:
+            raise LarkApiError(20037)
+        self._active_user(refresh.open_id)
+        refresh.state = "used"
+        replaced = self._access.get(refresh.access_token)
+        if replaced is not None:
+            replaced.dies_at = min(replaced.expires_at, now + ROTATION_GRACE_S)
+        return self._issue(refresh.open_id, refresh.scopes, authorized_at=refresh.authorized_at, issuer=issuer)
+
+    def _issue(
+        self, open_id: str, scopes: frozenset[str], *, authorized_at: float, issuer: Literal["v2", "v3"]
+    ) -> dict[str, Any]:
+        now = self.clock()
+        # Real tokens are JWT-like and 1-2 KB long; so are these, so size bugs show up here too.
+        access_token = _token("eyJ", 900)
+        self._access[access_token] = _AccessToken(open_id, expires_at=now + self.access_ttl_s)
+        answer: dict[str, Any] = {
+            "code": 0,
+            "access_token": access_token,
+            "expires_in": self.access_ttl_s,
+            "token_type": "Bearer",
+            "scope": " ".join(sorted(scopes)),
+        }
+        if "offline_access" in scopes:
+            refresh_token = _token("eyJ", 900)
+            expires_at = min(now + self.refresh_ttl_s, authorized_at + AUTHORIZATION_CAP_S)
+            self._refresh[refresh_token] = _RefreshToken(
+                open_id, scopes, expires_at, authorized_at, issuer, access_token
+            )
+            answer["refresh_token"] = refresh_token
+            answer["refresh_token_expires_in"] = max(0, int(expires_at - now))
+        return answer
+
+    # -- user_info ----------------------------------------------------------------------------
+
+    async def _user_info(self, request: Request) -> Response:
+        if (fault := await self._gate("user_info")) is not None:
+            return fault
+        match = re.fullmatch(r"Bearer (\S+)", request.headers.get("authorization", ""))
+        if match is None:
+            return api_error(99991661)
+        access = self._access.get(match.group(1))
+        now = self.clock()
+        if access is None or (access.dies_at is not None and now >= access.dies_at):
+            return api_error(20005)
+        if now >= access.expires_at:
+            return api_error(99991677)
+        user = self.users.get(access.open_id)
+        if user is None:
+            return api_error(20008)
+        inactive = {"resigned": 20021, "frozen": 20022, "not_registered": 20023}
+        if user.status in inactive:
+            return api_error(inactive[user.status])
+        avatar = f"https://sandbox.invalid/avatar/{user.open_id}"
+        data: dict[str, str] = {
+            "name": user.name,
+            "en_name": user.en_name,
+            "avatar_url": avatar,
+            "avatar_thumb": avatar + "?s=72",
+            "avatar_middle": avatar + "?s=240",
+            "avatar_big": avatar + "?s=640",
+            "open_id": user.open_id,
+            "union_id": user.union_id,
+            "tenant_key": user.tenant_key,
+        }
+        # Fields behind a scope appear only when the app has enabled it (modelled as app-level).
+        if USER_ID_SCOPE in self.enabled_scopes:
+            data["user_id"] = user.user_id
+        if EMAIL_SCOPE in self.enabled_scopes and user.email:
+            data["email"] = user.email
+        return JSONResponse({"code": 0, "msg": "success", "data": data})
+
+    # -- app and tenant tokens ----------------------------------------------------------------
+
+    async def _app_token(self, request: Request) -> Response:
+        return await self._internal_token(request, "app")
+
+    async def _tenant_token(self, request: Request) -> Response:
+        return await self._internal_token(request, "tenant")
+
+    async def _internal_token(self, request: Request, kind: Literal["app", "tenant"]) -> Response:
+        body = await _read_body(request)  # JSON even without a Content-Type, as lark-oapi sends it
+        if (fault := await self._gate(f"{kind}_access_token")) is not None:
+            return fault
+        app_id, app_secret = _text(body or {}, "app_id"), _text(body or {}, "app_secret")
+        if not app_id or not app_secret:
+            return api_error(10003)
+        if app_id != self.app_id:
+            return api_error(10014)
+        if not hmac.compare_digest(app_secret.encode(), self.app_secret.encode()):
+            return api_error(10015)
+        token, expire = self._reuse_or_mint(kind)
+        answer: dict[str, Any] = {"code": 0, "msg": "ok", f"{kind}_access_token": token, "expire": expire}
+        if kind == "app":  # the documented example carries the tenant token too
+            answer["tenant_access_token"] = self._reuse_or_mint("tenant")[0]
+        return JSONResponse(answer)
+
+    def _reuse_or_mint(self, kind: Literal["app", "tenant"]) -> tuple[str, int]:
+        """The 2 h / 30 min rule: hand out the newest token while it has 30 min or more left;
+        after that mint a new one (the older one stays valid until it expires)."""
+        now = self.clock()
+        issued = self._app_tokens[kind]
+        if issued and issued[-1][1] - now >= APP_TOKEN_REISSUE_S:
+            token, expires_at = issued[-1]
+        else:
+            token, expires_at = _token("t-" if kind == "tenant" else "a-", 30), now + APP_TOKEN_TTL_S
+            issued.append((token, expires_at))
+        return token, int(expires_at - now)
+
+    # -- the authorize page (accounts host) ---------------------------------------------------
+
+    def _error_page(self, code: int, status: int = 400) -> HTMLResponse:
+        text = PAGE_ERRORS.get(code, "The request failed.")
+        return HTMLResponse(
+            f"<!doctype html><title>Error {code}</title><h1>Authorization failed</h1>"
+            f"<p>{html.escape(text)}</p><p>Error code: {code}</p>",
+            status_code=status,
+        )
+
+    async def _authorize(self, request: Request) -> Response:
+        if (fault := await self._gate("authorize")) is not None:
+            return fault
+        query = request.query_params
+        if query.get("client_id") != self.app_id:
+            return self._error_page(20048)
+        redirect_uri = query.get("redirect_uri", "")
+        parts = urlsplit(redirect_uri)
+        registered = not self.redirect_uris or _without_query(redirect_uri) in self.redirect_uris
+        if parts.scheme not in ("http", "https") or not parts.netloc or not registered:
+            return self._error_page(20029)
+        scopes = [scope for scope in query.get("scope", "").split(" ") if scope]
+        method = query.get("code_challenge_method") or "plain"  # Lark's default is plain
+        if query.get("response_type") != "code" or len(scopes) > 50 or method not in ("S256", "plain"):
+            return self._error_page(20001)
+        if any(scope not in self.enabled_scopes for scope in scopes):
+            return self._error_page(20027)
+        consent = _Consent(
+            open_id=self.current_user,
+            redirect_uri=redirect_uri,
+            state=query.get("state"),
+            scopes=frozenset(scopes),
+            challenge=query.get("code_challenge") or None,
+            challenge_method=method,
+            expires_at=self.clock() + CONSENT_TTL_S,
+        )
+        if self.auto_consent:
+            return self._grant_consent(consent)
+        ticket = _token("", 16)
+        self._consents[ticket] = consent
+        return self._consent_page(ticket, consent)
+
+    def _grant_consent(self, consent: _Consent) -> Response:
+        code = self._mint(
+            consent.open_id, "browser", consent.scopes, redirect_uri=consent.redirect_uri,
+            challenge=consent.challenge, challenge_method=consent.challenge_method,
+        )
+        return _redirect_to(consent.redirect_uri, {"code": code, "state": consent.state})
+
+    def _consent_page(self, ticket: str, consent: _Consent) -> HTMLResponse:
+        user = self.users[consent.open_id]
+        scopes = "".join(f"<li><code>{html.escape(scope)}</code></li>" for scope in sorted(consent.scopes))
+        return HTMLResponse(
+            "<!doctype html><meta charset=utf-8><title>Authorize</title>"
+            f"<h1>Sign in to {html.escape(self.app_id)}</h1>"
+            f"<p>Signed in as {html.escape(user.name)}. The app asks for:</p>"
+            f"<ul>{scopes or '<li>your identity</li>'}</ul>"
+            '<form method="post" action="/_sandbox/consent">'
+            f'<input type="hidden" name="ticket" value="{html.escape(ticket)}">'
+            '<button name="decision" value="allow">Allow</button> '
+            '<button name="decision" value="deny">Deny</button></form>'
+        )
+
+    async def _consent(self, request: Request) -> Response:
+        form = await _read_body(request) or {}
+        consent = self._consents.pop(_text(form, "ticket"), None)
+        if consent is None or self.clock() >= consent.expires_at:
+            return HTMLResponse("<!doctype html><p>This authorization request has expired.</p>", status_code=400)
+        if _text(form, "decision") != "allow":
+            return _redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
+        return self._grant_consent(consent)
+
+    # -- the simulated client: JSSDK and code minting ------------------------------------------
+
+    async def _jsapi_code(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=_CORS)
+        if (fault := await self._gate("jsapi_code")) is not None:
+            fault.headers.update(_CORS)
+            return fault
+        body = await _read_body(request) or {}
+        answer, status = self._jsapi_answer(body)
+        return JSONResponse(answer, status_code=status, headers=_CORS)
+
+    def _jsapi_answer(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """What ``tt.requestAccess`` / ``tt.requestAuthCode`` hand the page, as JSON: ``{code}``,
+        a fail object ``{errno, errCode?, errString}``, or ``{consent_required, scopes}``."""
+        open_id = self.current_user
+        if _text(body, "api") == "requestAuthCode":
+            if _text(body, "appId") != self.app_id:
+                return {"errCode": 10200, "errno": 104, "errString": "invalid appid"}, 400
+            if not self.users[open_id].visible:
+                return {"errCode": 10228, "errno": 106, "errString": "app not visible to this user"}, 403
+            return {"code": self._mint(open_id, "requestAuthCode", frozenset())}, 200
+        if self.jsapi_mode == "old_client":
+            return {"errno": 103, "errString": "feature not support"}, 400
+        if _text(body, "appID") != self.app_id:
+            return {"errno": 104, "errString": "invalid parameter: appID"}, 400
+        scope_list = body.get("scopeList")
+        if not isinstance(scope_list, list) or not all(isinstance(scope, str) for scope in scope_list):
+            return {"errno": 104, "errString": "invalid parameter: scopeList"}, 400
+        requested = frozenset(scope_list)
+        if requested - self.enabled_scopes:
+            return self._auth_failed("20027", "the app has not enabled a requested scope"), 400
+        new = requested - self._grants.get(open_id, set())
+        if new and not self.auto_consent and body.get("consent") is not True:
+            if body.get("consent") is False:  # the user closed the consent sheet
+                return self._auth_failed("access_denied", "the user denied the authorization"), 400
+            return {"consent_required": True, "scopes": sorted(new)}, 200
+        answer = {"code": self._mint(open_id, "requestAccess", requested)}
+        if isinstance(body.get("state"), str):
+            answer["state"] = body["state"]
+        return answer, 200
+
+    @staticmethod
+    def _auth_failed(code: str, message: str) -> dict[str, Any]:
+        """requestAccess's one failure for refusals and server errors alike (errno 2700002)."""
+        return {
+            "errno": 2700002,
+            "errString": f"Authorization terminated unexpectedly. Error code: {code}; error message: {message}",
+        }
+
+    async def _jssdk(self, request: Request) -> Response:
+        accounts = self._base_urls.get("accounts") or str(request.base_url).rstrip("/")
+        script = (
+            _FAKE_JSSDK.replace("__ENDPOINT__", json.dumps(accounts + "/_sandbox/jsapi/code"))
+            .replace("__MODE__", json.dumps(self.jsapi_mode))
+            .replace("__APP__", json.dumps(self.app_id))
+        )
+        return Response(script, media_type="application/javascript", headers={"cache-control": "no-store"})
+
+    # -- admin API -----------------------------------------------------------------------------
+
+    def _admin_routes(self) -> list[Route]:
+        return [
+            Route("/_sandbox/stats", self._admin_stats, methods=["GET"]),
+            Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
+            Route("/_sandbox/current_user", self._admin_current_user, methods=["POST"]),
+            Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]),
+            Route("/_sandbox/jsapi/code", self._jsapi_code, methods=["POST", "OPTIONS"]),
+        ]
+
+    async def _admin_stats(self, request: Request) -> Response:
+        return JSONResponse(dict(self._stats))
+
+    async def _admin_faults(self, request: Request) -> Response:
+        if request.method == "DELETE":
+            self.clear_faults()
+            return Response(status_code=204)
+        body = await _read_body(request) or {}
+        endpoint = _text(body, "endpoint")
+        times, delay_s = body.get("times", 1), body.get("delay_s", 0)
+        integers = (body.get("code"), body.get("status"), times)
+        valid = all(value is None or type(value) is int for value in integers)
+        if not endpoint or not valid or type(delay_s) not in (int, float):
+            return JSONResponse({"error": "give endpoint, optional integers code/status/times, delay_s"}, 400)
+        self.inject_fault(endpoint, body.get("code"), times=times, delay_s=float(delay_s), status=body.get("status"))
+        return Response(status_code=204)
+
+    async def _admin_current_user(self, request: Request) -> Response:
+        open_id = _text(await _read_body(request) or {}, "open_id")
+        if open_id not in self.users:
+            return JSONResponse({"error": f"no sandbox user {open_id!r}", "users": list(self.users)}, 404)
+        self.set_current_user(open_id)
+        return JSONResponse({"open_id": open_id, "name": self.users[open_id].name})
+
+    async def _admin_jsapi_mode(self, request: Request) -> Response:
+        wanted = _text(await _read_body(request) or {}, "mode")
+        mode = next((mode for mode in JSAPI_MODES if mode == wanted), None)
+        if mode is None:
+            return JSONResponse({"error": f"unknown jsapi mode {wanted!r}", "modes": list(JSAPI_MODES)}, 400)
+        self.jsapi_mode = mode
+        return JSONResponse({"mode": mode})
+
+
+# The simulated client's JSSDK. ES5 only: it runs in old webviews too. It defines the two
+# globals the real SDK defines and mints codes from the sandbox instead of the client.
+_FAKE_JSSDK = r"""/* Lark/Feishu sandbox JSSDK: a stand-in for h5-js-sdk, for demos and tests. */
+(function () {
+  "use strict";
+  var ENDPOINT = __ENDPOINT__;
+  var MODE = __MODE__;
+  var APP = __APP__;
+  var errorHooks = [];
+
+  function finish(options, kind, res) {
+    if (options && typeof options[kind] === "function") { options[kind](res); }
+    if (options && typeof options.complete === "function") { options.complete(res); }
+  }
+
+  function mint(api, payload, options) {
+    payload.api = api;
+    fetch(ENDPOINT, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(payload)
+    }).then(function (response) {
+      return response.json();
+    }).then(function (res) {
+      if (res.consent_required) {
+        payload.consent = window.confirm("Allow " + APP + " to access: " + res.scopes.join(", ") + "?");
+        mint(api, payload, options);
+      } else if (res.code) {
+        res.errMsg = api + ":ok";
+        finish(options, "success", res);
+      } else {
+        res.errMsg = api + ":fail " + res.errString;
+        finish(options, "fail", res);
+      }
+    }, function (err) {
+      finish(options, "fail", { errno: 102, errString: "internal error", errMsg: api + ":fail " + err });
+    });
+  }
+
+  window.h5sdk = {
+    ready: function (callback) {
+      if (MODE !== "hang" && MODE !== "sdk_error") { setTimeout(callback, 0); }
+    },
+    error: function (callback) {
+      errorHooks.push(callback);
+      if (MODE === "sdk_error") {
+        setTimeout(function () { callback({ errno: 105, errString: "authentication fail" }); }, 0);
+      }
+    },
+    config: function (options) {
+      setTimeout(function () { if (options && options.onSuccess) { options.onSuccess({}); } }, 0);
+    }
+  };
+
+  var tt = {
+    requestAuthCode: function (options) {
+      mint("requestAuthCode", { appId: options.appId }, options);
+    }
+  };
+  if (MODE !== "old_sdk") {
+    tt.requestAccess = function (options) {
+      mint("requestAccess", { appID: options.appID, scopeList: options.scopeList, state: options.state }, options);
+    };
+  }
+  window.tt = tt;
+})();
+"""

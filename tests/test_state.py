@@ -1,0 +1,248 @@
+"""gateway.state: the ``next`` path, ``state`` values, PKCE and the pending login."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import string
+import time
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.state import (
+    STATE_TTL_S,
+    PendingLogin,
+    binding_digest,
+    is_valid_state,
+    new_browser_binding,
+    new_state,
+    pkce_pair,
+    safe_next,
+)
+
+ALNUM = string.ascii_letters + string.digits
+
+# -- safe_next -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/",
+        "/x",
+        "/a/b/c",
+        "/a/b?c=d&e=f",
+        "/search?q=a%20b",  # encoded space in the query stays a query
+        "/reports/2024?tab=summary#top",
+        "/文档/页面?名字=张三",
+        "/%E6%96%87%E6%A1%A3",  # percent-encoded UTF-8
+        "/caf%C3%A9",
+        "/a%2Fb",  # decodes to /a/b: still one leading slash
+        "/a/./b/../c",
+        "/%7Euser",
+        "/x?next=//evil.com",  # a '//' inside the query is not an authority
+        "/x?path=a\\b",  # a backslash in the query does not change the origin
+        "/" + "a" * 2047,  # exactly the maximum length
+    ],
+)
+def test_safe_next_keeps_same_origin_paths(raw: str) -> None:
+    assert safe_next(raw) == raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "",
+        "x",
+        "?x=1",
+        "#frag",
+        "//x",
+        "///x",
+        "//evil.com/path",
+        "/\\x",
+        "/\\\\evil.com",
+        "\\\\evil.com",
+        "https://x",
+        "https://evil.com/",
+        "HTTPS://evil.com",
+        "http:/x",
+        "http:x",
+        "javascript:alert(1)",
+        "JavaScript:alert(1)",
+        "data:text/html,<script>alert(1)</script>",
+        " /x",
+        "\t/x",
+        "\n/x",
+        "/\t/evil.com",  # browsers drop tabs and newlines: this is //evil.com
+        "/\n/evil.com",
+        "/\r/evil.com",
+        "/%09/evil.com",
+        "/%0a/evil.com",
+        "/%2F%2Fevil.com",
+        "/%2f%2fevil.com",
+        "/%2Fevil.com",
+        "/%5Cevil",
+        "/%5cevil",
+        "/%5C%5Cevil.com",
+        "/%252F%252Fevil",
+        "/%25252F%25252Fevil",
+        "/%252525252F%252525252Fevil",  # deeper than the decoder follows: refused, not trusted
+        "/x\r\nSet-Cookie: a=b",
+        "/x%0d%0aSet-Cookie:%20a=b",
+        "/x?a=%0d%0a",
+        "/x\x00",
+        "/%00",
+        "/x\x7f",
+        "/a b",  # a raw space in the path
+        "/" + "a" * 2048,  # one over the maximum length
+    ],
+)
+def test_safe_next_replaces_everything_else(raw: str | None) -> None:
+    assert safe_next(raw) == "/"
+
+
+def _decoded_forms(value: str) -> list[str]:
+    forms = [value]
+    for _ in range(16):
+        decoded = unquote(forms[-1])
+        if decoded == forms[-1]:
+            return forms
+        forms.append(decoded)
+    raise AssertionError(f"{value!r} does not stop decoding")
+
+
+_ATOMS = [
+    "/",
+    "//",
+    "\\",
+    "%",
+    "%2F",
+    "%2f",
+    "%5C",
+    "%5c",
+    "%25",
+    "%252F",
+    "%09",
+    "%0a",
+    "%0D",
+    "%00",
+    ":",
+    ".",
+    "..",
+    "?",
+    "#",
+    "@",
+    " ",
+    "\t",
+    "\n",
+    "a",
+    "x",
+    "evil.com",
+    "https:",
+    "javascript:",
+    "中",
+]
+_tricky = st.lists(st.sampled_from(_ATOMS), max_size=12).map("".join)
+
+
+@settings(max_examples=400)
+@given(st.one_of(st.text(), _tricky, _tricky.map(lambda s: "/" + s)))
+def test_safe_next_property(raw: str) -> None:
+    result = safe_next(raw)
+    assert result in ("/", raw)
+    for form in _decoded_forms(result):
+        assert form == "/" or (form.startswith("/") and form[1] not in "/\\"), form
+        parts = urlsplit(form)
+        assert parts.scheme == "" and parts.netloc == ""
+        assert not any(ord(char) < 0x20 or ord(char) == 0x7F for char in form)
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+def test_new_state_is_short_alphanumeric_and_unique() -> None:
+    values = [new_state() for _ in range(2000)]
+    for value in values:
+        assert re.fullmatch(r"[A-Za-z0-9]{1,64}", value)
+        assert is_valid_state(value)
+    assert len(set(values)) == len(values)
+
+
+@pytest.mark.parametrize("value", ["", "a" * 65, "abc-def", "abc_def", "abc def", "abc\n", "é", "١٢٣", "ＡＢＣ"])
+def test_is_valid_state_rejects(value: str) -> None:
+    assert not is_valid_state(value)
+
+
+@pytest.mark.parametrize("value", ["a", "Z9", "a" * 64, "0" * 64])
+def test_is_valid_state_accepts(value: str) -> None:
+    assert is_valid_state(value)
+
+
+@given(st.one_of(st.text(), st.text(alphabet=ALNUM, max_size=80)))
+def test_is_valid_state_property(value: str) -> None:
+    expected = 1 <= len(value) <= 64 and all(char in ALNUM for char in value)
+    assert is_valid_state(value) is expected
+
+
+# -- PKCE ------------------------------------------------------------------------------------
+
+
+def test_pkce_pair() -> None:
+    pairs = [pkce_pair() for _ in range(200)]
+    for verifier, challenge in pairs:
+        assert 43 <= len(verifier) <= 128
+        assert re.fullmatch(r"[A-Za-z0-9\-._~]+", verifier)
+        expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).decode().rstrip("=")
+        assert challenge == expected
+        assert "=" not in challenge and len(challenge) == 43
+    assert len({verifier for verifier, _ in pairs}) == len(pairs)
+
+
+# -- PendingLogin ----------------------------------------------------------------------------
+
+
+def _pending(binding: str, created_at: float) -> PendingLogin:
+    return PendingLogin(
+        provider="lark",
+        next_path="/x?y=1",
+        binding=binding_digest(binding),
+        code_verifier="v" * 43,
+        created_at=created_at,
+    )
+
+
+def test_pending_login_bound_to_its_browser() -> None:
+    mine, theirs = new_browser_binding(), new_browser_binding()
+    assert mine != theirs and len(mine) >= 32
+    login = _pending(mine, time.time())
+    assert login.binding == hashlib.sha256(mine.encode()).hexdigest()
+    assert login.binding != mine  # the store keeps a digest, not the cookie value
+    assert login.matches_browser(mine)
+    assert not login.matches_browser(theirs)
+    assert not login.matches_browser(None)
+    assert not login.matches_browser("")
+    assert not login.matches_browser(login.binding)  # the digest itself is not the cookie
+
+
+def test_pending_login_round_trip() -> None:
+    login = _pending(new_browser_binding(), 1234.5)
+    assert PendingLogin.from_bytes(login.to_bytes()) == login
+    no_pkce = PendingLogin(provider="wemeet", next_path="/", binding="b", code_verifier=None, created_at=1.0)
+    assert PendingLogin.from_bytes(no_pkce.to_bytes()) == no_pkce
+
+
+def test_pending_login_expiry() -> None:
+    assert STATE_TTL_S == 600
+    login = _pending("cookie", 1000.0)
+    assert not login.expired(now=1000.0)
+    assert not login.expired(now=1000.0 + STATE_TTL_S)
+    assert login.expired(now=1000.0 + STATE_TTL_S + 0.5)
+    assert not _pending("cookie", time.time()).expired()
+    assert _pending("cookie", time.time() - STATE_TTL_S - 1).expired()
+    # An explicit clock of 0 is a time, not "no clock".
+    assert not _pending("cookie", 0.0).expired(now=0.0)

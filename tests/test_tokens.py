@@ -1,0 +1,399 @@
+"""gateway.tokens: one record per user, single-flight refresh, classified provider errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import httpx
+import pytest
+
+from gateway.errors import ProviderUnavailable, ReauthRequired
+from gateway.providers import Provider, ProviderContext, ProviderSettings, TokenSet
+from gateway.stores.memory import MemoryStore
+from gateway.tokens import TokenManager, token_key
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Outcome = str | BaseException  # "ok" or an exception to raise
+
+
+class FakeProvider(Provider):
+    """Counts refresh calls; each call sleeps briefly, then follows the next scripted outcome."""
+
+    def __init__(self, clock: Clock, *, delay_s: float = 0.02, lifetime_s: float = 7200) -> None:
+        store = MemoryStore()
+        super().__init__(
+            ProviderSettings(plugin="fake"),
+            ProviderContext(name="fake", redirect_uri="http://t/cb", http=cast(httpx.AsyncClient, None), store=store),
+        )
+        self.clock = clock
+        self.delay_s = delay_s
+        self.lifetime_s = lifetime_s
+        self.calls: list[str | None] = []  # the refresh token each call presented
+        self.script: list[Outcome] = []
+        self.during: Callable[[], Awaitable[None]] | None = None  # runs while the call is "on the wire"
+        self.finished = 0
+        self.started = asyncio.Event()
+
+    async def refresh(self, tokens: TokenSet) -> TokenSet:
+        self.calls.append(tokens.refresh_token)
+        self.started.set()
+        number = len(self.calls)
+        await asyncio.sleep(self.delay_s)
+        if self.during is not None:
+            await self.during()
+        outcome = self.script.pop(0) if self.script else "ok"
+        self.finished += 1
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return TokenSet(
+            access_token=f"at-{number}",
+            refresh_token=f"rt-{number}",
+            issued_at=self.clock(),
+            expires_at=self.clock() + self.lifetime_s,
+        )
+
+
+def tokens(name: str, *, issued_at: float, lifetime_s: float) -> TokenSet:
+    return TokenSet(
+        access_token=f"at-{name}", refresh_token=f"rt-{name}", issued_at=issued_at, expires_at=issued_at + lifetime_s
+    )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def provider(clock: Clock) -> FakeProvider:
+    return FakeProvider(clock)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def manager(store: MemoryStore, provider: FakeProvider, clock: Clock) -> TokenManager:
+    return TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock)
+
+
+async def _near_expiry(manager: TokenManager, clock: Clock, user: str = "u1") -> tuple[str, TokenSet]:
+    """A 2-hour token saved, then the clock moved to 60 s before its expiry."""
+    old = tokens(f"old-{user}", issued_at=clock.now, lifetime_s=7200)
+    key = await manager.save("fake", "t1", user, old)
+    clock.now = old.expires_at - 60
+    return key, old
+
+
+# -- the record ---------------------------------------------------------------------------------
+
+
+async def test_save_and_load(manager: TokenManager, clock: Clock) -> None:
+    saved = tokens("a", issued_at=clock.now, lifetime_s=7200)
+    key = await manager.save("fake", "t1", "u1", saved)
+    assert key == token_key("fake", "t1", "u1") == "tok:fake:t1:u1"
+    assert await manager.load(key) == saved
+    assert await manager.current(key, "fake") == saved  # fresh: no refresh
+
+
+async def test_records_are_per_user_not_per_session(manager: TokenManager, clock: Clock) -> None:
+    first = await manager.save("fake", "t1", "u1", tokens("a", issued_at=clock.now, lifetime_s=7200))
+    assert await manager.save("fake", "t1", "u1", tokens("a", issued_at=clock.now, lifetime_s=7200)) == first
+    assert await manager.save("fake", "t2", "u1", tokens("b", issued_at=clock.now, lifetime_s=7200)) != first
+    assert await manager.save("other", "t1", "u1", tokens("c", issued_at=clock.now, lifetime_s=7200)) != first
+
+
+async def test_save_replaces_the_record(manager: TokenManager, store: MemoryStore, clock: Clock) -> None:
+    key = await manager.save("fake", "t1", "u1", tokens("first", issued_at=clock.now, lifetime_s=7200))
+    before = await store.get_versioned(key)
+    replacement = tokens("second", issued_at=clock.now, lifetime_s=7200)
+    assert await manager.save("fake", "t1", "u1", replacement) == key
+    after = await store.get_versioned(key)
+    assert before is not None and after is not None and after.version > before.version
+    assert await manager.load(key) == replacement
+
+
+async def test_missing_record_requires_reauth(manager: TokenManager, provider: FakeProvider) -> None:
+    with pytest.raises(ReauthRequired) as exc:
+        await manager.current(token_key("fake", "t1", "nobody"), "fake")
+    assert exc.value.code == "session_ended"
+    assert provider.calls == []
+
+
+async def test_record_ttl_follows_the_refresh_token(store: MemoryStore, clock: Clock) -> None:
+    ttls: list[float] = []
+
+    class Recording(MemoryStore):
+        async def set_versioned(
+            self, key: str, value: bytes, ttl_s: float, *, expected_version: int | None = None
+        ) -> int | None:
+            ttls.append(ttl_s)
+            return await super().set_versioned(key, value, ttl_s, expected_version=expected_version)
+
+    manager = TokenManager(Recording(), {}, refresh_margin_s=300, clock=clock)
+    with_rt = TokenSet(
+        access_token="a",
+        refresh_token="r",
+        issued_at=clock.now,
+        expires_at=clock.now + 7200,
+        refresh_expires_at=clock.now + 30 * 86400,
+    )
+    await manager.save("fake", "t", "u1", with_rt)
+    without_rt = TokenSet(access_token="a", issued_at=clock.now, expires_at=clock.now + 7200)
+    await manager.save("fake", "t", "u2", without_rt)
+    assert ttls == [30 * 86400, 7200]
+
+
+# -- when to refresh ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lifetime_s", "refresh_when_left"),
+    [
+        (600, 300),  # margin 300 == half the lifetime
+        (200, 100),  # half the lifetime wins over the margin
+        (7200, 300),  # the margin wins
+    ],
+)
+async def test_refresh_rule(
+    manager: TokenManager, provider: FakeProvider, clock: Clock, lifetime_s: float, refresh_when_left: float
+) -> None:
+    saved = tokens("x", issued_at=clock.now, lifetime_s=lifetime_s)
+    assert saved.refresh_at(300) == saved.expires_at - refresh_when_left
+    key = await manager.save("fake", "t1", "u1", saved)
+
+    clock.now = saved.expires_at - refresh_when_left - 1
+    assert not manager.needs_refresh(saved)
+    assert await manager.current(key, "fake") == saved
+    assert provider.calls == []
+
+    clock.now = saved.expires_at - refresh_when_left
+    assert manager.needs_refresh(saved)
+    fresh = await manager.current(key, "fake")
+    assert fresh.access_token == "at-1" and provider.calls == ["rt-x"]
+    assert await manager.load(key) == fresh
+
+
+# -- single flight ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_callers_share_one_refresh(
+    manager: TokenManager, provider: FakeProvider, clock: Clock, store: MemoryStore
+) -> None:
+    key, old = await _near_expiry(manager, clock)
+    version_before = await store.get_versioned(key)
+    results = await asyncio.gather(*(manager.current(key, "fake") for _ in range(200)))
+    assert provider.calls == [old.refresh_token]
+    assert {result.access_token for result in results} == {"at-1"}
+    assert all(result == results[0] for result in results)
+    stored = await store.get_versioned(key)
+    assert stored is not None and version_before is not None and stored.version == version_before.version + 1
+    assert await manager.load(key) == results[0]
+    assert manager.stats() == {"refreshes_in_flight": 0}
+    # Later callers use the stored tokens without another call.
+    assert await manager.current(key, "fake") == results[0]
+    assert len(provider.calls) == 1
+
+
+async def test_single_flight_is_per_record(manager: TokenManager, provider: FakeProvider, clock: Clock) -> None:
+    key_a, _ = await _near_expiry(manager, clock, "alice")
+    key_b = await manager.save("fake", "t1", "bob", tokens("old-bob", issued_at=clock.now - 7200 + 60, lifetime_s=7200))
+    results = await asyncio.gather(*(manager.current(k, "fake") for k in [key_a, key_b] * 50))
+    assert sorted(provider.calls) == ["rt-old-alice", "rt-old-bob"]
+    assert {r.access_token for r in results[0::2]} != {r.access_token for r in results[1::2]}
+    assert len({r.access_token for r in results[0::2]}) == 1
+
+
+async def test_a_failed_refresh_is_shared_too(
+    manager: TokenManager, provider: FakeProvider, clock: Clock, store: MemoryStore
+) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    provider.script = [ReauthRequired("refresh token revoked")]
+    results = await asyncio.gather(*(manager.current(key, "fake") for _ in range(50)), return_exceptions=True)
+    assert len(provider.calls) == 1
+    assert all(isinstance(result, ReauthRequired) for result in results)
+    assert await store.get(key) is None
+
+
+# -- definitive errors -------------------------------------------------------------------------------
+
+
+async def test_reauth_required_ends_the_record(
+    manager: TokenManager, provider: FakeProvider, clock: Clock, store: MemoryStore
+) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    provider.script = [ReauthRequired("refresh token reused", provider_code=20064)]
+    with pytest.raises(ReauthRequired) as exc:
+        await manager.current(key, "fake")
+    assert exc.value.provider_code == 20064
+    assert await store.get(key) is None
+    with pytest.raises(ReauthRequired):
+        await manager.current(key, "fake")
+    assert len(provider.calls) == 1  # an ended record is not refreshed again
+
+
+async def test_reauth_after_another_writer_rotated_returns_their_tokens(store: MemoryStore, clock: Clock) -> None:
+    """Two replicas: A's refresh is rejected because B rotated the refresh token first."""
+    b_done = asyncio.Event()
+    slow = FakeProvider(clock, delay_s=0)
+    slow.during = b_done.wait  # A's call is answered only after B has rotated the tokens
+    slow.script = [ReauthRequired("refresh token already used")]
+    fast = FakeProvider(clock, delay_s=0)
+    replica_a = TokenManager(store, {"fake": slow}, refresh_margin_s=300, clock=clock)
+    replica_b = TokenManager(store, {"fake": fast}, refresh_margin_s=300, clock=clock)
+    key, old = await _near_expiry(replica_a, clock)
+
+    task_a = asyncio.create_task(replica_a.current(key, "fake"))
+    await slow.started.wait()
+    result_b = await replica_b.current(key, "fake")
+    b_done.set()
+    result_a = await task_a
+    assert slow.calls == [old.refresh_token] and fast.calls == [old.refresh_token]
+    assert result_b.access_token == "at-1"
+    assert result_a == result_b  # A serves with B's tokens instead of logging the user out
+    assert await replica_a.load(key) == result_b  # and the record is kept
+
+
+async def test_new_login_during_refresh_wins(
+    manager: TokenManager, provider: FakeProvider, clock: Clock, store: MemoryStore
+) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    relogin = tokens("relogin", issued_at=clock.now, lifetime_s=7200)
+
+    async def new_code_exchange() -> None:
+        await manager.save("fake", "t1", "u1", relogin)
+
+    provider.during = new_code_exchange
+    assert await manager.current(key, "fake") == relogin
+    assert await manager.load(key) == relogin  # the stale refresh result never overwrote it
+
+
+async def test_new_login_during_rejected_refresh_keeps_the_new_record(
+    manager: TokenManager, provider: FakeProvider, clock: Clock
+) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    relogin = tokens("relogin", issued_at=clock.now, lifetime_s=7200)
+
+    async def new_code_exchange() -> None:
+        await manager.save("fake", "t1", "u1", relogin)
+
+    provider.during = new_code_exchange
+    provider.script = [ReauthRequired("the new login invalidated the old refresh token")]
+    assert await manager.current(key, "fake") == relogin
+    assert await manager.load(key) == relogin
+
+
+# -- transient errors ------------------------------------------------------------------------------
+
+
+async def test_transient_error_serves_the_old_token_and_backs_off(
+    manager: TokenManager, provider: FakeProvider, clock: Clock, store: MemoryStore
+) -> None:
+    key, old = await _near_expiry(manager, clock)  # 60 s of validity left
+    provider.script = [ProviderUnavailable("rate limited", retry_after_s=20)] * 3
+
+    assert await manager.current(key, "fake") == old
+    assert await manager.load(key) == old  # the record (and its refresh token) is kept
+    assert len(provider.calls) == 1
+
+    clock.now += 19  # within retry_after: no second provider call
+    assert await manager.current(key, "fake") == old
+    assert len(provider.calls) == 1
+
+    clock.now += 2  # back-off over, still valid: try again, fail again, serve the old token
+    assert await manager.current(key, "fake") == old
+    assert len(provider.calls) == 2
+
+    clock.now = old.expires_at + 21  # expired and the back-off is over: the provider still fails
+    with pytest.raises(ProviderUnavailable) as exc:
+        await manager.current(key, "fake")
+    assert exc.value.retry_after_s == 20
+    assert len(provider.calls) == 3
+    assert await store.get(key) is not None  # a transient error never logs anyone out
+
+    clock.now += 5  # expired and backing off: 503 straight away, the provider is left alone
+    with pytest.raises(ProviderUnavailable) as exc:
+        await manager.current(key, "fake")
+    assert 1 <= exc.value.retry_after_s <= 15
+    assert len(provider.calls) == 3
+
+    clock.now += 16  # the provider is back
+    fresh = await manager.current(key, "fake")
+    assert fresh.access_token == "at-4" and provider.calls[-1] == old.refresh_token
+    assert await manager.load(key) == fresh
+
+
+async def test_new_login_clears_the_back_off(manager: TokenManager, provider: FakeProvider, clock: Clock) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    provider.script = [ProviderUnavailable("down", retry_after_s=600)]
+    await manager.current(key, "fake")
+    assert len(provider.calls) == 1
+    due = tokens("relogin", issued_at=clock.now - 7200 + 60, lifetime_s=7200)  # already due for refresh
+    await manager.save("fake", "t1", "u1", due)
+    assert (await manager.current(key, "fake")).access_token == "at-2"
+    assert provider.calls[-1] == "rt-relogin"
+
+
+async def test_transient_errors_are_shared_by_concurrent_callers(
+    manager: TokenManager, provider: FakeProvider, clock: Clock
+) -> None:
+    key, old = await _near_expiry(manager, clock)
+    clock.now = old.expires_at + 1
+    provider.script = [ProviderUnavailable("timeout")]
+    results = await asyncio.gather(*(manager.current(key, "fake") for _ in range(30)), return_exceptions=True)
+    assert len(provider.calls) == 1
+    assert all(isinstance(result, ProviderUnavailable) for result in results)
+
+
+# -- cancellation --------------------------------------------------------------------------------------
+
+
+async def test_cancelled_waiter_does_not_cancel_the_refresh(
+    manager: TokenManager, provider: FakeProvider, clock: Clock
+) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    provider.delay_s = 0.05
+    waiter = asyncio.create_task(manager.current(key, "fake"))
+    await provider.started.wait()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert manager.stats() == {"refreshes_in_flight": 1}
+    for _ in range(200):
+        if manager.stats()["refreshes_in_flight"] == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert provider.finished == 1
+    stored = await manager.load(key)
+    assert stored is not None and stored.access_token == "at-1"  # the rotated tokens were kept
+    assert await manager.current(key, "fake") == stored
+    assert len(provider.calls) == 1
+
+
+async def test_other_waiters_survive_a_cancelled_one(
+    manager: TokenManager, provider: FakeProvider, clock: Clock
+) -> None:
+    key, _ = await _near_expiry(manager, clock)
+    provider.delay_s = 0.03
+    doomed = asyncio.create_task(manager.current(key, "fake"))
+    survivors = [asyncio.create_task(manager.current(key, "fake")) for _ in range(5)]
+    await provider.started.wait()
+    doomed.cancel()
+    results = await asyncio.gather(*survivors)
+    assert doomed.cancelled()
+    assert {result.access_token for result in results} == {"at-1"}
+    assert len(provider.calls) == 1
