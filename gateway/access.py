@@ -5,14 +5,17 @@ from __future__ import annotations
 import posixpath
 import re
 from fnmatch import translate
-from urllib.parse import unquote
 
 from gateway.config import Access
 
 
 def normalize_path(path: str) -> str:
-    """The path an upstream would resolve: percent-decoded, ``//`` collapsed, dot segments removed."""
-    decoded = unquote(path)
+    """The path an upstream would resolve: ``//`` collapsed, dot segments removed.
+
+    ``path`` is already percent-decoded once, as ASGI's ``scope["path"]`` is; it is not decoded
+    again (the upstream will not decode it twice either).
+    """
+    decoded = path
     normalized = posixpath.normpath("/" + decoded.lstrip("/"))
     if normalized.startswith("//"):  # normpath keeps a leading "//" (POSIX allows it)
         normalized = "/" + normalized.lstrip("/")
@@ -30,8 +33,15 @@ class AccessRules:
         self._tenants = frozenset(access.allow_tenants)
 
     def is_public(self, path: str) -> bool:
-        """Matched after normalization, so ``/public/../private`` is not public."""
-        return self._public is not None and self._public.match(normalize_path(path)) is not None
+        """Whether a (once percent-decoded) path is public, matched after normalization.
+
+        ``/public/../private`` is not public. Neither is any path with ``;``, ``\\`` or a ``%`` left
+        after decoding: some servers read ``/public/..;/x``, ``/public\\..\\x`` or a double-encoded
+        ``%2e%2e`` as a way out of ``/public``, and the gateway cannot know the upstream's rules.
+        """
+        if self._public is None or any(char in path for char in ";\\%"):
+            return False
+        return self._public.match(normalize_path(path)) is not None
 
     def tenant_allowed(self, tenant: str) -> bool:
         return not self._tenants or tenant in self._tenants

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -342,7 +342,7 @@ class Handshake:
     async def auth(self, request: Request, rest: str) -> Response:
         """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth): 200 + identity, or 401."""
         original = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri") or "/"
-        if self.runtime.access.is_public(original.split("?", 1)[0]):
+        if self.runtime.access.is_public(unquote(original.split("?", 1)[0])):
             return PlainTextResponse("", headers={"cache-control": "no-store"})
         ticket = request.cookies.get(self.config.session.cookie_name)
         authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None

@@ -63,21 +63,28 @@ def encode_name(name: str) -> str:
     return quote(name, safe="")
 
 
+def _header_value(value: str) -> bytes:
+    """Ids are printable ASCII in practice; anything else is percent-encoded, never sent raw."""
+    if value.isascii() and value.isprintable():
+        return value.encode("ascii")
+    return quote(value, safe="").encode("ascii")
+
+
 def identity_headers(
     identity: Identity, names: IdentityHeaders, *, token: str, access_token: str | None = None
 ) -> Headers:
     """The headers the gateway adds upstream. ``tenant`` is absent (not empty) when unknown."""
     result: Headers = [
-        (names.user.lower().encode(), identity.user.encode()),
-        (names.provider.lower().encode(), identity.provider.encode()),
+        (names.user.lower().encode(), _header_value(identity.user)),
+        (names.provider.lower().encode(), _header_value(identity.provider)),
     ]
     if identity.tenant:
-        result.append((names.tenant.lower().encode(), identity.tenant.encode()))
+        result.append((names.tenant.lower().encode(), _header_value(identity.tenant)))
     if identity.name:
         result.append((names.name.lower().encode(), encode_name(identity.name).encode()))
     result.append((names.jwt.lower().encode(), token.encode()))
     if access_token is not None:
-        result.append((names.access_token.lower().encode(), access_token.encode()))
+        result.append((names.access_token.lower().encode(), _header_value(access_token)))
     return result
 
 

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cachetools import TTLCache
+
 from gateway.errors import ProviderUnavailable, ReauthRequired
 from gateway.providers import Provider, TokenSet
 from gateway.stores import Store
@@ -63,7 +65,8 @@ class TokenManager:
         self.refresh_margin_s = refresh_margin_s
         self.clock = clock
         self._inflight: dict[str, asyncio.Task[TokenSet]] = {}
-        self._not_before: dict[str, float] = {}  # back-off after a transient failure
+        # Back-off after a transient failure; bounded, and forgotten once long past.
+        self._not_before: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=3600)
 
     def needs_refresh(self, tokens: TokenSet) -> bool:
         return self.clock() >= tokens.refresh_at(self.refresh_margin_s)

@@ -24,15 +24,10 @@ from gateway.config import Access
         ("/a/b/..", "/a"),
         ("/a/b/../", "/a/"),
         ("/../../etc/passwd", "/etc/passwd"),
-        ("/public/%2e%2e/private", "/private"),
-        ("/public/%2E%2E/private", "/private"),
-        ("/public/.%2e/private", "/private"),
-        ("/public/%2e./private", "/private"),
-        ("/public/%2e%2e%2fprivate", "/private"),
-        ("/public%2f..%2fprivate", "/private"),
-        ("/%2fpublic/x", "/public/x"),
-        ("/caf%C3%A9", "/café"),
-        ("/a%20b", "/a b"),
+        # Already decoded once (ASGI's scope["path"]): escapes left are not decoded again.
+        ("/public/%2e%2e/private", "/public/%2e%2e/private"),
+        ("/café", "/café"),
+        ("/a b", "/a b"),
     ],
 )
 def test_normalize_path(raw: str, normalized: str) -> None:
@@ -69,7 +64,7 @@ def rules() -> AccessRules:
         "///public/x",
         "/public/./x",
         "/private/../public/x",
-        "/%70ublic/x",  # an encoded letter
+        "/public/My File.css",  # decoded once by the server, as an upstream sees it
         "/healthz",
         "/static/a/b/site.css",  # '*' also crosses '/'
         "/api/v1.0/docs",
@@ -95,6 +90,9 @@ def test_public(rules: AccessRules, path: str) -> None:
         "/public/.%2e/private",
         "/public/%2e%2e%2fprivate",
         "/public%2f..%2fprivate",
+        "/private/%2e%2e/public/x",  # double-encoded: the upstream would not see a dot segment
+        "/public/..;/private",
+        "/public\\..\\private",
         "/public/..",
         "/healthz/",
         "/healthzz",

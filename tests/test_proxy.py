@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import socket
@@ -15,7 +16,7 @@ import pytest
 import uvicorn
 import websockets
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -28,6 +29,7 @@ class UpstreamState:
     def __init__(self) -> None:
         self.release = asyncio.Event()  # /stream waits on it between its two chunks
         self.stream_closed = asyncio.Event()  # /forever's generator has ended
+        self.upload_aborted = asyncio.Event()  # /upload saw its client leave mid-body
         self.ws_closed: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
 
 
@@ -44,9 +46,13 @@ def upstream_app(state: UpstreamState) -> Starlette:
 
     async def upload(request: Request) -> Response:
         digest, size = hashlib.sha256(), 0
-        async for chunk in request.stream():
-            digest.update(chunk)
-            size += len(chunk)
+        try:
+            async for chunk in request.stream():
+                digest.update(chunk)
+                size += len(chunk)
+        except ClientDisconnect:
+            state.upload_aborted.set()
+            raise
         return JSONResponse({"size": size, "sha256": digest.hexdigest(),
                              "chunked": request.headers.get("transfer-encoding") == "chunked"})
 
@@ -61,8 +67,7 @@ def upstream_app(state: UpstreamState) -> Starlette:
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 yield b"tick;"
-                while True:
-                    await asyncio.sleep(0.05)
+                await asyncio.Event().wait()  # never set: only the client leaving ends this
             finally:
                 state.stream_closed.set()
         return StreamingResponse(chunks())
@@ -73,6 +78,9 @@ def upstream_app(state: UpstreamState) -> Starlette:
         response.set_cookie("a", "1", httponly=True)
         response.set_cookie("b", "2, with comma", path="/x")
         return response
+
+    async def gzipped(request: Request) -> Response:
+        return Response(gzip.compress(b"squeezed " * 100), headers={"content-encoding": "gzip"})
 
     async def slow(request: Request) -> Response:
         await asyncio.sleep(2)
@@ -113,6 +121,7 @@ def upstream_app(state: UpstreamState) -> Starlette:
         Route("/echo/{rest:path}", echo, methods=["GET", "POST", "PUT", "DELETE"]),
         Route("/upload", upload, methods=["POST"]),
         Route("/stream", stream), Route("/forever", forever), Route("/headers", headers), Route("/slow", slow),
+        Route("/gzipped", gzipped),
         Mount("/dies", app=dies), WebSocketRoute("/ws/echo", ws_echo), WebSocketRoute("/ws/refuse", ws_refuse),
     ])
 
@@ -123,13 +132,15 @@ async def serve(app: Any, sock: socket.socket | None = None) -> AsyncIterator[st
     if sock is None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off", ws="websockets-sansio", proxy_headers=False))
+    # proxy_headers=False: uvicorn would otherwise rewrite the client address from X-Forwarded-For itself
+    config = uvicorn.Config(app, log_level="critical", lifespan="off", ws="websockets-sansio", proxy_headers=False)
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         assert not task.done(), "uvicorn did not start"
         await asyncio.sleep(0.01)
     try:
-        yield "http://127.0.0.1:%d" % sock.getsockname()[1]
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         await task
@@ -144,7 +155,9 @@ async def upstream() -> AsyncIterator[tuple[str, UpstreamState]]:
 
 
 @contextlib.asynccontextmanager
-async def proxied(upstream_url: str, app_wrapper: Any = None, **options: Any) -> AsyncIterator[tuple[str, UpstreamProxy]]:
+async def proxied(
+    upstream_url: str, app_wrapper: Any = None, **options: Any
+) -> AsyncIterator[tuple[str, UpstreamProxy]]:
     proxy = UpstreamProxy(url=upstream_url, **options)
     try:
         async with serve(app_wrapper(proxy) if app_wrapper else proxy) as url:
@@ -181,6 +194,18 @@ async def test_get_and_post_round_trip(gateway: tuple[str, UpstreamState]) -> No
     assert posted.json()["method"] == "POST" and posted.json()["body"] == "hello"
     assert header_values(posted.json(), "content-type") == ["text/plain"]
     assert header_values(posted.json(), "content-length") == ["5"]
+    async with httpx.AsyncClient() as client:
+        head = await client.head(url + "/echo/a")
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+
+
+async def test_compressed_body_passes_untouched(gateway: tuple[str, UpstreamState]) -> None:
+    url, _ = gateway
+    async with httpx.AsyncClient() as client, client.stream("GET", url + "/gzipped") as response:
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    assert response.headers["content-encoding"] == "gzip"
+    assert int(response.headers["content-length"]) == len(raw)
+    assert gzip.decompress(raw) == b"squeezed " * 100
 
 
 async def test_no_client_headers_are_invented(gateway: tuple[str, UpstreamState]) -> None:
@@ -208,6 +233,20 @@ async def test_large_request_body_is_streamed(gateway: tuple[str, UpstreamState]
     assert response.json() == {"size": len(chunk) * count, "sha256": expected, "chunked": True}
 
 
+async def test_client_abort_mid_upload_reaches_upstream(upstream: tuple[str, UpstreamState]) -> None:
+    upstream_url, state = upstream
+    async with proxied(upstream_url, max_connections=1) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()  # gone before the last chunk
+        await asyncio.wait_for(state.upload_aborted.wait(), 3)
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.get(url + "/echo/after")).status_code == 200
+
+
 async def test_response_is_streamed_before_upstream_finishes(gateway: tuple[str, UpstreamState]) -> None:
     url, state = gateway
     async with httpx.AsyncClient(timeout=5) as client, client.stream("GET", url + "/stream") as response:
@@ -221,13 +260,12 @@ async def test_response_is_streamed_before_upstream_finishes(gateway: tuple[str,
 
 async def test_client_disconnect_stops_upstream_and_frees_connection(upstream: tuple[str, UpstreamState]) -> None:
     upstream_url, state = upstream
-    async with proxied(upstream_url, max_connections=1) as (url, _):
-        async with httpx.AsyncClient(timeout=5) as client:
-            async with client.stream("GET", url + "/forever") as response:
-                assert await response.aiter_raw().__anext__() == b"tick;"
-            await asyncio.wait_for(state.stream_closed.wait(), 3)  # the upstream saw the proxy leave
-            # the only pooled connection was freed: the next request goes through
-            assert (await client.get(url + "/echo/again")).status_code == 200
+    async with proxied(upstream_url, max_connections=1) as (url, _), httpx.AsyncClient(timeout=5) as client:
+        async with client.stream("GET", url + "/forever") as response:
+            assert await response.aiter_raw().__anext__() == b"tick;"
+        await asyncio.wait_for(state.stream_closed.wait(), 3)  # the upstream saw the proxy leave
+        # the only pooled connection was freed: the next request goes through
+        assert (await client.get(url + "/echo/again")).status_code == 200
 
 
 async def test_hop_by_hop_headers_dropped_both_ways(gateway: tuple[str, UpstreamState]) -> None:
@@ -372,11 +410,10 @@ async def test_websocket_close_from_client_propagates(gateway: tuple[str, Upstre
 
 
 async def test_websocket_idle_longer_than_timeout(upstream: tuple[str, UpstreamState]) -> None:
-    async with proxied(upstream[0], timeout_s=0.3) as (url, _):
-        async with websockets.connect(ws_url(url, "/ws/echo")) as ws:
-            await asyncio.sleep(0.8)
-            await ws.send("still there?")
-            assert await ws.recv() == "echo:still there?"
+    async with proxied(upstream[0], timeout_s=0.3) as (url, _), websockets.connect(ws_url(url, "/ws/echo")) as ws:
+        await asyncio.sleep(0.8)
+        await ws.send("still there?")
+        assert await ws.recv() == "echo:still there?"
 
 
 async def test_websocket_refused_by_upstream(gateway: tuple[str, UpstreamState]) -> None:
