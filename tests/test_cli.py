@@ -1,0 +1,102 @@
+"""The CLI as users run it: real subprocesses on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.conftest import BROWSER_UA, HTML, free_port
+
+
+@contextlib.contextmanager
+def running(*args: str, ready: str, env: dict[str, str] | None = None, timeout_s: float = 20) -> Iterator[
+        subprocess.Popen[str]]:
+    """Run ``python -m gateway ARGS`` until ``ready`` (a URL answering 200) is up."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"gateway exited early: {process.stdout.read() if process.stdout else ''}")
+            try:
+                if httpx.get(ready, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{ready} did not come up")
+            time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running("demo", "--port", str(port), ready=f"{base}/demo/"), \
+            httpx.Client(base_url=base, headers={"user-agent": BROWSER_UA}, timeout=10) as client:
+        home = client.get("/demo/", headers=HTML)
+        assert "simulated lark client" in home.text
+
+        app = client.get("/", headers=HTML, follow_redirects=True)
+        assert app.status_code == 200 and "Hello, 张三" in app.text
+        assert "verified with the gateway" in app.text
+
+        client.post("/_gateway/logout", headers={"origin": base})
+        client.get("/demo/client/lark")
+        assert client.cookies.get("demo_client") == "lark"
+        page = client.get("/_gateway/login?next=/", headers=HTML)
+        assert page.status_code == 200 and "gw-config" in page.text
+        assert re.search(r'"jssdkUrl": "http://127\.0\.0\.1:\d+/_sandbox/h5-js-sdk\.js"', page.text)
+
+
+def test_sandbox_serves_one_port_per_host_and_prints_the_providers_yaml(tmp_path: Path) -> None:
+    port = free_port()
+    with running("sandbox", "--port", str(port), ready=f"http://127.0.0.1:{port}/_sandbox/stats") as process:
+        assert process.stdout is not None
+        lines = []
+        while not lines or not lines[-1].strip() == "":
+            line = process.stdout.readline()
+            lines.append(line)
+            if "jssdk_url" in line:
+                break
+        text = "".join(line for line in lines if not line.startswith("#"))
+        providers = yaml.safe_load(text)["providers"]
+        lark = providers["lark"]
+        assert lark["open_base_url"] == f"http://127.0.0.1:{port}"
+        assert lark["accounts_base_url"] == f"http://127.0.0.1:{port + 1}"
+        # The printed section works as is: the v3 endpoint the official SDKs use is on the accounts host.
+        answer = httpx.post(f"{lark['accounts_base_url']}/oauth/v3/token",
+                            json={"grant_type": "authorization_code", "code": "nope",
+                                  "client_id": lark["app_id"], "client_secret": lark["app_secret"]})
+        assert answer.json()["code"] == 20003
+
+
+def test_check_config_accepts_the_example_file() -> None:
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(example)], capture_output=True, text=True,
+        env={**os.environ, "GATEWAY_SECRET": "s" * 40, "LARK_APP_SECRET": "lark-secret-value"}, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "lark-secret-value" not in result.stdout and "s" * 40 not in result.stdout
+    effective = yaml.safe_load(result.stdout)
+    assert effective["providers"]["lark"]["open_base_url"] == "https://open.feishu.cn"
+    assert effective["providers"]["lark"]["app_secret"] == "***"
