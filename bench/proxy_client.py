@@ -8,8 +8,8 @@ Three processes on loopback: a trivial upstream, a proxy in front of it, and wrk
 
 ``--client`` is ``httpx`` or ``aiohttp`` (a minimal streaming proxy built on that client, nothing
 else) or ``gateway`` (the real ``gateway.proxy.UpstreamProxy``). Every server is uvicorn with its
-defaults (uvloop + httptools when installed), access log off, one worker. ``--client direct`` skips
-the proxy (wrk straight at the upstream) for a ceiling.
+defaults (uvloop + httptools when installed), access log off, one worker. Run from the project
+root with ``PYTHONPATH=.`` for ``gateway``; wrk at the upstream's own port gives the no-proxy ceiling.
 """
 
 from __future__ import annotations

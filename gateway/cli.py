@@ -22,7 +22,8 @@ def _serve_app(app: object, host: str, port: int) -> None:
         port=port,
         # X-Forwarded-* are the gateway's business (access.trusted_proxies), not uvicorn's.
         proxy_headers=False,
-        server_header=False,
+        server_header=False,  # the upstream's own Server and Date headers pass through
+        date_header=False,
         log_level="info",
         lifespan="on",
     )
@@ -37,6 +38,7 @@ def build_sidecar(config: GatewayConfig) -> object:
         timeout_s=config.upstream.timeout_s,
         max_connections=config.upstream.max_connections,
         trusted_proxies=config.access.trusted_proxies,
+        preserve_host=config.upstream.preserve_host,
     )
     return AuthGateway(proxy, config)
 

@@ -50,6 +50,8 @@ class Upstream(_Section):
     timeout_s: float = Field(30.0, gt=0)
     # Connections kept open to the upstream (the sidecar's pool).
     max_connections: int = Field(100, ge=1)
+    # Send the client's Host upstream (default: the upstream's own; X-Forwarded-Host carries the original).
+    preserve_host: bool = False
 
     @field_validator("url")
     @classmethod

@@ -280,6 +280,10 @@ class Handshake:
             if result.error:
                 if result.error == "access_denied":
                     raise LoginDenied("You declined the authorization, so you are not signed in.")
+                if result.error == "approval_pending":
+                    raise LoginPending(result.error_description or (
+                        "Your authorization is waiting for an administrator's approval. "
+                        "Come back and sign in again once it is approved."))
                 raise ProviderError(f"The provider reported an error ({result.error}).", code="provider_error")
             if not result.code:
                 raise BadRequest("The provider sent no authorization code.", code="code_missing")

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -45,6 +45,9 @@ from starlette.routing import BaseRoute
 
 from gateway.errors import ConfigError, ProviderUnavailable
 from gateway.stores import Store
+
+if TYPE_CHECKING:
+    from gateway.tokens import AppTokenCache
 
 ENTRY_POINT_GROUP = "gateway.providers"
 
@@ -140,7 +143,12 @@ class LoginContext:
 
 @dataclass(frozen=True)
 class CallbackResult:
-    """The OAuth redirect, read: a code, or the provider's error (e.g. ``access_denied``)."""
+    """The OAuth redirect, read: a code, or the provider's error.
+
+    ``error`` values the core understands: ``access_denied`` (the user declined: a "declined"
+    page) and ``approval_pending`` (an administrator must approve first: a "waiting for your
+    admin" page, with ``error_description`` as its text). Any other value is a provider error.
+    """
 
     state: str
     code: str | None = None
@@ -160,6 +168,8 @@ class ProviderContext:
     path_prefix: str = "/_gateway"
     #: The time source for token lifetimes (tests move it forward).
     clock: Callable[[], float] = time.time
+    #: App-level tokens (tenant/app/corp access tokens), cached and single-flight; set by the core.
+    app_tokens: AppTokenCache | None = None
 
 
 class Provider:
@@ -264,16 +274,24 @@ def available_plugins() -> dict[str, type[Provider]]:
     """Every provider class registered under ``gateway.providers``, plus in-process ones."""
     found: dict[str, type[Provider]] = dict(_registered)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        cls = entry.load()
-        if isinstance(cls, type) and issubclass(cls, Provider):
-            found[entry.name] = cls
+        found.setdefault(entry.name, _load(entry.name, entry.load()))
     return found
 
 
+def _load(name: str, cls: object) -> type[Provider]:
+    if not (isinstance(cls, type) and issubclass(cls, Provider)):
+        raise ConfigError(f"The plugin {name!r} does not name a Provider subclass.")
+    return cls
+
+
 def load_plugin(name: str) -> type[Provider]:
-    plugins = available_plugins()
-    try:
-        return plugins[name]
-    except KeyError:
-        known = ", ".join(sorted(plugins)) or "none"
-        raise ConfigError(f"No provider plugin named {name!r} is installed (installed: {known}).") from None
+    """The provider class of one plugin; only that plugin is imported."""
+    if name in _registered:
+        return _registered[name]
+    entries = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not entries:
+        known = sorted({*_registered, *(entry.name for entry in entry_points(group=ENTRY_POINT_GROUP))})
+        raise ConfigError(
+            f"No provider plugin named {name!r} is installed (installed: {', '.join(known) or 'none'})."
+        )
+    return _load(name, next(iter(entries)).load())

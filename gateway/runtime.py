@@ -18,7 +18,7 @@ from gateway.providers import Provider, ProviderContext, load_plugin
 from gateway.sessions import CookieCodec, SessionStore
 from gateway.stores import Store
 from gateway.stores.memory import MemoryStore
-from gateway.tokens import TokenManager
+from gateway.tokens import AppTokenCache, TokenManager
 
 
 def make_store(config: GatewayConfig) -> Store:
@@ -41,6 +41,7 @@ class Runtime:
         self.store = store if store is not None else make_store(config)
         self._owns_http = http_client is None
         self.http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self.app_tokens = AppTokenCache(self.store)
         self.providers: dict[str, Provider] = {}
         for name, settings in config.provider_settings().items():
             context = ProviderContext(
@@ -49,6 +50,7 @@ class Runtime:
                 http=self.http,
                 store=self.store,
                 path_prefix=config.path_prefix,
+                app_tokens=self.app_tokens,
             )
             self.providers[name] = load_plugin(settings.plugin)(settings, context)
         secrets = [secret.get_secret_value() for secret in config.session.secrets]

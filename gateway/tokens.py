@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from cachetools import TTLCache
@@ -161,3 +161,43 @@ class TokenManager:
 
     def stats(self) -> dict[str, Any]:
         return {"refreshes_in_flight": len(self._inflight)}
+
+
+class AppTokenCache:
+    """App-level tokens (Lark tenant token, DingTalk app/corp token): fetched once, cached, shared.
+
+    A provider asks ``get(key, fetch)``; ``fetch`` returns ``(token, expires_at)``. The token is
+    kept in the store (so replicas share it) until ``early_s`` before it expires, and however
+    many requests miss at once, ``fetch`` runs once (single flight), like user-token refresh.
+    Nothing is fetched per request.
+    """
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self._inflight: dict[str, asyncio.Task[str]] = {}
+
+    async def get(
+        self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], *, early_s: float = 300
+    ) -> str:
+        cached = await self.store.get(f"app:{key}")
+        if cached is not None:
+            return cached.decode()
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(key, fetch, early_s))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], early_s: float) -> str:
+        token, expires_at = await fetch()
+        lifetime = expires_at - self.clock()
+        ttl = lifetime - min(early_s, lifetime / 2)
+        if ttl > 0:
+            await self.store.set(f"app:{key}", token.encode(), ttl)
+        return token
+
+    async def invalidate(self, key: str) -> None:
+        """Forget a token the provider rejected (revoked before its time)."""
+        await self.store.delete(f"app:{key}")

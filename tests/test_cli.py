@@ -18,11 +18,11 @@ from tests.conftest import BROWSER_UA, HTML, free_port
 
 
 @contextlib.contextmanager
-def running(*args: str, ready: str, env: dict[str, str] | None = None, timeout_s: float = 20) -> Iterator[
-        subprocess.Popen[str]]:
+def running(*args: str, ready: str, env: dict[str, str] | None = None, timeout_s: float = 20,
+            stderr: int = subprocess.STDOUT) -> Iterator[subprocess.Popen[str]]:
     """Run ``python -m gateway ARGS`` until ``ready`` (a URL answering 200) is up."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, **(env or {})},
     )
     try:
@@ -69,7 +69,8 @@ def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
 
 def test_sandbox_serves_one_port_per_host_and_prints_the_providers_yaml(tmp_path: Path) -> None:
     port = free_port()
-    with running("sandbox", "--port", str(port), ready=f"http://127.0.0.1:{port}/_sandbox/stats") as process:
+    with running("sandbox", "--port", str(port), ready=f"http://127.0.0.1:{port}/_sandbox/stats",
+                 stderr=subprocess.DEVNULL) as process:
         assert process.stdout is not None
         lines = []
         while not lines or not lines[-1].strip() == "":

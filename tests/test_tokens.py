@@ -397,3 +397,23 @@ async def test_other_waiters_survive_a_cancelled_one(
     assert doomed.cancelled()
     assert {result.access_token for result in results} == {"at-1"}
     assert len(provider.calls) == 1
+
+
+async def test_app_tokens_are_fetched_once_and_cached_until_shortly_before_expiry() -> None:
+    from gateway.tokens import AppTokenCache
+
+    now = [1000.0]
+    store = MemoryStore()
+    cache = AppTokenCache(store, clock=lambda: now[0])
+    calls = []
+
+    async def fetch() -> tuple[str, float]:
+        calls.append(now[0])
+        await asyncio.sleep(0.05)
+        return f"app-token-{len(calls)}", now[0] + 7200
+
+    tokens = await asyncio.gather(*(cache.get("lark:cli_x", fetch) for _ in range(50)))
+    assert set(tokens) == {"app-token-1"} and len(calls) == 1
+    assert await cache.get("lark:cli_x", fetch) == "app-token-1" and len(calls) == 1
+    await cache.invalidate("lark:cli_x")
+    assert await cache.get("lark:cli_x", fetch) == "app-token-2" and len(calls) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -26,6 +27,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 ENTRY_POINT_GROUP = "gateway.sandboxes"
+log = logging.getLogger("gateway.sandbox")
 
 
 class Sandbox:
@@ -76,9 +78,14 @@ class HostRoutingTransport(httpx.AsyncBaseTransport):
 
 
 def available_sandboxes() -> dict[str, type[Sandbox]]:
+    """Every emulator registered under ``gateway.sandboxes``; one that fails to import is skipped."""
     found: dict[str, type[Sandbox]] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        cls = entry.load()
+        try:
+            cls = entry.load()
+        except ImportError as exc:
+            log.warning("sandbox %s could not be loaded: %s", entry.name, exc)
+            continue
         if isinstance(cls, type) and issubclass(cls, Sandbox):
             found[entry.name] = cls
     return found
