@@ -55,7 +55,10 @@ def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
         home = client.get("/demo/", headers=HTML)
         assert "simulated lark client" in home.text
 
-        app = client.get("/", headers=HTML, follow_redirects=True)
+        # Several providers are configured: outside any client the login page asks which one.
+        chooser = client.get("/", headers=HTML, follow_redirects=True)
+        assert "/_gateway/login?provider=lark" in chooser.text.replace("&amp;", "&")
+        app = client.get("/_gateway/login?provider=lark&next=/", headers=HTML, follow_redirects=True)
         assert app.status_code == 200 and "Hello, 张三" in app.text
         assert "verified with the gateway" in app.text
 

@@ -7,7 +7,9 @@
  *   {plugin, exchangeUrl, fallbackUrl, next, timeoutMs, jssdkUrl, bridge: {...provider's config}}
  *
  * A provider's bridge.js registers window.gatewayBridges[plugin] = {requestCode(config, tools)}:
- * it resolves {code, context?} or rejects {outcome: "fallback"|"denied"|"pending", message}.
+ * it resolves {code, context?} or rejects {outcome, message}: "fallback" (use the browser OAuth),
+ * "denied", "pending" (an administrator must approve), or "navigating" (the bridge started the
+ * provider's own authorization page, which comes back to /callback/<provider>).
  * Every wait is bounded: the SDK script, the bridge (ready hook and each JSAPI call) and the
  * exchange. The page never ends blank: it moves on, or says what happened and offers a way on.
  */
@@ -97,7 +99,9 @@
       finished = true;
       window.location.replace(data.next || config.next || "/");
     }, function (error) {
-      if (error.status === 403 || error.error === "access_denied" || error.error === "approval_pending") {
+      if (error.error === "approval_pending") {
+        stop("Waiting for your administrator", error.message || "An administrator must approve this app first.");
+      } else if (error.status === 403 || error.error === "access_denied") {
         stop("Sign-in was not completed", error.message || "Access was denied.");
       } else if (error.error === "reauth_required" || error.error === "state_invalid") {
         // A code that expired or was already used: one more silent attempt, then a page.
@@ -128,7 +132,12 @@
       return exchange(result);
     }).then(null, function (error) {
       error = error || {};
-      if (error.outcome === "pending") {
+      if (error.outcome === "navigating") {
+        // The bridge handed the page to the provider's own authorization flow, which may wait
+        // for the user: no watchdog from here on.
+        exchanging = true;
+        say("Continuing with " + config.displayName + "…");
+      } else if (error.outcome === "pending") {
         stop("Waiting for your administrator", error.message || "Your request was sent to an administrator for approval. You can come back once it is approved.");
       } else if (error.outcome === "denied") {
         stop("Sign-in was declined", error.message || "The authorization was declined.");
