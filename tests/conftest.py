@@ -149,3 +149,107 @@ async def start_gateway(make_config: ConfigFactory) -> AsyncIterator[GatewayStar
 async def browser_login(client: httpx.AsyncClient, path: str = "/") -> httpx.Response:
     """Walk the browser OAuth flow from ``path`` (no client in the UA), following every redirect."""
     return await client.get(path, headers=HTML, follow_redirects=True)
+
+
+# -- real Chromium and real nginx, for the integration tests -------------------------------------
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]
+
+
+def _executable(variable: str, default: str, what: str) -> str:
+    """The path in ``variable`` (else ``default``); a clear failure, not a skip, when it is missing."""
+    import os
+
+    path = os.environ.get(variable, default)
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{what} is needed at {path}: install it (apt-get install {what.lower()}) or set {variable}")
+    return path
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Chromium (the system's, never a downloaded one) driven by Playwright."""
+    from playwright.async_api import async_playwright
+
+    chromium_path = _executable("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium", "Chromium")
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=chromium_path, headless=True,
+                                                    args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+NGINX_MAIN = """\
+worker_processes 1;
+{user}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/site.conf;
+}}
+"""
+
+NginxStarter = Callable[[str, int], Any]
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Any) -> NginxStarter:
+    """``async with start_nginx(site_conf, port) as url``: a real nginx in the foreground, every
+    path under ``tmp_path``, serving ``site_conf`` (an http-level snippet listening on ``port``)."""
+    import asyncio
+    import contextlib
+    import os
+    import time
+
+    nginx = _executable("GATEWAY_TEST_NGINX", "/usr/sbin/nginx", "nginx")
+
+    @contextlib.asynccontextmanager
+    async def start(site_conf: str, port: int) -> AsyncIterator[str]:
+        prefix = tmp_path / "nginx"
+        prefix.mkdir()
+        (prefix / "site.conf").write_text(site_conf)
+        # A root master runs its worker as "nobody", which cannot enter pytest's 0700 tmp dirs.
+        user = "user root;" if os.geteuid() == 0 else ""
+        (prefix / "nginx.conf").write_text(NGINX_MAIN.format(prefix=prefix, user=user))
+        error_log = prefix / "error.log"
+        process = await asyncio.create_subprocess_exec(
+            nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+            "-g", f"daemon off; pid {prefix}/nginx.pid; error_log {error_log};",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                if process.returncode is not None or time.monotonic() > deadline:
+                    stderr = (await process.communicate())[1] if process.returncode is not None else b""
+                    logged = error_log.read_text() if error_log.exists() else ""
+                    pytest.fail(f"nginx did not start:\n{stderr.decode(errors='replace')}\n{logged}")
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                break
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            if process.returncode is None:
+                process.terminate()  # SIGTERM: nginx's fast shutdown, workers included
+                try:
+                    await asyncio.wait_for(process.communicate(), 10)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+    return start

@@ -103,7 +103,7 @@
         stop("Waiting for your administrator", error.message || "An administrator must approve this app first.");
       } else if (error.status === 403 || error.error === "access_denied") {
         stop("Sign-in was not completed", error.message || "Access was denied.");
-      } else if (error.error === "reauth_required" || error.error === "state_invalid") {
+      } else if (error.status === 401 || error.error === "state_invalid") {
         // A code that expired or was already used: one more silent attempt, then a page.
         if (window.sessionStorage && !window.sessionStorage.getItem("gw-retried")) {
           window.sessionStorage.setItem("gw-retried", "1");
