@@ -112,12 +112,14 @@ class Handshake:
                                   headers={"allow": allowed})
         return error_response(scope, 404, "not_found", "There is no such gateway endpoint.")
 
-    def _error(self, request: Request, exc: GatewayError, provider: str | None = None) -> Response:
+    def _error(
+        self, request: Request, exc: GatewayError, provider: str | None = None, next_path: str | None = None
+    ) -> Response:
         if isinstance(exc, ProviderError) and exc.provider_code is not None:
             log.info("provider answered %s (%s)", exc.code, exc.provider_code)
         actions = None
         if wants_html(request.headers) and isinstance(exc, ProviderError | BadRequest):
-            query = {"next": request.query_params.get("next", "/")}
+            query = {"next": next_path or safe_next(request.query_params.get("next"))}
             if provider:
                 query["provider"] = provider
             actions = {"Try again": f"{self.prefix}/login?{urlencode(query)}"}
@@ -159,7 +161,8 @@ class Handshake:
             code_challenge=challenge,
         )
         fallback_url = provider.authorize_url(context)
-        if provider.detect_client(user_agent):
+        # flow=browser: the page's "sign in in the browser" way out, even inside the client.
+        if provider.detect_client(user_agent) and request.query_params.get("flow") != "browser":
             response: Response = self._handshake_page(provider, context, fallback_url, request)
         else:
             response = RedirectResponse(fallback_url, status_code=302, headers={"cache-control": "no-store"})
@@ -182,6 +185,7 @@ class Handshake:
         self, provider: Provider, login: LoginContext, fallback_url: str, request: Request
     ) -> Response:
         retry_query = urlencode({"provider": provider.name, "next": login.next_path, "retry": "1"})
+        browser_query = urlencode({"provider": provider.name, "next": login.next_path, "flow": "browser"})
         settings = provider.settings
         page_config: dict[str, Any] = {
             "plugin": provider.plugin,
@@ -191,6 +195,7 @@ class Handshake:
             "exchangeUrl": f"{self.prefix}/exchange/{provider.name}",
             "fallbackUrl": fallback_url,
             "retryUrl": f"{self.prefix}/login?{retry_query}",
+            "browserUrl": f"{self.prefix}/login?{browser_query}",
             "fresh": request.query_params.get("retry") != "1",
             "timeoutMs": int(settings.client_timeout_s * 1000),
             "jssdkUrl": settings.jssdk_url,
@@ -274,9 +279,11 @@ class Handshake:
 
     async def callback(self, request: Request, rest: str) -> Response:
         provider = self._provider(rest)
+        next_path: str | None = None
         try:
             result = provider.parse_callback(dict(request.query_params))
             pending = await self._take_pending(request, result.state, provider)
+            next_path = pending.next_path
             if result.error:
                 if result.error == "access_denied":
                     raise LoginDenied("You declined the authorization, so you are not signed in.")
@@ -294,7 +301,7 @@ class Handshake:
             redirect = RedirectResponse(pending.next_path, status_code=302, headers={"cache-control": "no-store"})
             return await self._complete_login(request, provider, grant, redirect)
         except (LoginDenied, LoginPending, ReauthRequired, BadRequest, ProviderError) as exc:
-            return self._error(request, exc, provider=provider.name)
+            return self._error(request, exc, provider=provider.name, next_path=next_path)
 
     # -- session endpoints ------------------------------------------------------------------
 
@@ -312,6 +319,7 @@ class Handshake:
         record = await self.runtime.sessions.load(ticket)
         if record is not None:
             await self.runtime.sessions.end(record.sid)
+            await self.runtime.authenticator.session_ended(record.sid)  # every replica's cache
         self.runtime.authenticator.forget(ticket)
 
     async def logout(self, request: Request, rest: str) -> Response:

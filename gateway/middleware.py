@@ -132,7 +132,7 @@ class AuthGateway:
             await send({"type": "http.response.body", "body": b""})
             return
         response = error_response(scope, 401, "login_required", "You are not signed in.",
-                                  extra={"login_url": login_url})
+                                  extra={"login_url": login_url}, actions={"Sign in": login_url})
         await response(scope, receive, send)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, response: Response) -> None:

@@ -26,9 +26,9 @@
     statusNode.textContent = text;
   }
 
-  function offer(label, href) {
+  function offer(label, href, style) {
     var link = document.createElement("a");
-    link.className = "button";
+    link.className = style ? "button " + style : "button";
     link.href = href;
     link.textContent = label;
     actionsNode.appendChild(link);
@@ -40,7 +40,8 @@
     document.getElementById("gw-title").textContent = title;
     say(message);
     offer("Try again", window.location.href);
-    offer("Sign in in the browser", config.fallbackUrl);
+    // The page's own state may be spent by now: a fresh login, forced to the browser OAuth.
+    offer("Sign in in the browser", config.browserUrl, "secondary");
   }
 
   function fallback(reason) {
