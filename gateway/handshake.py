@@ -103,6 +103,11 @@ class Handshake:
                 response = await handler(request, rest)
         except GatewayError as exc:
             response = self._error(request, exc)
+        except Exception:
+            # A bug of ours or a plugin's: logged with its traceback, never shown to the user.
+            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
+            response = error_response(scope, 500, "internal_error",
+                                      "Something went wrong in the sign-in gateway. Please try again.")
         await response(scope, receive, send)
 
     def _no_route(self, scope: Scope, head: str) -> Response:
@@ -166,9 +171,11 @@ class Handshake:
             response: Response = self._handshake_page(provider, context, fallback_url, request)
         else:
             response = RedirectResponse(fallback_url, status_code=302, headers={"cache-control": "no-store"})
+        # Lax at most: the provider's redirect back to the callback is a cross-site navigation.
+        same_site = "none" if self.config.session.same_site == "none" else "lax"
         response.set_cookie(
             self.binding_cookie, binding, max_age=STATE_TTL_S, path=self.prefix, httponly=True,
-            secure=self.config.session.secure, samesite=self.config.session.same_site,
+            secure=self.config.session.secure, samesite=same_site,
         )
         return response
 

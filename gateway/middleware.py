@@ -105,6 +105,12 @@ class AuthGateway:
         except GatewayError as exc:
             await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
+        except Exception:
+            log.exception("unexpected error while authenticating %s", scope["path"])
+            response = error_response(scope, 500, "internal_error",
+                                      "Something went wrong in the sign-in gateway. Please try again.")
+            await self._deny(scope, receive, send, response)
+            return
         if authenticated is None:
             await self._login_required(scope, receive, send)
             return
