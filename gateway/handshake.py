@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlencode
 
 from starlette.requests import Request
@@ -172,7 +172,7 @@ class Handshake:
         else:
             response = RedirectResponse(fallback_url, status_code=302, headers={"cache-control": "no-store"})
         # Lax at most: the provider's redirect back to the callback is a cross-site navigation.
-        same_site = "none" if self.config.session.same_site == "none" else "lax"
+        same_site: Literal["lax", "none"] = "none" if self.config.session.same_site == "none" else "lax"
         response.set_cookie(
             self.binding_cookie, binding, max_age=STATE_TTL_S, path=self.prefix, httponly=True,
             secure=self.config.session.secure, samesite=same_site,
