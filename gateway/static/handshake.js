@@ -10,6 +10,8 @@
  * it resolves {code, context?} or rejects {outcome, message}: "fallback" (use the browser OAuth),
  * "denied", "pending" (an administrator must approve), or "navigating" (the bridge started the
  * provider's own authorization page, which comes back to /callback/<provider>).
+ * tools.waitingForUser() tells the page the bridge is waiting for the user (a consent panel):
+ * the page's overall watchdog stops, and the bridge bounds that wait itself.
  * Every wait is bounded: the SDK script, the bridge (ready hook and each JSAPI call) and the
  * exchange. The page never ends blank: it moves on, or says what happened and offers a way on.
  */
@@ -127,7 +129,12 @@
       if (!bridge) { throw { outcome: "fallback", message: "no client bridge" }; }
       var bridgeConfig = config.bridge;
       bridgeConfig.timeout_ms = config.timeoutMs;
-      return bridge.requestCode(bridgeConfig, { withTimeout: withTimeout });
+      return bridge.requestCode(bridgeConfig, {
+        withTimeout: withTimeout,
+        // A bridge showing the user a consent panel bounds that wait itself; the page's
+        // watchdog must not pull the page away while the user reads it.
+        waitingForUser: function () { exchanging = true; }
+      });
     }).then(function (result) {
       if (!result || !result.code) { throw { outcome: "fallback", message: "the client returned no code" }; }
       return exchange(result);
