@@ -25,7 +25,7 @@
  * mini program, on PC biz.util.openModal with its page; both take an unencoded query.
  * Every wait is bounded by tools.withTimeout: a client bridge that never initialises leaves the
  * SDK's promises pending forever. A consent panel waits for a person, so it gets three times the
- * usual bound (the handshake page's own watchdog is four times it).
+ * usual bound, and tools.waitingForUser() stops the page's own watchdog meanwhile.
  */
 (function () {
   "use strict";
@@ -225,7 +225,9 @@
     var query = "type=" + params.type + "&clientId=" + params.clientId + "&corpId=" + params.corpId +
       "&rpcScope=" + params.rpcScope + "&fieldScope=" + params.fieldScope;
     var util = dd.biz && dd.biz.util;
+    // A person reads the panel: tell the page to stop its own watchdog, and bound the wait here.
     var ms = config.timeout_ms * 3;
+    if (typeof tools.waitingForUser === "function") { tools.waitingForUser(); }
     var call;
     if (where === "pc" || isPcContainer()) {
       if (!util || typeof util.openModal !== "function") {
