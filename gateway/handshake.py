@@ -41,6 +41,10 @@ log = logging.getLogger("gateway.handshake")
 
 _STATIC = Path(__file__).with_name("static")
 _MAX_CODE = 4096
+_PENDING_MESSAGE = (
+    "Your authorization is waiting for an administrator's approval. "
+    "Come back and sign in again once it is approved."
+)
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 
@@ -289,15 +293,17 @@ class Handshake:
         next_path: str | None = None
         try:
             result = provider.parse_callback(dict(request.query_params))
+            if result.error == "approval_pending" and not result.state:
+                # Some providers come back from a pending approval without any state; nothing
+                # is signed in either way, so say what happens next.
+                raise LoginPending(result.error_description or _PENDING_MESSAGE)
             pending = await self._take_pending(request, result.state, provider)
             next_path = pending.next_path
             if result.error:
                 if result.error == "access_denied":
                     raise LoginDenied("You declined the authorization, so you are not signed in.")
                 if result.error == "approval_pending":
-                    raise LoginPending(result.error_description or (
-                        "Your authorization is waiting for an administrator's approval. "
-                        "Come back and sign in again once it is approved."))
+                    raise LoginPending(result.error_description or _PENDING_MESSAGE)
                 raise ProviderError(f"The provider reported an error ({result.error}).", code="provider_error")
             if not result.code:
                 raise BadRequest("The provider sent no authorization code.", code="code_missing")

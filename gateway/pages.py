@@ -68,6 +68,13 @@ def message_page(
     return page(title, body, status_code=status_code, headers=headers)
 
 
+# A title by error code first (what happened), else by status.
+_CODE_TITLES = {
+    "approval_pending": "Waiting for your administrator",
+    "access_denied": "Sign-in was declined",
+    "tenant_not_allowed": "Your organisation cannot use this app",
+    "login_required": "Please sign in",
+}
 _TITLES = {
     400: "This request could not be used",
     401: "Please sign in again",
@@ -93,7 +100,7 @@ def error_response(
     """The one way the gateway answers an error: a page for browsers, JSON otherwise."""
     all_headers = {"cache-control": "no-store", **(headers or {})}
     if wants_html(Headers(scope=scope)):
-        title = _TITLES.get(status_code, "Something went wrong")
+        title = _CODE_TITLES.get(code) or _TITLES.get(status_code, "Something went wrong")
         return message_page(
             title, message, status_code=status_code, code=code, actions=actions, headers=all_headers
         )

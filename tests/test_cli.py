@@ -103,10 +103,14 @@ def test_check_config_accepts_the_example_file() -> None:
     example = Path(__file__).parent.parent / "config.example.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", str(example)], capture_output=True, text=True,
-        env={**os.environ, "GATEWAY_SECRET": "s" * 40, "LARK_APP_SECRET": "lark-secret-value"}, check=False,
+        env={**os.environ, "GATEWAY_SECRET": "s" * 40, "LARK_APP_SECRET": "lark-secret-value",
+             "DINGTALK_SECRET": "dingtalk-secret-value", "WEMEET_SECRET": "wemeet-secret-value"}, check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "lark-secret-value" not in result.stdout and "s" * 40 not in result.stdout
+    for secret in ("lark-secret-value", "dingtalk-secret-value", "wemeet-secret-value", "s" * 40):
+        assert secret not in result.stdout
     effective = yaml.safe_load(result.stdout)
     assert effective["providers"]["lark"]["open_base_url"] == "https://open.feishu.cn"
     assert effective["providers"]["lark"]["app_secret"] == "***"
+    assert effective["providers"]["dingtalk"]["client_secret"] == "***"
+    assert effective["providers"]["wemeet"]["secret"] == "***"
