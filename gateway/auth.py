@@ -3,11 +3,19 @@
 A cookie already verified is not verified again while its cache entry lives
 (``session.cache_ttl_s``): the entry keeps the session record, the identity headers ready to send
 (JWT included, re-signed at half its lifetime) and the time the provider token is due for refresh.
-So a request with a fresh session does no store round trip, no signature check and no JWT signing.
+So a request with a fresh session does no store round trip, no signature check and no JWT signing,
+and the requests that find an entry due share one renewal (one store round trip per process).
+
+With several replicas, a session ended on one of them (logout) is dropped from the others'
+caches by a broadcast through the store (``Store.publish``, Redis pub/sub): usually within
+milliseconds, and at the latest after ``session.cache_ttl_s`` (a replica that missed the
+broadcast, e.g. while Redis was unreachable, reloads the record once its entry is that old).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,13 +23,21 @@ from dataclasses import dataclass
 from cachetools import TTLCache
 
 from gateway.config import GatewayConfig
-from gateway.errors import ReauthRequired
+from gateway.errors import ReauthRequired, StoreUnavailable
 from gateway.identity import Headers, Identity, IdentitySigner, identity_headers
 from gateway.providers import TokenSet
 from gateway.sessions import SessionRecord, SessionStore
 from gateway.tokens import TokenManager
 
 log = logging.getLogger("gateway.auth")
+
+#: The store topic that tells every replica a session has ended (the message: ``_digest(sid)``).
+SESSION_ENDED = "session-ended"
+
+
+def _digest(sid: str) -> str:
+    """What the broadcast carries instead of the session id itself."""
+    return hashlib.sha256(sid.encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -46,12 +62,31 @@ class Authenticator:
         self.signer = signer
         self._cache_ttl_s = config.session.cache_ttl_s
         self._cache: TTLCache[str, Authenticated] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
+        self._tickets: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
+        self._renewing: dict[str, asyncio.Task[Authenticated | None]] = {}
+        sessions.store.subscribe(SESSION_ENDED, self._on_session_ended)
 
     async def authenticate(self, ticket: str) -> Authenticated | None:
-        now = time.time()
         entry = self._cache.get(ticket)
-        if entry is not None and now < entry.renew_at:
+        if entry is not None and time.time() < entry.renew_at:
             return entry
+        # One renewal per ticket at a time: the burst of requests that finds an entry expired
+        # costs one store round trip in this process, not one per request.
+        task = self._renewing.get(ticket)
+        if task is None:
+            task = asyncio.create_task(self._renew(ticket, entry))
+            self._renewing[ticket] = task
+            task.add_done_callback(lambda done: self._renewed(ticket, done))
+        return await asyncio.shield(task)
+
+    def _renewed(self, ticket: str, task: asyncio.Task[Authenticated | None]) -> None:
+        if self._renewing.get(ticket) is task:
+            del self._renewing[ticket]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone away (client disconnects)
+
+    async def _renew(self, ticket: str, entry: Authenticated | None) -> Authenticated | None:
+        now = time.time()
         if entry is None or now - entry.loaded_at >= self._cache_ttl_s:
             record = await self.sessions.load(ticket)
             loaded_at = now
@@ -65,10 +100,12 @@ class Authenticator:
         except ReauthRequired:
             await self.sessions.end(record.sid)
             self._cache.pop(ticket, None)
+            await self.session_ended(record.sid)
             return None
         fresh = self._build(record, tokens, loaded_at)
         if self._cache_ttl_s > 0:
             self._cache[ticket] = fresh
+            self._tickets[_digest(record.sid)] = ticket
         return fresh
 
     def _build(self, record: SessionRecord, tokens: TokenSet, loaded_at: float) -> Authenticated:
@@ -90,3 +127,18 @@ class Authenticator:
     def forget(self, ticket: str) -> None:
         """Drop a cookie from the cache (logout on this process)."""
         self._cache.pop(ticket, None)
+
+    async def session_ended(self, sid: str) -> None:
+        """Drop the session ``sid`` from every replica's cache (this one's at once)."""
+        try:
+            await self.sessions.store.publish(SESSION_ENDED, _digest(sid))
+        except StoreUnavailable:
+            # The record is gone from the store already (or cannot be read): the other replicas
+            # notice when their cache entry expires (session.cache_ttl_s).
+            log.warning("could not broadcast the end of a session; other replicas drop it within %s s",
+                        self._cache_ttl_s)
+
+    def _on_session_ended(self, digest: str) -> None:
+        ticket = self._tickets.pop(digest, None)
+        if ticket is not None:
+            self._cache.pop(ticket, None)

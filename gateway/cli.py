@@ -57,8 +57,38 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_or_report(args.file)
     if config is None:
         return 2
+    if config.store.backend == "redis" and not args.no_connect:
+        problem = asyncio.run(_store_problem(config))
+        if problem is not None:
+            print(f"{args.file}: the store cannot be used:", file=sys.stderr)
+            print(f"  {problem[0]}: {problem[1]}", file=sys.stderr)
+            return 2
     print(yaml.safe_dump(masked_dict(config), sort_keys=False, allow_unicode=True), end="")
     return 0
+
+
+async def _store_problem(config: GatewayConfig) -> tuple[str, str] | None:
+    """Connect to the configured Redis once: None when it answers, else (YAML path, reason)."""
+    from gateway.errors import GatewayError
+    from gateway.runtime import make_store
+
+    where = "store.sentinels" if config.store.mode == "sentinel" else "store.url"
+    logging.getLogger("gateway.stores").setLevel(logging.CRITICAL)  # the reason is printed below
+    try:
+        store = make_store(config)
+    except GatewayError as exc:
+        return "store.backend", exc.message
+    except (ValueError, TypeError) as exc:  # a URL redis-py cannot use
+        return where, f"redis cannot use it ({type(exc).__name__})"
+    try:
+        await asyncio.wait_for(store.ping(), config.store.connect_timeout_s * 2 + 5)
+    except (GatewayError, TimeoutError):
+        reason = getattr(store, "last_error", None) or "no answer"
+        description = getattr(store, "description", "redis")
+        return where, f"cannot reach {description}: {reason}"
+    finally:
+        await store.aclose()
+    return None
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:
@@ -123,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
+    check.add_argument("--no-connect", action="store_true",
+                       help="validate only; do not try the store connection (store.backend: redis)")
     check.set_defaults(handler=cmd_check_config)
 
     args = parser.parse_args(argv)

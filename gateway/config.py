@@ -26,6 +26,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -95,9 +96,59 @@ class Session(_Section):
 
 class StoreConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
-    url: SecretStr | None = None  # redis://[:password@]host:port/db
+    # How to reach Redis (backend: redis): one server (standalone), a master found through
+    # Sentinel, or a Cluster.
+    mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    # standalone: redis://[user:password@]host:port/db (rediss:// for TLS, unix:///path?db=0);
+    # cluster: the URL of any node; sentinel: optional, only the master's credentials, db and
+    # scheme (its host is ignored: the Sentinels name the master).
+    url: SecretStr | None = Field(None, validate_default=True)
+    sentinels: list[str] = Field(default_factory=list, validate_default=True)  # host:port of each Sentinel
+    sentinel_master: str = "mymaster"  # the service name the Sentinels monitor
+    sentinel_password: SecretStr | None = None  # AUTH for the Sentinels themselves, if they need one
     key_prefix: str = "gw:"
     max_entries: int = Field(200_000, ge=100)
+    max_connections: int = Field(50, ge=1)  # Redis connections per replica (commands queue beyond it)
+    connect_timeout_s: float = Field(2.0, gt=0)  # an unreachable Redis fails requests this fast (503)
+    command_timeout_s: float = Field(2.0, gt=0)
+    # Fleet-wide single flight (token refresh, app tokens): the lock's lease, renewed every third
+    # of it while the holder works; a replica that dies holding it blocks the others this long at most.
+    lock_lease_s: float = Field(10.0, gt=0)
+    # How long a request waits for another replica's refresh before answering 503.
+    lock_wait_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        backend, mode = info.data.get("backend"), info.data.get("mode")
+        if value is None:
+            if backend == "redis" and mode != "sentinel":
+                raise ValueError("backend redis needs a url such as redis://127.0.0.1:6379/0")
+            return value
+        parts = urlsplit(value.get_secret_value())
+        schemes = ("redis", "rediss") if mode == "cluster" else ("redis", "rediss", "unix")
+        if parts.scheme not in schemes:
+            raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        if parts.scheme != "unix" and mode != "sentinel" and not parts.hostname:
+            raise ValueError("the URL needs a host, e.g. redis://127.0.0.1:6379/0")
+        if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
+            raise ValueError("the path is the database number, e.g. redis://127.0.0.1:6379/0")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        return value
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinel_nodes(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("backend") == "redis" and info.data.get("mode") == "sentinel" and not values:
+            raise ValueError("mode sentinel needs the Sentinels' addresses, e.g. [10.0.0.1:26379]")
+        for value in values:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port")
+        return values
 
 
 class Tokens(_Section):

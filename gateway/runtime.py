@@ -22,9 +22,17 @@ from gateway.tokens import AppTokenCache, TokenManager
 
 
 def make_store(config: GatewayConfig) -> Store:
+    """The configured store; nothing connects yet (Redis connects on first use and reconnects
+    by itself, so a gateway starts while Redis is down and becomes ready once it is up)."""
     if config.store.backend == "memory":
         return MemoryStore(max_entries=config.store.max_entries)
-    raise ConfigError("store.backend 'redis' is not available in this version; use 'memory'.")
+    try:
+        from gateway.stores.redis import RedisStore
+    except ImportError:
+        raise ConfigError(
+            "store.backend 'redis' needs the redis package: pip install 'inclient-sso-gateway[redis]'."
+        ) from None
+    return RedisStore.from_config(config.store)
 
 
 class Runtime:
@@ -41,7 +49,10 @@ class Runtime:
         self.store = store if store is not None else make_store(config)
         self._owns_http = http_client is None
         self.http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
-        self.app_tokens = AppTokenCache(self.store)
+        store_config = config.store
+        self.app_tokens = AppTokenCache(
+            self.store, lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s
+        )
         self.providers: dict[str, Provider] = {}
         for name, settings in config.provider_settings().items():
             context = ProviderContext(
@@ -55,7 +66,10 @@ class Runtime:
             self.providers[name] = load_plugin(settings.plugin)(settings, context)
         secrets = [secret.get_secret_value() for secret in config.session.secrets]
         self.sessions = SessionStore(self.store, CookieCodec(secrets), max_age_s=config.session.max_age_s)
-        self.tokens = TokenManager(self.store, self.providers, refresh_margin_s=config.tokens.refresh_margin_s)
+        self.tokens = TokenManager(
+            self.store, self.providers, refresh_margin_s=config.tokens.refresh_margin_s,
+            lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s,
+        )
         key_file = config.identity.signing_key_file
         key = load_signing_key(key_file) if key_file else derive_signing_key(secrets[0])
         self.signer = IdentitySigner(

@@ -5,12 +5,21 @@ These providers rotate refresh tokens and kill the old one the moment a new one 
 - A record is keyed by (provider, tenant, user), not by browser session: every session and device
   of one user shares it, and a new code exchange replaces it (the provider has just invalidated
   the old tokens).
-- Refresh is single-flight: however many requests find the token near expiry, one refresh call
-  reaches the provider and the others wait for its result. The new tokens are written with
-  compare-and-set before anyone uses them.
+- Refresh is single-flight, in two layers: in a process, one task per record does the work and
+  every request waits for it; across processes (replicas sharing a Redis store), that task first
+  takes the record's lock from the store (``Store.lock``: a lease renewed while the provider call
+  runs, released with a notification that wakes the other replicas' waiters). Holding it, the
+  task re-reads the record and refreshes only if it still needs to (another replica may just
+  have done it), then writes the new tokens with compare-and-set on the version it read (the
+  fencing rule: a holder whose lease lapsed cannot overwrite a newer record) before anyone uses
+  them. So however many requests on however many replicas find the token near expiry, one refresh
+  call reaches the provider.
 - Errors are classified by the provider: ``ReauthRequired`` ends the record (the user goes through
   the silent handshake again); ``ProviderUnavailable`` keeps it, serves with the old access token
-  while it is valid, and otherwise raises so the request answers 503 with Retry-After.
+  while it is valid, and otherwise raises so the request answers 503 with Retry-After. The
+  back-off is shared through the store, so the other replicas leave the provider alone too. A
+  definitive error re-reads the record once before ending it: another replica (or a new login)
+  may have rotated the refresh token already.
 
 When to refresh: ``min(tokens.refresh_margin_s, half the token's lifetime)`` before expiry.
 """
@@ -18,6 +27,7 @@ When to refresh: ``min(tokens.refresh_margin_s, half the token's lifetime)`` bef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -27,14 +37,15 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from gateway.errors import ProviderUnavailable, ReauthRequired
+from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
 from gateway.providers import Provider, TokenSet
-from gateway.stores import Store
+from gateway.stores import LockTimeout, Store
 
 log = logging.getLogger("gateway.tokens")
 
 # A record without a known refresh-token lifetime is kept this long (then the user logs in again).
 _DEFAULT_RECORD_TTL_S = 30 * 86400
+_WRITE_ATTEMPTS = 3
 
 
 def token_key(provider: str, tenant: str, user: str) -> str:
@@ -49,6 +60,14 @@ def _decode(data: bytes) -> TokenSet:
     return TokenSet.from_dict(json.loads(data)["tokens"])
 
 
+_SLOW = "The sign-in provider is slow to answer; please try again shortly."
+_ENDED = "Your sign-in has ended; please sign in again."
+
+
+def _backoff_key(key: str) -> str:
+    return f"nbf:{key}"
+
+
 class TokenManager:
     """Keeps token records in the store and refreshes them, one refresh at a time per record."""
 
@@ -59,11 +78,15 @@ class TokenManager:
         *,
         refresh_margin_s: float,
         clock: Callable[[], float] = time.time,
+        lock_lease_s: float = 10.0,
+        lock_wait_s: float = 30.0,
     ) -> None:
         self.store = store
         self.providers = providers
         self.refresh_margin_s = refresh_margin_s
         self.clock = clock
+        self.lock_lease_s = lock_lease_s
+        self.lock_wait_s = lock_wait_s
         self._inflight: dict[str, asyncio.Task[TokenSet]] = {}
         # Back-off after a transient failure; bounded, and forgotten once long past.
         self._not_before: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=3600)
@@ -84,6 +107,7 @@ class TokenManager:
         key = token_key(provider, tenant, user)
         await self.store.set_versioned(key, _encode(provider, tokens), self._ttl(tokens))
         self._not_before.pop(key, None)
+        await self.store.delete(_backoff_key(key))
         return key
 
     async def load(self, key: str) -> TokenSet | None:
@@ -98,19 +122,22 @@ class TokenManager:
         """
         tokens = await self.load(key)
         if tokens is None:
-            raise ReauthRequired("Your sign-in has ended; please sign in again.", code="session_ended")
+            raise ReauthRequired(_ENDED, code="session_ended")
         if not self.needs_refresh(tokens):
             return tokens
         not_before = self._not_before.get(key, 0.0)
         if self.clock() < not_before:
             # Backing off after a transient failure: no provider call before ``retry_after``.
-            if tokens.expires_at > self.clock():
-                return tokens
-            raise ProviderUnavailable(
-                "The sign-in provider is unavailable; please try again shortly.",
-                retry_after_s=max(1, math.ceil(not_before - self.clock())),
-            )
+            return self._backing_off(tokens, not_before)
         return await self._single_flight(key, provider)
+
+    def _backing_off(self, tokens: TokenSet, not_before: float) -> TokenSet:
+        if tokens.expires_at > self.clock():
+            return tokens
+        raise ProviderUnavailable(
+            "The sign-in provider is unavailable; please try again shortly.",
+            retry_after_s=max(1, math.ceil(not_before - self.clock())),
+        )
 
     async def _single_flight(self, key: str, provider: str) -> TokenSet:
         # The refresh runs in its own task: a waiting request that goes away (client disconnect)
@@ -123,13 +150,32 @@ class TokenManager:
         return await asyncio.shield(task)
 
     async def _refresh(self, key: str, provider_name: str) -> TokenSet:
+        """The fleet-wide layer: hold the record's lock from the store while refreshing."""
+        try:
+            async with self.store.lock(f"refresh:{key}", lease_s=self.lock_lease_s, wait_s=self.lock_wait_s):
+                return await self._refresh_locked(key, provider_name)
+        except LockTimeout:
+            # Another replica's refresh outlasted our patience; its lease is still being renewed.
+            tokens = await self.load(key)
+            if tokens is None:
+                raise ReauthRequired(_ENDED, code="session_ended") from None
+            if tokens.expires_at > self.clock():
+                return tokens
+            raise ProviderUnavailable(_SLOW, code="provider_slow", retry_after_s=5) from None
+
+    async def _refresh_locked(self, key: str, provider_name: str) -> TokenSet:
         provider = self.providers[provider_name]
         current = await self.store.get_versioned(key)
         if current is None:
-            raise ReauthRequired("Your sign-in has ended; please sign in again.", code="session_ended")
+            raise ReauthRequired(_ENDED, code="session_ended")
         tokens = _decode(current.value)
         if not self.needs_refresh(tokens):
-            return tokens  # someone refreshed while we waited for the record
+            return tokens  # someone refreshed (here or on another replica) while we waited
+        shared = await self.store.get(_backoff_key(key))
+        if shared is not None and self.clock() < float(shared):
+            # Another replica's refresh failed transiently: back off with it.
+            self._not_before[key] = float(shared)
+            return self._backing_off(tokens, float(shared))
         try:
             fresh = await provider.refresh(tokens)
         except ReauthRequired:
@@ -141,23 +187,39 @@ class TokenManager:
             log.info("token record ended by the provider", extra={"provider": provider_name})
             raise
         except ProviderUnavailable as exc:
-            self._not_before[key] = self.clock() + exc.retry_after_s
+            not_before = self.clock() + exc.retry_after_s
+            self._not_before[key] = not_before
+            with contextlib.suppress(StoreUnavailable):  # the local back-off still holds
+                await self.store.set(_backoff_key(key), repr(not_before).encode(), exc.retry_after_s)
             if tokens.expires_at > self.clock():
                 log.warning("refresh failed transiently; serving with the current token",
                             extra={"provider": provider_name, "code": exc.code})
                 return tokens
             raise
-        written = await self.store.set_versioned(
-            key, _encode(provider_name, fresh), self._ttl(fresh), expected_version=current.version
-        )
+        written = await self._write(key, provider_name, fresh, current.version)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.
             latest = await self.store.get(key)
             if latest is None:
-                raise ReauthRequired("Your sign-in has ended; please sign in again.", code="session_ended")
+                raise ReauthRequired(_ENDED, code="session_ended")
             return _decode(latest)
         self._not_before.pop(key, None)
         return fresh
+
+    async def _write(self, key: str, provider_name: str, fresh: TokenSet, version: int) -> int | None:
+        """Compare-and-set the rotated tokens, retrying a brief store outage: the provider has
+        already killed the old refresh token, so these are the only ones that work."""
+        data, ttl = _encode(provider_name, fresh), self._ttl(fresh)
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                return await self.store.set_versioned(key, data, ttl, expected_version=version)
+            except StoreUnavailable:
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    log.error("rotated tokens could not be stored; the user will sign in again",
+                              extra={"provider": provider_name})
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, Any]:
         return {"refreshes_in_flight": len(self._inflight)}
@@ -168,13 +230,23 @@ class AppTokenCache:
 
     A provider asks ``get(key, fetch)``; ``fetch`` returns ``(token, expires_at)``. The token is
     kept in the store (so replicas share it) until ``early_s`` before it expires, and however
-    many requests miss at once, ``fetch`` runs once (single flight), like user-token refresh.
-    Nothing is fetched per request.
+    many requests miss at once, on however many replicas, ``fetch`` runs once: the same two
+    layers as user-token refresh (one task per key in a process, the store's lock across
+    processes, the cache re-read once the lock is held). Nothing is fetched per request.
     """
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        lock_lease_s: float = 10.0,
+        lock_wait_s: float = 30.0,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.lock_lease_s = lock_lease_s
+        self.lock_wait_s = lock_wait_s
         self._inflight: dict[str, asyncio.Task[str]] = {}
 
     async def get(
@@ -191,12 +263,19 @@ class AppTokenCache:
         return await asyncio.shield(task)
 
     async def _fetch(self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], early_s: float) -> str:
-        token, expires_at = await fetch()
-        lifetime = expires_at - self.clock()
-        ttl = lifetime - min(early_s, lifetime / 2)
-        if ttl > 0:
-            await self.store.set(f"app:{key}", token.encode(), ttl)
-        return token
+        try:
+            async with self.store.lock(f"app:{key}", lease_s=self.lock_lease_s, wait_s=self.lock_wait_s):
+                cached = await self.store.get(f"app:{key}")
+                if cached is not None:
+                    return cached.decode()  # another replica fetched it while we waited
+                token, expires_at = await fetch()
+                lifetime = expires_at - self.clock()
+                ttl = lifetime - min(early_s, lifetime / 2)
+                if ttl > 0:
+                    await self.store.set(f"app:{key}", token.encode(), ttl)
+                return token
+        except LockTimeout:
+            raise ProviderUnavailable(_SLOW, code="provider_slow", retry_after_s=5) from None
 
     async def invalidate(self, key: str) -> None:
         """Forget a token the provider rejected (revoked before its time)."""

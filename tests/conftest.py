@@ -253,3 +253,166 @@ def start_nginx(tmp_path: Any) -> NginxStarter:
                     await process.wait()
 
     return start
+
+
+# -- a real Redis, for the store contract suite and the multi-replica tests -----------------------
+
+class RedisProcess:
+    """One ``redis-server`` on a loopback port, started and stopped by the test (``extra`` adds
+    arguments, e.g. ``--appendonly yes`` so the data survives a restart)."""
+
+    def __init__(self, workdir: Any, port: int | None = None, *extra: str) -> None:
+        import os
+        import shutil
+
+        self.binary = os.environ.get("GATEWAY_TEST_REDIS_SERVER") or shutil.which("redis-server") or \
+            "/usr/bin/redis-server"
+        if not os.access(self.binary, os.X_OK):
+            pytest.fail("redis-server is needed for these tests: install it (apt-get install redis-server), "
+                        "or set GATEWAY_TEST_REDIS_SERVER to its path")
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra = extra
+        self.process: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10) -> RedisProcess:
+        import subprocess
+        import time
+
+        import redis
+
+        log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115 - kept open while it runs
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--dbfilename", f"dump-{self.port}.rdb", *self.extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            while True:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    logged = (self.workdir / f"redis-{self.port}.log").read_text(errors="replace")
+                    pytest.fail(f"redis-server did not start on port {self.port}:\n{logged}")
+                try:
+                    if client.ping():
+                        return self
+                except redis.RedisError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self, *, hard: bool = False) -> None:
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        if hard:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _reachable_or_fail(url: str, what: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"{what} is not reachable ({type(exc).__name__}: {exc}); the Redis tests need one")
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Redis for the whole session: ``GATEWAY_TEST_REDIS_URL`` if set, else a ``redis-server``
+    started here on a free port. Never skipped: without a Redis these tests fail."""
+    import os
+
+    url = os.environ.get("GATEWAY_TEST_REDIS_URL")
+    if url:
+        _reachable_or_fail(url, "GATEWAY_TEST_REDIS_URL")
+        yield url
+        return
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A master and one Sentinel watching it (service ``mymaster``): yields the Sentinel's
+    ``host:port``."""
+    import subprocess
+    import time
+
+    import redis
+
+    workdir = tmp_path_factory.mktemp("sentinel")
+    master = RedisProcess(workdir).start()
+    port = free_port()
+    conf = workdir / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+                    "sentinel down-after-milliseconds mymaster 60000\n")
+    log = open(workdir / "sentinel.log", "ab")  # noqa: SIM115
+    process = subprocess.Popen([master.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"):
+                    break
+            except redis.RedisError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis sentinel did not start:\n{(workdir / 'sentinel.log').read_text()}")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
+        master.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A one-node Redis Cluster (every slot on one node): a real cluster protocol, MOVED-ready
+    clients, hash-tag rules, in a second."""
+    import time
+
+    import redis
+
+    workdir = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    node = RedisProcess(workdir, port, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                        "--cluster-port", str(free_port())).start()  # not port + 10000: may be > 65535
+    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                pytest.fail("the one-node Redis Cluster did not become ready")
+            time.sleep(0.05)
+        yield node.url
+    finally:
+        client.close()
+        node.stop()

@@ -359,7 +359,7 @@ def test_check_config_ok(
     monkeypatch.setenv("SECRET_A", SECRET_A)
     monkeypatch.setenv("ACME_SECRET", PROVIDER_SECRET)
     path = _secret_config(tmp_path, acme)
-    assert main(["check-config", str(path)]) == 0
+    assert main(["check-config", "--no-connect", str(path)]) == 0
     out, err = capsys.readouterr()
     printed = yaml.safe_load(out)
     assert printed == masked_dict(load_config(path))
@@ -405,7 +405,8 @@ def test_check_config_subprocess(tmp_path: Path) -> None:
         store: {{backend: redis, url: "redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0"}}
         """,
     )
-    result = _run("check-config", str(good), env={"SECRET_A": SECRET_A, "GATEWAY_LISTEN__PORT": "8181"})
+    result = _run("check-config", "--no-connect", str(good),
+                  env={"SECRET_A": SECRET_A, "GATEWAY_LISTEN__PORT": "8181"})
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["session"]["secrets"] == ["***", "***"] and printed["store"]["url"] == "***"

@@ -1,34 +1,61 @@
 """The contract every ``Store`` backend keeps. One suite, parametrized over store factories.
 
-To run a new backend through it, add a factory to ``STORE_FACTORIES`` (e.g. a Redis store on a
-test server, skipped when none is reachable). Keys are unique per test, so a shared server works.
+To run a new backend through it, add a factory to ``STORE_FACTORIES``. The Redis factories use
+the session's Redis fixtures (``tests/conftest.py``: ``GATEWAY_TEST_REDIS_URL`` or a
+``redis-server`` started for the session, never skipped), one standalone server, a master behind
+a Sentinel and a one-node Cluster; each test gets its own key prefix, so a shared server works.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.stores import Store, Versioned
+from gateway.config import StoreConfig
+from gateway.stores import Lease, LockTimeout, Store, Versioned
 from gateway.stores.memory import MemoryStore
 
 SHORT_TTL_S = 0.05
 PAST_SHORT_TTL_S = 0.12
 
 
-async def _memory_store() -> Store:
+async def _memory_store(request: pytest.FixtureRequest) -> Store:
     return MemoryStore(max_entries=1000)
 
 
-STORE_FACTORIES: list[Callable[[], Awaitable[Store]]] = [_memory_store]
+def _redis(**settings: object) -> Store:
+    from gateway.stores.redis import RedisStore
+
+    config = StoreConfig.model_validate({"backend": "redis", "key_prefix": f"contract:{uuid.uuid4().hex[:12]}:",
+                                         **settings})
+    return RedisStore.from_config(config)
+
+
+async def _redis_store(request: pytest.FixtureRequest) -> Store:
+    return _redis(url=request.getfixturevalue("redis_url"))
+
+
+async def _redis_sentinel_store(request: pytest.FixtureRequest) -> Store:
+    return _redis(mode="sentinel", sentinels=[request.getfixturevalue("redis_sentinel")],
+                  sentinel_master="mymaster")
+
+
+async def _redis_cluster_store(request: pytest.FixtureRequest) -> Store:
+    return _redis(mode="cluster", url=request.getfixturevalue("redis_cluster_url"))
+
+
+STORE_FACTORIES: list[Callable[[pytest.FixtureRequest], Awaitable[Store]]] = [
+    _memory_store, _redis_store, _redis_sentinel_store, _redis_cluster_store,
+]
 
 
 @pytest.fixture(params=STORE_FACTORIES, ids=lambda factory: factory.__name__.strip("_").removesuffix("_store"))
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    instance = await request.param()
+    instance = await request.param(request)
     yield instance
     await instance.aclose()
 
@@ -165,3 +192,111 @@ async def test_concurrent_compare_and_set_has_exactly_one_winner(store: Store, k
 
 async def test_ping(store: Store) -> None:
     assert await store.ping() is None
+
+
+async def test_ttls_take_fractions_of_a_second(store: Store, key: Callable[[str], str]) -> None:
+    await store.set(key("a"), b"v", 0.3)
+    await asyncio.sleep(0.15)
+    assert await store.get(key("a")) == b"v"
+    await asyncio.sleep(0.3)
+    assert await store.get(key("a")) is None
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+
+async def test_lock_is_exclusive_and_fences_increase(store: Store, key: Callable[[str], str]) -> None:
+    first = await store.acquire(key("lock"), lease_s=5, wait_s=1)
+    with pytest.raises(LockTimeout):
+        await store.acquire(key("lock"), lease_s=5, wait_s=0.05)
+    other = await store.acquire(key("other"), lease_s=5, wait_s=0.05)  # names are independent
+    await store.release(first)
+    second = await store.acquire(key("lock"), lease_s=5, wait_s=0.05)
+    assert second.fence > first.fence
+    await store.release(second)
+    await store.release(other)
+
+
+async def test_a_release_wakes_the_waiters_at_once(store: Store, key: Callable[[str], str]) -> None:
+    """Waiters are notified, not left to poll: the lease here is far longer than the wait."""
+    held = await store.acquire(key("lock"), lease_s=30, wait_s=1)
+    waiters = [asyncio.create_task(store.acquire(key("lock"), lease_s=30, wait_s=10)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    assert not any(waiter.done() for waiter in waiters)
+    released_at = time.monotonic()
+    await store.release(held)
+    done, _ = await asyncio.wait(waiters, timeout=2, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1
+    first_task = done.pop()
+    first = first_task.result()
+    assert time.monotonic() - released_at < 0.5
+    await store.release(first)
+    (second_task,) = [waiter for waiter in waiters if waiter is not first_task]
+    second = await asyncio.wait_for(second_task, 2)
+    assert time.monotonic() - released_at < 1.0
+    assert {first.fence, second.fence} == {held.fence + 1, held.fence + 2}
+    await store.release(second)
+
+
+async def test_an_abandoned_lock_ends_with_its_lease(store: Store, key: Callable[[str], str]) -> None:
+    """A holder that dies never releases nor renews: the lock is free once its lease runs out."""
+    dead = await store.acquire(key("lock"), lease_s=0.3, wait_s=1)
+    started = time.monotonic()
+    taken = await store.acquire(key("lock"), lease_s=5, wait_s=5)
+    waited = time.monotonic() - started
+    assert 0.2 <= waited < 1.0, waited
+    assert taken.fence > dead.fence
+    # The old holder can neither renew nor release what is no longer its lock.
+    assert await store.renew(dead) is False and dead.lost
+    await store.release(dead)
+    with pytest.raises(LockTimeout):
+        await store.acquire(key("lock"), lease_s=5, wait_s=0.1)
+    await store.release(taken)
+
+
+async def test_the_lease_is_renewed_while_the_holder_works(store: Store, key: Callable[[str], str]) -> None:
+    async def contender() -> Lease:
+        return await store.acquire(key("lock"), lease_s=5, wait_s=0.4)
+
+    async with store.lock(key("lock"), lease_s=0.2, wait_s=1) as lease:
+        with pytest.raises(LockTimeout):  # for twice the lease and more
+            await contender()
+        assert not lease.lost
+    started = time.monotonic()
+    taken = await contender()
+    assert time.monotonic() - started < 0.3  # released on exit, not left to expire
+    await store.release(taken)
+
+
+async def test_one_holder_at_a_time(store: Store, key: Callable[[str], str]) -> None:
+    inside, most = 0, 0
+
+    async def worker() -> None:
+        nonlocal inside, most
+        async with store.lock(key("lock"), lease_s=5, wait_s=10):
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.005)
+            inside -= 1
+
+    await asyncio.gather(*(worker() for _ in range(20)))
+    assert most == 1
+
+
+async def test_a_failing_body_releases_the_lock(store: Store, key: Callable[[str], str]) -> None:
+    with pytest.raises(RuntimeError):
+        async with store.lock(key("lock"), lease_s=5, wait_s=1):
+            raise RuntimeError("boom")
+    async with store.lock(key("lock"), lease_s=5, wait_s=0.1):
+        pass
+
+
+# -- broadcast -------------------------------------------------------------------------------------
+
+
+async def test_publish_reaches_subscribers(store: Store, key: Callable[[str], str]) -> None:
+    received: list[str] = []
+    store.subscribe(key("topic"), received.append)
+    await store.publish(key("topic"), "hello 张三")
+    await store.publish(key("elsewhere"), "not for us")
+    assert received == ["hello 张三"]

@@ -246,15 +246,25 @@ async def test_reauth_required_ends_the_record(
     assert len(provider.calls) == 1  # an ended record is not refreshed again
 
 
-async def test_reauth_after_another_writer_rotated_returns_their_tokens(store: MemoryStore, clock: Clock) -> None:
-    """Two replicas: A's refresh is rejected because B rotated the refresh token first."""
+async def test_reauth_after_another_writer_rotated_returns_their_tokens(clock: Clock) -> None:
+    """Two replicas: A's refresh is rejected because B rotated the refresh token first.
+
+    The store's lock keeps that from happening unless A's lease lapses: here A is cut off from
+    the store while its call is on the wire (its renewals fail), so B takes the lock over.
+    """
+
+    class CutOff(MemoryStore):
+        async def _renew_lock(self, name: str, fence: int, owner: str, lease_s: float) -> bool:
+            return False
+
+    store = CutOff()
     b_done = asyncio.Event()
     slow = FakeProvider(clock, delay_s=0)
     slow.during = b_done.wait  # A's call is answered only after B has rotated the tokens
     slow.script = [ReauthRequired("refresh token already used")]
     fast = FakeProvider(clock, delay_s=0)
-    replica_a = TokenManager(store, {"fake": slow}, refresh_margin_s=300, clock=clock)
-    replica_b = TokenManager(store, {"fake": fast}, refresh_margin_s=300, clock=clock)
+    replica_a = TokenManager(store, {"fake": slow}, refresh_margin_s=300, clock=clock, lock_lease_s=0.05)
+    replica_b = TokenManager(store, {"fake": fast}, refresh_margin_s=300, clock=clock, lock_lease_s=0.05)
     key, old = await _near_expiry(replica_a, clock)
 
     task_a = asyncio.create_task(replica_a.current(key, "fake"))
@@ -417,3 +427,38 @@ async def test_app_tokens_are_fetched_once_and_cached_until_shortly_before_expir
     assert await cache.get("lark:cli_x", fetch) == "app-token-1" and len(calls) == 1
     await cache.invalidate("lark:cli_x")
     assert await cache.get("lark:cli_x", fetch) == "app-token-2" and len(calls) == 2
+
+
+# -- several replicas on one store ------------------------------------------------------------------
+
+
+async def test_a_transient_failure_backs_off_every_replica(store: MemoryStore, clock: Clock) -> None:
+    provider = FakeProvider(clock, delay_s=0)
+    replica_a = TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock)
+    replica_b = TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock)
+    key, old = await _near_expiry(replica_a, clock)
+    provider.script = [ProviderUnavailable("rate limited", retry_after_s=20)]
+    assert await replica_a.current(key, "fake") == old
+    assert await replica_b.current(key, "fake") == old  # B backs off with A: the provider is left alone
+    assert len(provider.calls) == 1
+    clock.now += 21
+    assert (await replica_b.current(key, "fake")).access_token == "at-2"
+
+
+async def test_a_refresh_on_another_replica_outlasting_the_wait(store: MemoryStore, clock: Clock) -> None:
+    """B gives up waiting for A's lock after ``lock_wait_s``: the old token while it is valid,
+    then 503 (never a logout)."""
+    slow = FakeProvider(clock, delay_s=0.5)
+    replica_a = TokenManager(store, {"fake": slow}, refresh_margin_s=300, clock=clock)
+    replica_b = TokenManager(store, {"fake": slow}, refresh_margin_s=300, clock=clock, lock_wait_s=0.05)
+    key, old = await _near_expiry(replica_a, clock)
+    refreshing = asyncio.create_task(replica_a.current(key, "fake"))
+    await slow.started.wait()
+    assert await replica_b.current(key, "fake") == old
+    clock.now = old.expires_at + 1
+    with pytest.raises(ProviderUnavailable) as exc:
+        await replica_b.current(key, "fake")
+    assert exc.value.code == "provider_slow" and exc.value.retry_after_s > 0
+    assert (await refreshing).access_token == "at-1"
+    assert len(slow.calls) == 1
+    assert await replica_b.current(key, "fake") == await replica_b.load(key)

@@ -1,0 +1,322 @@
+"""The Redis store beyond the contract suite: its layout, several replicas on one Redis, outages.
+
+"Replicas" here are several ``RedisStore`` instances (each with its own connections and
+notification subscription) in one test process; ``tests/test_replicas.py`` runs real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.config import StoreConfig
+from gateway.errors import StoreUnavailable
+from gateway.providers import TokenSet
+from gateway.stores.redis import RedisStore
+from gateway.tokens import AppTokenCache, TokenManager
+from tests.conftest import HTML, GatewayStarter, RedisProcess, browser_login, free_port
+from tests.test_tokens import Clock, FakeProvider, tokens
+
+StoreFactory = Callable[..., RedisStore]
+
+
+@pytest.fixture
+async def make_store(redis_url: str) -> AsyncIterator[StoreFactory]:
+    """``make_store(**settings)``: a RedisStore on the session's Redis; every store made by one
+    test shares one key prefix (they are replicas of one site)."""
+    prefix = f"t:{uuid.uuid4().hex[:10]}:"
+    made: list[RedisStore] = []
+
+    def build(**settings: Any) -> RedisStore:
+        config = StoreConfig.model_validate({"backend": "redis", "url": redis_url, "key_prefix": prefix, **settings})
+        store = RedisStore.from_config(config)
+        made.append(store)
+        return store
+
+    yield build
+    for store in made:
+        await store.aclose()
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+# -- layout ---------------------------------------------------------------------------------------
+
+
+async def test_values_carry_their_version_under_the_prefix(make_store: StoreFactory, raw: aioredis.Redis) -> None:
+    store = make_store()
+    await store.set("sess:abc", b"payload", 60)
+    assert await raw.get(f"{store.prefix}sess:abc") == b"1:payload"
+    await store.set("sess:abc", b"again", 60)
+    assert await raw.get(f"{store.prefix}sess:abc") == b"2:again"
+    assert 0 < await raw.pttl(f"{store.prefix}sess:abc") <= 60_000
+    await store.set("short", b"x", 0.25)  # milliseconds, not rounded to seconds
+    assert 0 < await raw.pttl(f"{store.prefix}short") <= 250
+    assert await raw.get("sess:abc") is None  # nothing outside the prefix
+
+
+async def test_a_lock_names_its_holder(make_store: StoreFactory, raw: aioredis.Redis) -> None:
+    store = make_store()
+    async with store.lock("refresh:tok:lark:t:u", lease_s=5, wait_s=1) as lease:
+        keys = [key async for key in raw.scan_iter(f"{store.prefix}lock:*")]
+        assert len(keys) == 1
+        value = (await raw.get(keys[0])).decode()
+        assert value == f"{lease.fence}:{lease.owner}"
+        assert f":{os.getpid()}:" in value  # host:pid:random, so an operator sees who holds it
+        assert 4000 < await raw.pttl(keys[0]) <= 5000
+    assert [key async for key in raw.scan_iter(f"{store.prefix}lock:*")] == []
+
+
+# -- several replicas -----------------------------------------------------------------------------
+
+
+async def test_a_release_on_one_replica_wakes_the_waiters_of_another(make_store: StoreFactory) -> None:
+    a, b = make_store(), make_store()
+    held = await a.acquire("lock", lease_s=30, wait_s=1)
+    waiter = asyncio.create_task(b.acquire("lock", lease_s=30, wait_s=10))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    released = time.monotonic()
+    await a.release(held)
+    lease = await asyncio.wait_for(waiter, 2)
+    assert time.monotonic() - released < 0.2  # pub/sub, not the 30 s lease
+    assert lease.fence == held.fence + 1
+    await b.release(lease)
+
+
+async def test_a_broadcast_reaches_every_replica(make_store: StoreFactory) -> None:
+    a, b, c = make_store(), make_store(), make_store()
+    seen: dict[str, list[str]] = {"b": [], "c": []}
+    b.subscribe("news", seen["b"].append)
+    c.subscribe("news", seen["c"].append)
+    await b.ping()  # connected, so subscribed...
+    await c.ping()
+    await b._listening()  # ...and listening
+    await c._listening()
+    await a.publish("news", "session ended")
+    for _ in range(100):
+        if seen["b"] and seen["c"]:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == {"b": ["session ended"], "c": ["session ended"]}
+
+
+async def test_refresh_is_single_flight_across_replicas(make_store: StoreFactory) -> None:
+    """Three replicas, 300 concurrent callers, one provider call; the others re-read the record."""
+    clock = Clock()
+    provider = FakeProvider(clock, delay_s=0.2)
+    managers = [
+        TokenManager(make_store(), {"fake": provider}, refresh_margin_s=300, clock=clock, lock_lease_s=1)
+        for _ in range(3)
+    ]
+    old = tokens("old", issued_at=clock.now, lifetime_s=7200)
+    key = await managers[0].save("fake", "t1", "u1", old)
+    clock.now = old.expires_at - 60
+    results = await asyncio.gather(*(managers[i % 3].current(key, "fake") for i in range(300)))
+    assert provider.calls == [old.refresh_token]
+    assert {result.access_token for result in results} == {"at-1"}
+    assert all(await asyncio.gather(*(m.load(key) for m in managers)))
+
+
+async def test_a_slow_refresh_keeps_its_lease(make_store: StoreFactory) -> None:
+    """The provider answers after three leases: the lease is renewed, nobody else calls it."""
+    clock = Clock()
+    provider = FakeProvider(clock, delay_s=0.9)
+    managers = [
+        TokenManager(make_store(), {"fake": provider}, refresh_margin_s=300, clock=clock, lock_lease_s=0.3)
+        for _ in range(2)
+    ]
+    old = tokens("old", issued_at=clock.now, lifetime_s=7200)
+    key = await managers[0].save("fake", "t1", "u1", old)
+    clock.now = old.expires_at - 60
+    results = await asyncio.gather(*(managers[i % 2].current(key, "fake") for i in range(20)))
+    assert len(provider.calls) == 1
+    assert {result.access_token for result in results} == {"at-1"}
+
+
+async def test_app_tokens_are_fetched_once_across_replicas(make_store: StoreFactory) -> None:
+    caches = [AppTokenCache(make_store()) for _ in range(3)]
+    calls: list[float] = []
+
+    async def fetch() -> tuple[str, float]:
+        calls.append(time.time())
+        await asyncio.sleep(0.1)
+        return f"app-token-{len(calls)}", time.time() + 7200
+
+    results = await asyncio.gather(*(caches[i % 3].get("lark:cli_x", fetch) for i in range(90)))
+    assert set(results) == {"app-token-1"} and len(calls) == 1
+
+
+async def test_a_new_login_during_a_refresh_on_another_replica_wins(make_store: StoreFactory) -> None:
+    clock = Clock()
+    provider = FakeProvider(clock, delay_s=0.05)
+    a = TokenManager(make_store(), {"fake": provider}, refresh_margin_s=300, clock=clock)
+    b = TokenManager(make_store(), {"fake": provider}, refresh_margin_s=300, clock=clock)
+    old = tokens("old", issued_at=clock.now, lifetime_s=7200)
+    key = await a.save("fake", "t1", "u1", old)
+    clock.now = old.expires_at - 60
+    relogin = TokenSet(access_token="at-relogin", refresh_token="rt-relogin", issued_at=clock.now,
+                       expires_at=clock.now + 7200)
+
+    async def login_on_b() -> None:
+        await b.save("fake", "t1", "u1", relogin)
+
+    provider.during = login_on_b
+    assert await a.current(key, "fake") == relogin
+    assert await b.load(key) == relogin  # the refresh's compare-and-set lost to the newer record
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_redis_fails_fast_and_clearly() -> None:
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
+    store = RedisStore.from_config(StoreConfig(backend="redis", url=url, connect_timeout_s=0.5))
+    started = time.monotonic()
+    calls = [store.get("k"), store.set("k", b"v", 1), store.delete("k"), store.pop("k"),
+             store.get_versioned("k"), store.set_versioned("k", b"v", 1, expected_version=0), store.ping(),
+             store.publish("t", "m")]
+    for call in calls:
+        with pytest.raises(StoreUnavailable) as exc:
+            await call
+        assert exc.value.status_code == 503 and exc.value.retry_after_s > 0
+        assert exc.value.message == "The session store is unavailable; please try again shortly."
+    with pytest.raises(StoreUnavailable):
+        await store.acquire("lock", lease_s=1, wait_s=1)
+    assert time.monotonic() - started < 5
+    assert store.last_error is not None and "hunter2" not in store.last_error
+    await store.aclose()
+
+
+async def test_the_store_recovers_when_redis_comes_back(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path).start()
+    config = StoreConfig(backend="redis", url=server.url, connect_timeout_s=0.5, command_timeout_s=0.5)
+    store, other = RedisStore.from_config(config), RedisStore.from_config(config)
+    received: list[str] = []
+    other.subscribe("news", received.append)
+    try:
+        await store.set("k", b"v", 60)
+        await other._listening()
+        server.stop(hard=True)
+        with pytest.raises(StoreUnavailable):
+            await store.get("k")
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        server.start()  # same port, empty (no persistence)
+        await store.ping()  # the same client reconnects by itself
+        assert await store.get("k") is None
+        await store.set("k", b"again", 60)
+        assert await store.get("k") == b"again"
+        async with store.lock("lock", lease_s=1, wait_s=1):
+            pass
+        # The other replica's subscription came back too.
+        for _ in range(300):
+            await store.publish("news", "back")
+            if received:
+                break
+            await asyncio.sleep(0.02)
+        assert received and received[0] == "back"
+    finally:
+        await store.aclose()
+        await other.aclose()
+        server.stop()
+
+
+# -- check-config ---------------------------------------------------------------------------------------
+
+
+def _check_config(tmp_path: Path, url: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f'session: {{secrets: ["{"s" * 40}"]}}\nstore: {{backend: redis, url: "{url}"}}\n')
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(config)], capture_output=True,
+                          text=True, env=clean, timeout=60, check=False)
+
+
+def test_check_config_tries_the_redis_connection(tmp_path: Path, redis_url: str) -> None:
+    ok = _check_config(tmp_path, redis_url)
+    assert ok.returncode == 0, ok.stderr
+    assert "store:" in ok.stdout and "url: '***'" in ok.stdout
+
+    port = free_port()
+    down = _check_config(tmp_path, f"redis://:hunter2-secret@127.0.0.1:{port}/0")
+    assert down.returncode == 2
+    assert down.stdout == ""
+    assert f"store.url: cannot reach redis 127.0.0.1:{port}" in down.stderr
+    assert "Traceback" not in down.stderr and "hunter2" not in down.stderr
+
+
+# -- the hot path across replicas ------------------------------------------------------------------------
+
+
+async def test_logout_on_one_replica_ends_the_session_on_the_others_at_once(
+    start_gateway: GatewayStarter, redis_url: str
+) -> None:
+    """The session cache lives a minute here: only the broadcast can explain the prompt 401."""
+    secret = "x" * 40
+    sections: dict[str, Any] = {
+        "session": {"secrets": [secret], "secure": False, "cache_ttl_s": 60},
+        "store": {"backend": "redis", "url": redis_url, "key_prefix": f"t:{uuid.uuid4().hex[:10]}:"},
+    }
+    async with start_gateway(**sections) as a, start_gateway(**sections) as b, \
+            a.client() as on_a, b.client() as on_b:
+        assert (await browser_login(on_a, "/private")).status_code == 200
+        ticket = on_a.cookies.get("gw_session")
+        assert ticket
+        on_b.cookies.set("gw_session", ticket)
+        assert (await on_b.get("/private")).status_code == 200  # B has it cached now
+        assert (await on_b.get("/private")).status_code == 200
+        logout = await on_a.post("/_gateway/logout", headers={"origin": a.url})
+        assert logout.status_code == 200
+        answer = httpx.Response(200)
+        for _ in range(50):
+            answer = await on_b.get("/private", headers=HTML)
+            if answer.status_code != 200:
+                break
+            await asyncio.sleep(0.01)
+        assert answer.status_code == 302 and "/_gateway/login" in answer.headers["location"]
+
+
+async def test_a_burst_at_cache_expiry_costs_one_store_round_trip(
+    start_gateway: GatewayStarter, redis_url: str
+) -> None:
+    """Requests that find their cached session expired share one reload (per process)."""
+    sections: dict[str, Any] = {
+        "session": {"cache_ttl_s": 0.5},
+        "store": {"backend": "redis", "url": redis_url, "key_prefix": f"t:{uuid.uuid4().hex[:10]}:"},
+    }
+    async with start_gateway(**sections) as running, running.client() as client:
+        assert (await browser_login(client, "/x")).status_code == 200
+        store = running.gateway.runtime.store
+        reads: list[str] = []
+        original = store.get
+
+        async def counting(key: str) -> bytes | None:
+            reads.append(key)
+            return await original(key)
+
+        store.get = counting
+        await asyncio.sleep(0.6)  # every cached entry has expired
+        ticket = client.cookies.get("gw_session")
+        assert ticket
+        authenticator = running.gateway.runtime.authenticator
+        results = await asyncio.gather(*(authenticator.authenticate(ticket) for _ in range(50)))
+        assert all(result is not None and result is results[0] for result in results)
+        assert len([key for key in reads if key.startswith("sess:")]) == 1
+        assert len([key for key in reads if key.startswith("tok:")]) == 1
