@@ -362,14 +362,31 @@ async def test_upstream_dying_mid_response_truncates(gateway: tuple[str, Upstrea
         assert (await client.get(url + "/echo/ok")).status_code == 200
 
 
-async def test_lifespan_is_not_for_the_proxy() -> None:
+async def test_lifespan_completes_and_shutdown_closes_the_pool() -> None:
+    proxy = UpstreamProxy(url="http://127.0.0.1:9")
+    session = proxy._client()  # the pool exists once a request has needed it
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> Any:
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await proxy({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert session.closed
+
+
+async def test_unknown_scope_types_are_refused() -> None:
     proxy = UpstreamProxy(url="http://127.0.0.1:9")
 
     async def nothing() -> Any:
         raise AssertionError
 
-    with pytest.raises(RuntimeError, match="lifespan"):
-        await proxy({"type": "lifespan"}, nothing, nothing)
+    with pytest.raises(RuntimeError, match="does not handle"):
+        await proxy({"type": "telepathy"}, nothing, nothing)
 
 
 # --- WebSocket --------------------------------------------------------------------------------
