@@ -33,6 +33,9 @@ log = logging.getLogger("gateway.auth")
 
 #: The store topic that tells every replica a session has ended (the message: ``_digest(sid)``).
 SESSION_ENDED = "session-ended"
+#: The store topic that tells every replica a user's token record was replaced by a new login
+#: (the message: ``_digest(token_key)``): the provider has just killed the tokens they cached.
+TOKENS_REPLACED = "tokens-replaced"
 
 
 def _digest(sid: str) -> str:
@@ -63,8 +66,10 @@ class Authenticator:
         self._cache_ttl_s = config.session.cache_ttl_s
         self._cache: TTLCache[str, Authenticated] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
         self._tickets: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
+        self._by_token_key: TTLCache[str, set[str]] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
         self._renewing: dict[str, asyncio.Task[Authenticated | None]] = {}
         sessions.store.subscribe(SESSION_ENDED, self._on_session_ended)
+        sessions.store.subscribe(TOKENS_REPLACED, self._on_tokens_replaced)
 
     async def authenticate(self, ticket: str) -> Authenticated | None:
         entry = self._cache.get(ticket)
@@ -106,12 +111,14 @@ class Authenticator:
         if self._cache_ttl_s > 0:
             self._cache[ticket] = fresh
             self._tickets[_digest(record.sid)] = ticket
+            self._by_token_key.setdefault(_digest(record.token_key), set()).add(ticket)
         return fresh
 
     def _build(self, record: SessionRecord, tokens: TokenSet, loaded_at: float) -> Authenticated:
         identity = Identity(provider=record.provider, user=record.user, tenant=record.tenant, name=record.name)
         token, jwt_expires_at = self.signer.sign(identity)
-        access = tokens.access_token if self.config.identity.pass_access_token else None
+        # A sign-in without a user token (e.g. DingTalk's free login) sends no token header at all.
+        access = (tokens.access_token or None) if self.config.identity.pass_access_token else None
         headers = identity_headers(identity, self.config.identity.headers, token=token, access_token=access)
         refresh_due = tokens.refresh_at(self.tokens.refresh_margin_s)
         jwt_renew = jwt_expires_at - self.signer.ttl_s / 2
@@ -141,4 +148,16 @@ class Authenticator:
     def _on_session_ended(self, digest: str) -> None:
         ticket = self._tickets.pop(digest, None)
         if ticket is not None:
+            self._cache.pop(ticket, None)
+
+    async def tokens_replaced(self, token_key: str) -> None:
+        """A new login replaced a token record: every replica drops the sessions that cached it."""
+        try:
+            await self.sessions.store.publish(TOKENS_REPLACED, _digest(token_key))
+        except StoreUnavailable:
+            log.warning("could not broadcast a token replacement; other replicas reload within %s s",
+                        self._cache_ttl_s)
+
+    def _on_tokens_replaced(self, digest: str) -> None:
+        for ticket in self._by_token_key.pop(digest, ()):
             self._cache.pop(ticket, None)

@@ -250,6 +250,7 @@ class Handshake:
         if not self.runtime.access.tenant_allowed(identity.tenant):
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
         key = await self.runtime.tokens.save(provider.name, identity.tenant, identity.user, grant.tokens)
+        await self.runtime.authenticator.tokens_replaced(key)
         previous = request.cookies.get(self.config.session.cookie_name)
         if previous:
             await self._end_session(previous)

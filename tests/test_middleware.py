@@ -334,3 +334,18 @@ async def test_head_and_browser_ua_detection_picks_the_only_provider(start_gatew
     async with start_gateway() as running, running.client(BROWSER_UA) as client:
         answer = await client.get("/_gateway/login", headers=HTML)
         assert answer.status_code == 302
+
+
+async def test_a_second_devices_login_replaces_the_tokens_every_session_uses(
+    start_gateway: GatewayStarter, lark: ServedLark
+) -> None:
+    async with start_gateway(identity={"pass_access_token": True}) as running, \
+            running.client() as phone, running.client() as laptop:
+        await browser_login(phone)
+        first = headers_of(await phone.get("/x"))["x-auth-access-token"]
+        await browser_login(laptop)
+        second = headers_of(await laptop.get("/x"))["x-auth-access-token"]
+        assert first != second
+        # The phone's cached session learns of the new record at once, not after cache_ttl_s.
+        assert headers_of(await phone.get("/x"))["x-auth-access-token"] == second
+    assert lark.sandbox.stats["authorization_code"] == 2
