@@ -105,7 +105,16 @@ class TokenManager:
     async def save(self, provider: str, tenant: str, user: str, tokens: TokenSet) -> str:
         """Store the tokens of a new code exchange, replacing whatever the user had."""
         key = token_key(provider, tenant, user)
-        await self.store.set_versioned(key, _encode(provider, tokens), self._ttl(tokens))
+        for _ in range(5):
+            current = await self.store.get_versioned(key)
+            if current is not None and _decode(current.value).issued_at > tokens.issued_at:
+                break  # two logins raced: the provider killed the older grant, keep the newer one
+            written = await self.store.set_versioned(
+                key, _encode(provider, tokens), self._ttl(tokens),
+                expected_version=current.version if current is not None else 0,
+            )
+            if written is not None:
+                break
         self._not_before.pop(key, None)
         await self.store.delete(_backoff_key(key))
         return key

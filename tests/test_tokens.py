@@ -462,3 +462,14 @@ async def test_a_refresh_on_another_replica_outlasting_the_wait(store: MemorySto
     assert (await refreshing).access_token == "at-1"
     assert len(slow.calls) == 1
     assert await replica_b.current(key, "fake") == await replica_b.load(key)
+
+
+async def test_of_two_racing_logins_the_newer_grant_wins() -> None:
+    store = MemoryStore()
+    manager = TokenManager(store, {}, refresh_margin_s=300)
+    newer = TokenSet(access_token="newer", expires_at=10_000, issued_at=2_000)
+    older = TokenSet(access_token="older", expires_at=9_000, issued_at=1_000)
+    key = await manager.save("p", "t", "u", newer)
+    await manager.save("p", "t", "u", older)  # the slower exchange finishes last
+    loaded = await manager.load(key)
+    assert loaded is not None and loaded.access_token == "newer"
