@@ -12,6 +12,7 @@ How to write one (see ``plugins/lark/provider.py`` for a complete example):
 
 1. Subclass ``ProviderSettings`` with the plugin's own config keys (``client_id``, base URLs with
    the real hosts as defaults, ``jssdk_url``...). Mark secrets ``SecretStr`` so they are masked.
+   ``base_url_validator`` / ``optional_url_validator`` check and normalise the URL settings.
 2. Subclass ``Provider``, set ``settings_model`` and ``bridge_js`` (the path of the JavaScript
    adapter that asks the client's JSAPI for a code), and implement:
 
@@ -27,7 +28,11 @@ How to write one (see ``plugins/lark/provider.py`` for a complete example):
    (definitive), ``ProviderUnavailable`` (transient), ``ProviderMisconfigured``, ``LoginDenied``,
    ``LoginPending``. ``classify_http_error`` below turns network failures into the transient one.
 
-The shared defaults (PKCE off, no extra routes, no app-level token) live in ``Provider`` itself.
+The shared defaults (PKCE off, no extra routes, no app-level token) live in ``Provider`` itself,
+and so does ``Provider.send`` (one HTTP request, network failures classified). The helpers at the
+end serve every plugin's answer reading: ``json_object``, ``str_field``, ``as_int``, ``unwrap``,
+and ``ErrorRule`` (with ``reauth``/``transient``/``misconfigured``/``denied``) for the table that
+maps a provider's error codes to the gateway's errors.
 """
 
 from __future__ import annotations
@@ -37,13 +42,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.routing import BaseRoute
 
-from gateway.errors import ConfigError, ProviderUnavailable
+from gateway.errors import (
+    ConfigError,
+    LoginDenied,
+    ProviderError,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+    ReauthRequired,
+)
 from gateway.stores import Store
 
 if TYPE_CHECKING:
@@ -51,6 +64,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "gateway.providers"
 
+T = TypeVar("T")
 Flow = Literal["client", "browser"]
 
 
@@ -63,6 +77,37 @@ class ProviderSettings(BaseModel):
     jssdk_url: str = ""
     # Bounded waits of the handshake page (seconds): SDK load, ready hook, each JSAPI call.
     client_timeout_s: float = 8.0
+
+
+def http_url(value: str, example: str) -> str:
+    """``value`` when it is an http(s) URL with a host; else a ValueError that shows ``example``."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL such as {example}")
+    return value
+
+
+def base_url_validator(*fields: str, example: str) -> Any:
+    """A validator for settings that name a provider host: an http(s) URL, without its trailing
+    slash (the plugin appends paths). In a settings model::
+
+        _base_urls = base_url_validator("api_base_url", "login_base_url", example="https://api.acme.com")
+    """
+
+    def base_url(value: str) -> str:
+        return http_url(value, example).rstrip("/")
+
+    return field_validator(*fields)(base_url)
+
+
+def optional_url_validator(*fields: str, example: str) -> Any:
+    """Like ``base_url_validator`` for a URL setting that may be "" (e.g. ``jssdk_url``: the page
+    already has the SDK), and kept as written."""
+
+    def optional_url(value: str) -> str:
+        return http_url(value, example) if value else value
+
+    return field_validator(*fields)(optional_url)
 
 
 @dataclass(frozen=True)
@@ -251,12 +296,101 @@ class Provider:
     async def aclose(self) -> None:
         """Release what the provider holds (the HTTP client belongs to the core)."""
 
+    # -- helpers for subclasses ---------------------------------------------------------------
+
+    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request to the provider with the core's client. A network failure or a timeout
+        raises the transient error of ``classify_http_error`` (never a raw httpx error)."""
+        try:
+            return await self.http.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise classify_http_error(exc, provider=self.display_name or self.name) from None
+
 
 def classify_http_error(exc: httpx.HTTPError, *, provider: str) -> ProviderUnavailable:
     """A network failure talking to a provider is always transient."""
     if isinstance(exc, httpx.TimeoutException):
         return ProviderUnavailable(f"{provider} did not answer in time.", code="provider_timeout")
     return ProviderUnavailable(f"{provider} could not be reached.", code="provider_unreachable")
+
+
+# -- reading answers ---------------------------------------------------------------------------
+
+
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's body when it is a JSON object; None otherwise (not JSON, or another type)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def str_field(data: Mapping[str, Any], key: str) -> str:
+    """A string field of an answer (or a request body), or "" when it is absent or not a string."""
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def as_int(value: Any) -> int | None:
+    """An integer, or a string of one (providers send codes both ways); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def unwrap(answer: tuple[T, ProviderError | None]) -> T:
+    """The body of a classified answer ``(body, error)``; raises the error when there is one."""
+    body, error = answer
+    if error is not None:
+        raise error
+    return body
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """What one provider error means for the gateway: the error class to raise, its message (a
+    plugin may format it), the gateway's stable error ``code`` (None keeps the class default)
+    and, for transient errors, when to retry."""
+
+    kind: type[ProviderError]
+    message: str
+    code: str | None = None
+    retry_after_s: int = 5
+
+    def error(
+        self, message: str, provider_code: int | str | None, *, retry_after_s: int | None = None
+    ) -> ProviderError:
+        """The error to raise: ``message`` (this rule's, as the plugin completed it) and the
+        provider's own code; ``retry_after_s`` overrides the rule's (a provider's own hint)."""
+        if self.kind is ProviderUnavailable:
+            retry = self.retry_after_s if retry_after_s is None else retry_after_s
+            return ProviderUnavailable(message, code=self.code, provider_code=provider_code, retry_after_s=retry)
+        return self.kind(message, code=self.code, provider_code=provider_code)
+
+
+def reauth(message: str, code: str | None = None) -> ErrorRule:
+    """Definitive: the grant is dead, a new login is needed."""
+    return ErrorRule(ReauthRequired, message, code)
+
+
+def transient(message: str, code: str | None = None, retry_after_s: int = 5) -> ErrorRule:
+    """Transient: keep every token and try again later."""
+    return ErrorRule(ProviderUnavailable, message, code, retry_after_s)
+
+
+def misconfigured(message: str) -> ErrorRule:
+    """Only an operator can fix it (the config or the provider's console)."""
+    return ErrorRule(ProviderMisconfigured, message)
+
+
+def denied(message: str, code: str) -> ErrorRule:
+    """This user (or their organisation) may not use the app."""
+    return ErrorRule(LoginDenied, message, code)
 
 
 _registered: dict[str, type[Provider]] = {}

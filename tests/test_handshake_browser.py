@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
-import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.conftest import FEISHU_UA, GatewayStarter, RunningGateway, ServedLark

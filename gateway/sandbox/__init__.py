@@ -6,40 +6,119 @@ provider host (Lark: ``open`` and ``accounts``), because official SDKs take a ho
 ``gateway sandbox`` gives each host its own loopback port and prints the ``providers:`` YAML.
 
 Every emulator also serves, on each of its hosts, a small admin API under ``/_sandbox/`` that
-tests and the demo use: fault knobs, call counters, and the simulated client's code minting.
+tests and the demo use: ``GET stats`` and ``POST``/``DELETE faults`` come from ``Sandbox``
+itself; an emulator adds its own (current user, JSSDK mode, the simulated client's codes...).
 
-How to write one: subclass ``Sandbox``, set ``plugin``, implement ``hosts()`` and
-``provider_settings()``; keep all state in the instance so a test can run several side by side.
+How to write one: see ``Sandbox``. The helpers below (body readers, redirects, the consent
+form, CORS headers; ``gateway.providers.str_field`` for body fields) serve every emulator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
+import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
+
+from gateway.providers import str_field
 
 ENTRY_POINT_GROUP = "gateway.sandboxes"
 log = logging.getLogger("gateway.sandbox")
 
+#: The headers of the endpoints the fake JSSDKs call from the app's page (another origin).
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+@dataclass
+class Fault:
+    """One injected fault (see ``Sandbox.inject_fault``)."""
+
+    endpoint: str  # an endpoint name, or "<endpoint>:<grant_type>" for one grant type
+    code: int | str | None = None
+    status: int | None = None
+    delay_s: float = 0.0
+    remaining: int | None = 1  # None: until cleared
+    #: What an emulator's own faults need besides (``Sandbox.fault_extras``, e.g. a sub-code).
+    extra: dict[str, Any] = field(default_factory=dict)
+
 
 class Sandbox:
-    """Base class of a provider emulator."""
+    """Base class of a provider emulator.
+
+    How to write one:
+
+    1. Subclass it, set ``plugin`` (and ``client_user_agent``), and call
+       ``super().__init__(delay_s=delay_s)`` first thing in ``__init__``. Keep all other state on
+       the instance too, so that a test can run several emulators side by side.
+    2. Implement ``host_routes()`` (the provider's own routes, per host; ``hosts()`` builds one
+       Starlette app per host from them once, with ``admin_routes()`` added to each) and
+       ``provider_settings()``. An emulator with admin endpoints of its own extends
+       ``admin_routes()`` (``[*super().admin_routes(), ...]``).
+    3. Start every endpoint handler with ``if (fault := await self._gate("name")) is not None:
+       return fault`` (``self._gate("token", grant_type)`` for a token endpoint that counts its
+       grant types too; ``await self._cors_gate(request, "name")`` for a CORS endpoint the fake
+       JSSDK calls). That counts the call in ``stats``, waits out ``delay_s`` and any injected
+       delay, and answers an injected fault. Read the body *before* ``_gate`` when the body
+       names the grant type.
+    4. Override ``fault_response()`` to render a fault with a ``code`` in the provider's own
+       error format (its error body, its status, its error page for HTML endpoints), and fall
+       back to ``super().fault_response()`` for the rest. Set ``fault_code_types`` when codes
+       are not integers, and ``fault_extras`` for extra string fields of a fault.
+    5. A simulated client's JSSDK (served with ``script_response``) has its modes in
+       ``jsapi_modes`` and the current one in ``jsapi_mode``.
+
+    Tests then use the same knobs on every emulator: ``stats["name"]``, ``delay_s``,
+    ``inject_fault("name", code, times=..., delay_s=..., status=...)`` and ``clear_faults()``,
+    or over HTTP ``GET /_sandbox/stats``, ``POST /_sandbox/faults`` with the same fields as JSON
+    (or a form) and ``DELETE /_sandbox/faults``.
+    """
 
     #: The provider plugin this emulates (its entry-point name).
     plugin: ClassVar[str] = ""
     #: Appended to a browser's User-Agent by the demo to simulate the provider's client.
     client_user_agent: ClassVar[str] = ""
+    #: What a fault's ``code`` may be: integers by default; add ``str`` for string error codes.
+    fault_code_types: ClassVar[tuple[type, ...]] = (int,)
+    #: Extra string fields of a fault that ``POST /_sandbox/faults`` passes to ``inject_fault``.
+    fault_extras: ClassVar[tuple[str, ...]] = ()
+    #: The modes of the simulated client's JSSDK, when the emulator has one: then
+    #: ``POST /_sandbox/jsapi_mode`` ``{"mode": ...}`` sets ``jsapi_mode`` to one of them.
+    jsapi_modes: ClassVar[tuple[str, ...]] = ()
+    jsapi_mode: str
 
-    def hosts(self) -> dict[str, ASGIApp]:
-        """One ASGI app per real host, keyed by a short role name (e.g. ``open``, ``accounts``)."""
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s  # every API call waits this long first: a slow provider
+        self._stats: Counter[str] = Counter()
+        self._faults: list[Fault] = []
+        #: The URLs the hosts are served on, once known (``transport``, ``provider_settings``).
+        self._base_urls: dict[str, str] = {}
+        self._apps: dict[str, ASGIApp] | None = None
+
+    # -- what an emulator implements --------------------------------------------------------
+
+    def host_routes(self) -> dict[str, list[BaseRoute]]:
+        """The provider's own routes, keyed by a short host role (e.g. ``open``, ``accounts``)."""
         raise NotImplementedError
 
     def provider_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
@@ -54,14 +133,223 @@ class Sandbox:
         """Settings for ``gateway demo``: by default the same, with the simulated JSSDK if any."""
         return self.provider_settings(base_urls)
 
+    def fault_response(self, endpoint: str, fault: Fault) -> Response | None:
+        """The answer to an injected fault. This default handles what is the same everywhere:
+        a ``status`` without a code answers a non-JSON error page, as a load balancer would;
+        otherwise None (the call goes on normally after the fault's delay). Emulators render
+        a fault with a ``code`` in their provider's format and call this for the rest."""
+        if fault.status is None:
+            return None
+        try:
+            reason = HTTPStatus(fault.status).phrase
+        except ValueError:
+            reason = "Error"
+        return HTMLResponse(f"<html><body><h1>{fault.status} {reason}</h1></body></html>", status_code=fault.status)
+
+    # -- hosts --------------------------------------------------------------------------------
+
+    def hosts(self) -> dict[str, ASGIApp]:
+        """One ASGI app per real host, keyed by role: ``host_routes()`` plus ``admin_routes()``."""
+        if self._apps is None:
+            admin = self.admin_routes()
+            self._apps = {role: Starlette(routes=[*routes, *admin]) for role, routes in self.host_routes().items()}
+        return dict(self._apps)
+
     def transport(self, base_urls: Mapping[str, str]) -> httpx.AsyncBaseTransport:
         """An in-process httpx transport serving ``base_urls`` (role -> URL) from ``hosts()``.
 
         Tests hand it to the gateway's HTTP client: the provider talks to the emulator with no
         socket at all, through the same URLs a served sandbox would have.
         """
+        self._base_urls = dict(base_urls)
         apps = self.hosts()
         return HostRoutingTransport({urlsplit(url).netloc: apps[role] for role, url in base_urls.items()})
+
+    # -- test knobs: call counters, delays, faults --------------------------------------------
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Calls per endpoint name (and per grant type where an endpoint counts them). A copy:
+        missing keys read as 0."""
+        return Counter(self._stats)
+
+    def inject_fault(
+        self, endpoint: str, code: int | str | None = None, *, times: int | None = 1, delay_s: float = 0.0,
+        status: int | None = None, **extra: Any,
+    ) -> None:
+        """Make the next ``times`` calls of ``endpoint`` fail (``None``: until ``clear_faults``).
+
+        ``endpoint`` is a name from ``stats``, or ``"<endpoint>:<grant_type>"`` for one grant
+        type. ``code`` answers that provider error in the provider's own format (see the
+        emulator's ``fault_response``; ``status`` overrides its status); no code but a
+        ``status`` answers a non-JSON error page; neither only waits ``delay_s`` and then
+        answers normally. ``extra``: the emulator's own fault fields (``fault_extras``).
+        """
+        if not self._code_ok(code):
+            raise TypeError(f"a {type(self).__name__} fault code is one of {self._code_kinds()}, not {code!r}")
+        self._faults.append(Fault(endpoint, code, status, delay_s, times, dict(extra)))
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    async def take_call(self, endpoint: str, grant_type: str = "") -> Fault | None:
+        """Count one call of ``endpoint`` (and of ``grant_type``), wait out ``delay_s``, and
+        take the first fault injected for it; its own delay is waited out too."""
+        self._stats[endpoint] += 1
+        if grant_type:
+            self._stats[grant_type] += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        names = {endpoint, f"{endpoint}:{grant_type}"} if grant_type else {endpoint}
+        fault = next((fault for fault in self._faults if fault.endpoint in names), None)
+        if fault is None:
+            return None
+        if fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                self._faults.remove(fault)
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        return fault
+
+    async def _gate(self, endpoint: str, grant_type: str = "") -> Response | None:
+        """Count the call, wait out any delay, and answer an injected fault if one matches."""
+        fault = await self.take_call(endpoint, grant_type)
+        return None if fault is None else self.fault_response(endpoint, fault)
+
+    async def _cors_gate(self, request: Request, endpoint: str) -> Response | None:
+        """``_gate`` for an endpoint the fake JSSDK calls cross-origin: the preflight is answered
+        (and not counted), and a fault carries the CORS headers too."""
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=CORS_HEADERS)
+        fault = await self._gate(endpoint)
+        if fault is not None:
+            fault.headers.update(CORS_HEADERS)
+        return fault
+
+    def _code_ok(self, code: object) -> bool:
+        return code is None or type(code) in self.fault_code_types
+
+    def _code_kinds(self) -> str:
+        return " or ".join(kind.__name__ for kind in self.fault_code_types)
+
+    # -- admin API ----------------------------------------------------------------------------
+
+    def admin_routes(self) -> list[BaseRoute]:
+        """The ``/_sandbox/`` routes served on every host; extend with ``super().admin_routes()``."""
+        routes: list[BaseRoute] = [
+            Route("/_sandbox/stats", self._admin_stats, methods=["GET"]),
+            Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
+        ]
+        if self.jsapi_modes:
+            routes.append(Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]))
+        return routes
+
+    async def _admin_stats(self, request: Request) -> Response:
+        return JSONResponse(dict(self._stats))
+
+    async def _admin_faults(self, request: Request) -> Response:
+        if request.method == "DELETE":
+            self.clear_faults()
+            return Response(status_code=204)
+        body = await read_body(request) or {}
+        endpoint = str_field(body, "endpoint")
+        status, times, delay_s = body.get("status"), body.get("times", 1), body.get("delay_s", 0)
+        extra = {key: body.get(key) for key in self.fault_extras}
+        valid = (
+            bool(endpoint)
+            and self._code_ok(body.get("code"))
+            and all(value is None or type(value) is int for value in (status, times))
+            and type(delay_s) in (int, float)
+            and all(value is None or isinstance(value, str) for value in extra.values())
+        )
+        if not valid:
+            extras = "".join(f", optional string {key}" for key in self.fault_extras)
+            return JSONResponse(
+                {"error": f"give endpoint, optional code ({self._code_kinds()}), optional integers status/times, "
+                          f"a number delay_s{extras}"},
+                400,
+            )
+        self.inject_fault(endpoint, body.get("code"), times=times, delay_s=float(delay_s), status=status, **extra)
+        return Response(status_code=204)
+
+    async def _admin_jsapi_mode(self, request: Request) -> Response:
+        wanted = str_field(await read_body(request) or {}, "mode")
+        if wanted not in self.jsapi_modes:
+            return JSONResponse({"error": f"unknown jsapi mode {wanted!r}", "modes": list(self.jsapi_modes)}, 400)
+        self.jsapi_mode = wanted
+        return JSONResponse({"mode": wanted})
+
+
+# -- helpers for emulators ---------------------------------------------------------------------
+
+
+async def read_json(request: Request) -> dict[str, Any] | None:
+    """A JSON object body whatever the Content-Type says (SDKs that send none get the same);
+    ``{}`` when the body is empty, None when it is not a JSON object."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def read_form(request: Request) -> dict[str, Any] | None:
+    """A form-encoded body whatever the Content-Type says; None when it is not UTF-8."""
+    try:
+        return dict(parse_qsl((await request.body()).decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None
+
+
+async def read_body(request: Request) -> dict[str, Any] | None:
+    """A form body when the Content-Type says so, else a JSON object (``read_json``)."""
+    if "application/x-www-form-urlencoded" in request.headers.get("content-type", ""):
+        return await read_form(request)
+    return await read_json(request)
+
+
+def without_query(url: str) -> str:
+    """``url`` without its query and fragment: how redirect URIs are registered."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def redirect_allowed(redirect_uri: str, registered: Collection[str]) -> bool:
+    """An http(s) URL registered for the app (``registered``: ``without_query`` forms; empty
+    accepts any http(s) URL)."""
+    parts = urlsplit(redirect_uri)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    return not registered or without_query(redirect_uri) in registered
+
+
+def redirect_to(redirect_uri: str, params: Mapping[str, str | None]) -> RedirectResponse:
+    """A 302 to ``redirect_uri`` plus ``params`` (None values left out); its own query is kept
+    and a #fragment stays after the query."""
+    parts = urlsplit(redirect_uri)
+    extra = urlencode({key: value for key, value in params.items() if value is not None})
+    query = f"{parts.query}&{extra}" if parts.query else extra
+    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=302)
+
+
+def script_response(script: str) -> Response:
+    """A fake JSSDK, as the emulators serve it (never cached: its mode changes at run time)."""
+    return Response(script, media_type="application/javascript", headers={"cache-control": "no-store"})
+
+
+def consent_form(ticket: str, allow: str = "Allow", deny: str = "Deny") -> str:
+    """The consent page's form: it posts ``ticket`` and ``decision`` (``allow``/``deny``) to
+    ``/_sandbox/consent`` on the same host."""
+    return (
+        '<form method="post" action="/_sandbox/consent">'
+        f'<input type="hidden" name="ticket" value="{html.escape(ticket)}">'
+        f'<button name="decision" value="allow">{allow}</button> '
+        f'<button name="decision" value="deny">{deny}</button></form>'
+    )
 
 
 class HostRoutingTransport(httpx.AsyncBaseTransport):

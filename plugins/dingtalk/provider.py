@@ -44,7 +44,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -64,6 +64,7 @@ from gateway.errors import (
 )
 from gateway.providers import (
     CallbackResult,
+    ErrorRule,
     Flow,
     Grant,
     LoginContext,
@@ -72,7 +73,16 @@ from gateway.providers import (
     ProviderSettings,
     TokenSet,
     UserIdentity,
-    classify_http_error,
+    as_int,
+    base_url_validator,
+    denied,
+    json_object,
+    misconfigured,
+    optional_url_validator,
+    reauth,
+    str_field,
+    transient,
+    unwrap,
 )
 from gateway.tokens import AppTokenCache
 from plugins.dingtalk.crypto import CallbackCrypto, CallbackCryptoError, valid_aes_key, valid_token
@@ -111,13 +121,6 @@ _GOVERNMENT_UA = re.compile(r"TaurusApp", re.IGNORECASE)
 _CORP_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 # Permission codes such as ``Contact.User.Read``; openAuth puts them in a query it does not encode.
 _SCOPE = re.compile(r"[A-Za-z0-9_.\-]+")
-
-
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http(s) URL such as https://api.dingtalk.com")
-    return value
 
 
 class DingTalkSettings(ProviderSettings):
@@ -166,15 +169,10 @@ class DingTalkSettings(ProviderSettings):
             return values
         return data
 
-    @field_validator("api_base_url", "oapi_base_url", "login_base_url")
-    @classmethod
-    def _base_url(cls, value: str) -> str:
-        return _http_url(value).rstrip("/")
-
-    @field_validator("jssdk_url")
-    @classmethod
-    def _jssdk_url(cls, value: str) -> str:
-        return _http_url(value) if value else value
+    _base_urls = base_url_validator(
+        "api_base_url", "oapi_base_url", "login_base_url", example="https://api.dingtalk.com"
+    )
+    _jssdk_url = optional_url_validator("jssdk_url", example="https://api.dingtalk.com")
 
     @field_validator("corp_id")
     @classmethod
@@ -230,33 +228,8 @@ class DingTalkSettings(ProviderSettings):
 
 # -- error classification ---------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class _Rule:
-    """What one DingTalk error means for the gateway."""
-
-    kind: type[ProviderError]
-    message: str
-    code: str | None = None  # the gateway's stable error code; None keeps the class default
-    retry_after_s: int = 5
-
-
-def _reauth(message: str) -> _Rule:
-    # The plain "reauth_required" code on purpose: the handshake page retries exactly that once.
-    return _Rule(ReauthRequired, message)
-
-
-def _transient(message: str, code: str | None = None, retry_after_s: int = 5) -> _Rule:
-    return _Rule(ProviderUnavailable, message, code, retry_after_s)
-
-
-def _config(message: str) -> _Rule:
-    return _Rule(ProviderMisconfigured, message)
-
-
-def _denied(message: str, code: str) -> _Rule:
-    return _Rule(LoginDenied, message, code)
-
+# ``reauth`` rules here keep the plain "reauth_required" code on purpose: the handshake page
+# retries exactly that once.
 
 _BUG = "DingTalk rejected the gateway's request as malformed; this is a bug, please report it."
 _SECRET = (
@@ -285,102 +258,86 @@ _NOT_DINGTALK = (
 
 #: New-style answers (``api.dingtalk.com``), by ``code`` (sheet §9.1). Rate limits (every
 #: ``Forbidden.AccessDenied.Qps*``/``Qpm*``) are matched by prefix in ``_api_rule``.
-_API_ERRORS: dict[str, _Rule] = {
-    "invalidClientIdOrSecret": _config(_SECRET),
-    "invalid.client": _config(_SECRET),
-    "invalidSuiteKey": _config(_SUITE),
-    "invalidSuiteTicket": _config(_TICKET),
-    "invalidAuthInfo": _denied(_NOT_INSTALLED, "app_not_installed"),
-    "unauthorized.client": _config("DingTalk says the app is not authorized for this call; check the console."),
-    "unsupported.grant.type": _config(_BUG),
-    "MissingBody": _config(_BUG),
-    "AuthenticationFailed.MissingParameter": _config(_BUG),
-    "InvalidAction.NotFound": _config(_NOT_DINGTALK),
-    "InvalidAuthentication": _reauth(_USER_TOKEN_DEAD),
-    "accesstoken.expired": _reauth("The DingTalk user access token has expired; a new login is needed."),
-    "invalidParameter.authCode.notFound": _reauth(_CODE_DEAD),
-    "Forbidden.AccessDenied.AccessTokenPermissionDenied": _config(
+_API_ERRORS: dict[str, ErrorRule] = {
+    "invalidClientIdOrSecret": misconfigured(_SECRET),
+    "invalid.client": misconfigured(_SECRET),
+    "invalidSuiteKey": misconfigured(_SUITE),
+    "invalidSuiteTicket": misconfigured(_TICKET),
+    "invalidAuthInfo": denied(_NOT_INSTALLED, "app_not_installed"),
+    "unauthorized.client": misconfigured("DingTalk says the app is not authorized for this call; check the console."),
+    "unsupported.grant.type": misconfigured(_BUG),
+    "MissingBody": misconfigured(_BUG),
+    "AuthenticationFailed.MissingParameter": misconfigured(_BUG),
+    "InvalidAction.NotFound": misconfigured(_NOT_DINGTALK),
+    "InvalidAuthentication": reauth(_USER_TOKEN_DEAD),
+    "accesstoken.expired": reauth("The DingTalk user access token has expired; a new login is needed."),
+    "invalidParameter.authCode.notFound": reauth(_CODE_DEAD),
+    "Forbidden.AccessDenied.AccessTokenPermissionDenied": misconfigured(
         "The app lacks a DingTalk permission this sign-in needs: grant 个人信息读权限 (Contact.User.Read) "
         "under 权限管理 in the developer console, then publish the app again."
     ),
-    "Forbidden.AccessDenied.IpNotInWhiteList": _config(
+    "Forbidden.AccessDenied.IpNotInWhiteList": misconfigured(
         "DingTalk refused the gateway's IP address: add the gateway's egress IP to the app's "
         "服务器出口IP whitelist (developer console, 开发配置 › 安全设置)."
     ),
-    "Forbidden.AccessDenied.ApiCountLimitForOrg": _transient(
+    "Forbidden.AccessDenied.ApiCountLimitForOrg": transient(
         "The organisation has used up its monthly DingTalk API quota.", "rate_limited", 3600
     ),
-    "server.error": _transient("DingTalk had an internal error; please try again."),
-    "unknownError": _transient("DingTalk had an internal error; please try again."),
+    "server.error": transient("DingTalk had an internal error; please try again."),
+    "unknownError": transient("DingTalk had an internal error; please try again."),
 }
 
 #: Old-style answers (``oapi.dingtalk.com``), by ``errcode`` (sheet §9.2).
-_OAPI_ERRORS: dict[int, _Rule] = {
-    -1: _transient("DingTalk is busy (系统繁忙); please try again."),
-    15: _transient("DingTalk did not answer in time; please try again."),
-    22: _config(_NOT_DINGTALK),
-    40001: _config(_SECRET),
-    40014: _transient(_APP_TOKEN_DEAD + " Please try again."),
-    42001: _transient(_APP_TOKEN_DEAD + " Please try again."),
-    42009: _transient(_APP_TOKEN_DEAD + " Please try again."),
-    48003: _transient(_APP_TOKEN_DEAD + " Please try again."),
-    40078: _reauth(_CODE_DEAD),
-    40029: _reauth(_CODE_DEAD),
-    42003: _reauth(_CODE_DEAD),
-    42008: _reauth(_CODE_DEAD),
-    42002: _reauth("The DingTalk refresh token has expired; a new login is needed."),
-    40080: _config(_SUITE),
-    40082: _config(_SUITE),
-    40083: _config(_SUITE),
-    40088: _config(_SUITE),
-    40085: _config(_TICKET),
-    40089: _config(_SECRET),
-    40096: _config(_SECRET),
-    41001: _config(_BUG),
-    41023: _config(_BUG),
-    41027: _config(_BUG),
-    43007: _denied(_NOT_INSTALLED, "app_not_installed"),
-    48004: _denied(_NOT_INSTALLED, "app_not_installed"),
-    70003: _denied(_NOT_INSTALLED, "app_not_installed"),
-    50002: _denied(
+_OAPI_ERRORS: dict[int, ErrorRule] = {
+    -1: transient("DingTalk is busy (系统繁忙); please try again."),
+    15: transient("DingTalk did not answer in time; please try again."),
+    22: misconfigured(_NOT_DINGTALK),
+    40001: misconfigured(_SECRET),
+    40014: transient(_APP_TOKEN_DEAD + " Please try again."),
+    42001: transient(_APP_TOKEN_DEAD + " Please try again."),
+    42009: transient(_APP_TOKEN_DEAD + " Please try again."),
+    48003: transient(_APP_TOKEN_DEAD + " Please try again."),
+    40078: reauth(_CODE_DEAD),
+    40029: reauth(_CODE_DEAD),
+    42003: reauth(_CODE_DEAD),
+    42008: reauth(_CODE_DEAD),
+    42002: reauth("The DingTalk refresh token has expired; a new login is needed."),
+    40080: misconfigured(_SUITE),
+    40082: misconfigured(_SUITE),
+    40083: misconfigured(_SUITE),
+    40088: misconfigured(_SUITE),
+    40085: misconfigured(_TICKET),
+    40089: misconfigured(_SECRET),
+    40096: misconfigured(_SECRET),
+    41001: misconfigured(_BUG),
+    41023: misconfigured(_BUG),
+    41027: misconfigured(_BUG),
+    43007: denied(_NOT_INSTALLED, "app_not_installed"),
+    48004: denied(_NOT_INSTALLED, "app_not_installed"),
+    70003: denied(_NOT_INSTALLED, "app_not_installed"),
+    50002: denied(
         "You are not in this app's visible range (可见范围); ask the organisation's administrator to add you.",
         "user_not_allowed",
     ),
-    60011: _config(
+    60011: misconfigured(
         "The app lacks the DingTalk API permission this sign-in needs: grant 通讯录 / 成员信息读权限 under "
         "权限管理 in the developer console (or use user_id_field: unionid)."
     ),
-    60020: _config(
+    60020: misconfigured(
         "DingTalk refused the gateway's IP address: add the gateway's egress IP to the app's "
         "服务器出口IP whitelist (developer console, 开发配置 › 安全设置)."
     ),
     # Not in the sheet's tables: getbyunionid's "找不到该用户", as DingTalk answers it (unconfirmed).
-    60121: _denied("DingTalk says you are not a member of this organisation.", "user_not_member"),
+    60121: denied("DingTalk says you are not a member of this organisation.", "user_not_member"),
 }
 for _code in [*range(90001, 90015), 90018, 90019]:
-    _OAPI_ERRORS[_code] = _transient(_RATE, "rate_limited", 2)
-_OAPI_ERRORS[90020] = _transient("The organisation has used up its monthly DingTalk API quota.", "rate_limited", 3600)
+    _OAPI_ERRORS[_code] = transient(_RATE, "rate_limited", 2)
+_OAPI_ERRORS[90020] = transient("The organisation has used up its monthly DingTalk API quota.", "rate_limited", 3600)
 
 #: Old-style codes (``errcode``, or ``sub_code`` under errcode 88) that mean "this app token is dead".
 APP_TOKEN_REJECTED_OAPI = frozenset({40001, 40014, 42001, 42009, 48003})
 
 Operation = Literal["app token", "corp token", "code exchange", "refresh", "user info", "user lookup"]
-
-
-def _text(data: Mapping[str, Any], key: str) -> str:
-    """A string field of an answer, or "" when it is absent or not a string."""
-    value = data.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
 
 
 def _number(value: Any) -> float | None:
@@ -414,28 +371,39 @@ def _ip_block_error(body: Mapping[str, Any]) -> ProviderUnavailable:
     )
 
 
-def _build(rule: _Rule, provider_code: int | str, request_id: str, **fmt: str) -> ProviderError:
+def _read_answer(response: httpx.Response, operation: Operation) -> tuple[dict[str, Any], ProviderError | None]:
+    """What both answer styles share: a body that is not a JSON object is transient, and so is
+    the per-IP block; otherwise the body and no error yet."""
+    body = json_object(response)
+    if body is None:
+        return {}, ProviderUnavailable(
+            f"DingTalk answered the {operation} with something that is not JSON (HTTP {response.status_code}).",
+            provider_code=response.status_code,
+        )
+    if _is_ip_block(body):
+        return body, _ip_block_error(body)
+    return body, None
+
+
+def _build(rule: ErrorRule, provider_code: int | str, request_id: str, **fmt: str) -> ProviderError:
     message = rule.message.format(**fmt) if fmt else rule.message
     message += f" (DingTalk error {provider_code}{', requestid ' + request_id if request_id else ''})"
-    if rule.kind is ProviderUnavailable:
-        return ProviderUnavailable(message, code=rule.code, provider_code=provider_code,
-                                   retry_after_s=rule.retry_after_s)
-    return rule.kind(message, code=rule.code, provider_code=provider_code)
+    return rule.error(message, provider_code)
 
 
-def _api_rule(code: str, operation: Operation) -> _Rule:
+def _api_rule(code: str, operation: Operation) -> ErrorRule:
     if code.startswith(("Forbidden.AccessDenied.Qps", "Forbidden.AccessDenied.Qpm")):
-        return _transient(_RATE, "rate_limited", 2)
+        return transient(_RATE, "rate_limited", 2)
     rule = _API_ERRORS.get(code)
     if rule is not None:
         return rule
     # The official pages list no error table for userAccessToken (sheet §9.1 [?]): an unknown
     # refusal of a code or a refresh token means that grant is unusable; a new login mints another.
     if operation == "code exchange":
-        return _reauth("DingTalk refused the sign-in code; please sign in again.")
+        return reauth("DingTalk refused the sign-in code; please sign in again.")
     if operation == "refresh":
-        return _reauth("DingTalk refused to refresh the token; a new login is needed.")
-    return _Rule(ProviderError, f"DingTalk answered the {operation} with an unexpected error.", "provider_error")
+        return reauth("DingTalk refused to refresh the token; a new login is needed.")
+    return ErrorRule(ProviderError, f"DingTalk answered the {operation} with an unexpected error.", "provider_error")
 
 
 def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dict[str, Any], ProviderError | None]:
@@ -445,28 +413,20 @@ def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dic
     so are the IP block and every rate limit. Otherwise the decision rests on ``code`` (also
     ``Code``, as the official SDK reads it).
     """
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return {}, ProviderUnavailable(
-            f"DingTalk answered the {operation} with something that is not JSON (HTTP {response.status_code}).",
-            provider_code=response.status_code,
-        )
-    if _is_ip_block(body):
-        return body, _ip_block_error(body)
+    body, error = _read_answer(response, operation)
+    if error is not None:
+        return body, error
     if response.status_code < 400:
         return body, None
-    code = _text(body, "code") or _text(body, "Code")
-    request_id = _text(body, "requestid") or _text(body, "requestId") or _text(body, "RequestId")
+    code = str_field(body, "code") or str_field(body, "Code")
+    request_id = str_field(body, "requestid") or str_field(body, "requestId") or str_field(body, "RequestId")
     provider_code: int | str = code or response.status_code
     if response.status_code >= 500:
         rule = _API_ERRORS.get(code)
         if rule is None or rule.kind is not ProviderUnavailable:
-            rule = _transient(f"DingTalk failed to answer the {operation}; please try again.")
+            rule = transient(f"DingTalk failed to answer the {operation}; please try again.")
     elif response.status_code == 429:
-        rule = _transient(_RATE, "rate_limited", 2)
+        rule = transient(_RATE, "rate_limited", 2)
     else:
         rule = _api_rule(code, operation)
     return body, _build(rule, provider_code, request_id, url="api_base_url")
@@ -474,9 +434,9 @@ def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dic
 
 def oapi_error_code(body: Mapping[str, Any]) -> int | None:
     """The effective old-style code: ``errcode``, or the numeric ``sub_code`` under errcode 88."""
-    errcode = _int(body.get("errcode"))
+    errcode = as_int(body.get("errcode"))
     if errcode == 88:
-        sub = _int(body.get("sub_code"))
+        sub = as_int(body.get("sub_code"))
         return sub if sub is not None else 88
     return errcode
 
@@ -491,40 +451,32 @@ def classify_oapi(response: httpx.Response, *, operation: Operation) -> tuple[di
     ``errcode 88`` is an authentication failure whose ``sub_code`` says which (e.g. ``"40014"``);
     an empty ``sub_code`` is the auth service timing out, so transient.
     """
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return {}, ProviderUnavailable(
-            f"DingTalk answered the {operation} with something that is not JSON (HTTP {response.status_code}).",
-            provider_code=response.status_code,
-        )
-    if _is_ip_block(body):
-        return body, _ip_block_error(body)
-    errcode = _int(body.get("errcode"))
+    body, error = _read_answer(response, operation)
+    if error is not None:
+        return body, error
+    errcode = as_int(body.get("errcode"))
     if response.status_code < 400 and errcode == 0:
         return body, None
-    request_id = _text(body, "request_id")
+    request_id = str_field(body, "request_id")
     if response.status_code >= 500 or response.status_code == 429:
-        rule = (_transient(_RATE, "rate_limited", 2) if response.status_code == 429
-                else _transient(f"DingTalk failed to answer the {operation}; please try again."))
+        rule = (transient(_RATE, "rate_limited", 2) if response.status_code == 429
+                else transient(f"DingTalk failed to answer the {operation}; please try again."))
         return body, _build(rule, errcode if errcode is not None else response.status_code, request_id)
     if errcode is None:
-        rule = _Rule(ProviderError, f"DingTalk answered the {operation} without an errcode.", "provider_error")
+        rule = ErrorRule(ProviderError, f"DingTalk answered the {operation} without an errcode.", "provider_error")
         return body, _build(rule, response.status_code, request_id)
     provider_code: int | str = errcode
     if errcode == 88:
-        sub_code = _text(body, "sub_code") or str(body.get("sub_code") or "")
+        sub_code = str_field(body, "sub_code") or str(body.get("sub_code") or "")
         if not sub_code:
-            rule = _transient("DingTalk's authentication service did not answer in time; please try again.")
+            rule = transient("DingTalk's authentication service did not answer in time; please try again.")
             return body, _build(rule, 88, request_id)
         provider_code = f"88/{sub_code}"
-        code = _int(sub_code)
+        code = as_int(sub_code)
         found = _OAPI_ERRORS.get(code) if code is not None else None
     else:
         found = _OAPI_ERRORS.get(errcode)
-    rule = found or _Rule(
+    rule = found or ErrorRule(
         ProviderError, f"DingTalk answered the {operation} with an unexpected error.", "provider_error"
     )
     return body, _build(rule, provider_code, request_id, url="oapi_base_url")
@@ -698,7 +650,7 @@ class DingTalkProvider(Provider):
         result = answer.get("result")
         if not isinstance(result, Mapping):
             raise ProviderUnavailable("DingTalk answered the code exchange without a result.")
-        userid, unionid = _text(result, "userid"), _text(result, "unionid")
+        userid, unionid = str_field(result, "userid"), str_field(result, "unionid")
         user = userid if self.settings.user_id_field == "userid" else unionid
         if not user:
             raise ProviderUnavailable(f"DingTalk answered the code exchange without a {self.settings.user_id_field}.")
@@ -709,7 +661,7 @@ class DingTalkProvider(Provider):
             issued_at=now,
             extra={**ids, "flow": "auth_code"},
         )
-        identity = UserIdentity(user=user, tenant=corp, name=_text(result, "name"),
+        identity = UserIdentity(user=user, tenant=corp, name=str_field(result, "name"),
                                 extra={k: v for k, v in ids.items() if v and k != "corp_id"})
         return Grant(tokens=tokens, identity=identity)
 
@@ -728,19 +680,19 @@ class DingTalkProvider(Provider):
         )
         tokens = self._user_tokens(answer, now, "code exchange", previous=None)
         me = await self._api("GET", USERS_ME_PATH, "user info", headers={USER_TOKEN_HEADER: tokens.access_token})
-        unionid = _text(me, "unionId")
+        unionid = str_field(me, "unionId")
         if not unionid:
             raise ProviderUnavailable("DingTalk answered the user info without a unionId.")
-        corp, verified = self._user_corp(_text(answer, "corpId"), reported_corp)
+        corp, verified = self._user_corp(str_field(answer, "corpId"), reported_corp)
         userid = ""
         # /users/me gives a unionId, never a userid: the organisation's own lookup gives it, and
         # proves membership when DingTalk did not name the organisation itself.
         if self.settings.user_id_field == "userid" or not verified:
             userid = await self._userid_for(corp, unionid)
         user = userid if self.settings.user_id_field == "userid" else unionid
-        ids = {"corp_id": corp, "userid": userid, "unionid": unionid, "openid": _text(me, "openId")}
+        ids = {"corp_id": corp, "userid": userid, "unionid": unionid, "openid": str_field(me, "openId")}
         tokens = replace(tokens, extra={**{k: v for k, v in ids.items() if v}, "flow": "user_token"})
-        identity = UserIdentity(user=user, tenant=corp, name=_text(me, "nick"),
+        identity = UserIdentity(user=user, tenant=corp, name=str_field(me, "nick"),
                                 extra={k: v for k, v in ids.items() if v and k != "corp_id"})
         return Grant(tokens=tokens, identity=identity)
 
@@ -770,10 +722,10 @@ class DingTalkProvider(Provider):
         result = answer.get("result")
         if not isinstance(result, Mapping):
             raise ProviderUnavailable("DingTalk answered the user lookup without a result.")
-        contact_type = _int(result.get("contact_type"))
+        contact_type = as_int(result.get("contact_type"))
         if contact_type not in (None, 0):  # 1: an external contact of the organisation, not a member
             raise LoginDenied("DingTalk says you are not a member of this organisation.", code="user_not_member")
-        userid = _text(result, "userid")
+        userid = str_field(result, "userid")
         if not userid:
             raise ProviderUnavailable("DingTalk answered the user lookup without a userid.")
         return userid
@@ -781,13 +733,13 @@ class DingTalkProvider(Provider):
     def _user_tokens(
         self, answer: Mapping[str, Any], now: float, operation: Operation, *, previous: TokenSet | None
     ) -> TokenSet:
-        access_token = _text(answer, "accessToken")
+        access_token = str_field(answer, "accessToken")
         expire_in = _number(answer.get("expireIn"))
         if not access_token or expire_in is None or expire_in <= 0:
             raise ProviderUnavailable(f"DingTalk answered the {operation} without a usable token.")
         # Whether a refresh rotates the refresh token is unconfirmed (sheet §11.1): keep the newest
         # one DingTalk answers, and the previous one when it answers none.
-        refresh_token = _text(answer, "refreshToken") or (previous.refresh_token if previous else None)
+        refresh_token = str_field(answer, "refreshToken") or (previous.refresh_token if previous else None)
         if previous is not None and refresh_token == previous.refresh_token:
             refresh_expires_at = previous.refresh_expires_at
         else:
@@ -848,7 +800,7 @@ class DingTalkProvider(Provider):
 
     @staticmethod
     def _app_token_from(answer: Mapping[str, Any], now: float, operation: Operation) -> tuple[str, float]:
-        token = _text(answer, "accessToken")
+        token = str_field(answer, "accessToken")
         expire_in = _number(answer.get("expireIn"))
         if not token or expire_in is None or expire_in <= 0:
             raise ProviderUnavailable(f"DingTalk answered the {operation} request without a usable token.")
@@ -917,10 +869,10 @@ class DingTalkProvider(Provider):
                         extra={"provider": self.name})
             return JSONResponse({"error": "callback_rejected", "message": exc.message, "errcode": exc.code},
                                 status_code=403)
-        event_type = _text(event, "EventType")
+        event_type = str_field(event, "EventType")
         if event_type == "suite_ticket":
-            suite_key = _text(event, "SuiteKey")
-            ticket = _text(event, "SuiteTicket")
+            suite_key = str_field(event, "SuiteKey")
+            ticket = str_field(event, "SuiteTicket")
             if suite_key and suite_key != self.settings.client_id:
                 return JSONResponse({"error": "callback_rejected", "message": "The event names another SuiteKey."},
                                     status_code=403)
@@ -938,18 +890,9 @@ class DingTalkProvider(Provider):
 
     # -- HTTP plumbing ------------------------------------------------------------------------
 
-    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return await self.http.request(method, url, **kwargs)
-        except httpx.HTTPError as exc:
-            raise classify_http_error(exc, provider="DingTalk") from None
-
     async def _api(self, method: str, path: str, operation: Operation, **kwargs: Any) -> dict[str, Any]:
-        response = await self._send(method, f"{self.settings.api_base_url}{path}", **kwargs)
-        body, error = classify_api(response, operation=operation)
-        if error is not None:
-            raise error
-        return body
+        response = await self.send(method, f"{self.settings.api_base_url}{path}", **kwargs)
+        return unwrap(classify_api(response, operation=operation))
 
     async def _oapi_with_app_token(
         self, corp: str, path: str, payload: dict[str, str], operation: Operation
@@ -960,8 +903,8 @@ class DingTalkProvider(Provider):
         used as is: forgetting it would make replicas invalidate each other's fresh tokens."""
         for attempt in (1, 2):
             token = await self.app_token(corp)
-            response = await self._send("POST", f"{self.settings.oapi_base_url}{path}",
-                                        params={"access_token": token}, json=payload)
+            response = await self.send("POST", f"{self.settings.oapi_base_url}{path}",
+                                       params={"access_token": token}, json=payload)
             body, error = classify_oapi(response, operation=operation)
             if error is None:
                 return body

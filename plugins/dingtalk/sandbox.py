@@ -45,26 +45,34 @@ All state lives on the instance; the ``clock`` knob moves time forward in tests.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import html
 import json
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from gateway.sandbox import Sandbox
+from gateway.providers import str_field
+from gateway.sandbox import (
+    CORS_HEADERS,
+    Fault,
+    Sandbox,
+    consent_form,
+    read_form,
+    read_json,
+    redirect_allowed,
+    redirect_to,
+    script_response,
+    without_query,
+)
 from plugins.dingtalk.crypto import CallbackCrypto, CallbackCryptoError, random_nonce
 
 JsapiMode = Literal["current", "old_sdk", "old_client", "hang", "not_in_dingtalk"]
@@ -222,16 +230,6 @@ class _UserRefresh:
 
 
 @dataclass
-class _Fault:
-    endpoint: str
-    code: str | int | None
-    status: int | None
-    delay_s: float
-    remaining: int | None  # None: until cleared
-    sub_code: str | None = None
-
-
-@dataclass
 class _Consent:
     unionid: str
     corp_id: str
@@ -268,23 +266,6 @@ def _token(prefix: str, nbytes: int = 24) -> str:
     return prefix + secrets.token_hex(nbytes)
 
 
-def _text(data: Mapping[str, Any], key: str) -> str:
-    value = data.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _without_query(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-
-
-def _redirect_to(redirect_uri: str, params: Mapping[str, str | None]) -> RedirectResponse:
-    parts = urlsplit(redirect_uri)
-    extra = urlencode({key: value for key, value in params.items() if value is not None})
-    query = f"{parts.query}&{extra}" if parts.query else extra
-    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=302)
-
-
 def api_error(code: str, status: int | None = None) -> JSONResponse:
     """A new-style error: HTTP status and ``{code, message, requestid}``."""
     default_status, message = API_ERRORS.get(code, (400, "request failed"))
@@ -316,25 +297,6 @@ class SandboxError(Exception):
         self.sub_code = sub_code
 
 
-_CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type",
-    "Access-Control-Max-Age": "600",
-}
-
-
-async def _json_body(request: Request) -> dict[str, Any] | None:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 class DingTalkSandbox(Sandbox):
     """The emulator. Knobs are constructor arguments; the rest of the API is for tests and demos.
 
@@ -348,10 +310,19 @@ class DingTalkSandbox(Sandbox):
     (no ``dd.requestAuthCode``), ``old_client`` (``dd.requestAuthCode`` fails: the native call does
     not exist), ``hang`` (``dd.ready`` never fires), ``not_in_dingtalk``. ``open_auth_status`` forces
     the authorization component's answer. ``callback_url``: where suiteTicket pushes go.
+
+    ``stats`` counts calls per endpoint (``accessToken``, ``corpAccessToken``, ``userAccessToken``,
+    ``users_me``, ``gettoken``, ``getuserinfo``, ``getbyunionid``, ``authorize``, ``jsapi_code``,
+    ``open_auth``), per grant type (``authorization_code``, ``refresh_token``) and callback
+    deliveries (``callback_push``, ``callback_ok``, ``callback_failed``). ``inject_fault`` takes
+    a string or an int ``code`` and a ``sub_code`` (see ``fault_response``).
     """
 
     plugin = "dingtalk"
     client_user_agent = "AliApp(DingTalk/7.8.1) com.laiwang.DingTalk/46766536 Channel/201200 language/zh-Hans-CN"
+    jsapi_modes = JSAPI_MODES
+    fault_code_types = (int, str)
+    fault_extras = ("sub_code",)
 
     def __init__(
         self,
@@ -382,6 +353,7 @@ class DingTalkSandbox(Sandbox):
     ) -> None:
         if not users:
             raise ValueError("the sandbox needs at least one user")
+        super().__init__(delay_s=delay_s)
         self.app_key = app_key
         self.app_secret = app_secret
         self.suite_key = suite_key
@@ -398,12 +370,11 @@ class DingTalkSandbox(Sandbox):
         self.delegated_permissions = set(delegated_permissions)
         self.app_permissions = set(app_permissions)
         self.member_lookup = member_lookup
-        self.redirect_uris = [_without_query(uri) for uri in redirect_uris]
+        self.redirect_uris = [without_query(uri) for uri in redirect_uris]
         self.auto_consent = auto_consent
         self.jsapi_mode: JsapiMode = jsapi_mode
         self.open_auth_status: OpenAuthStatus | None = open_auth_status
         self.access_ttl_s = access_ttl_s
-        self.delay_s = delay_s
         self.clock = clock
         self.current_user = users[0].userid
         self.suite_ticket = _token("ticket", 16)
@@ -416,19 +387,8 @@ class DingTalkSandbox(Sandbox):
         self._refresh: dict[str, _UserRefresh] = {}
         self._app_grants: dict[str, set[str]] = {}  # corp -> app permissions an admin granted
         self._consents: dict[str, _Consent] = {}
-        self._faults: list[_Fault] = []
-        self._stats: Counter[str] = Counter()
-        self._apps: dict[str, ASGIApp] | None = None
 
     # -- the Python API ------------------------------------------------------------------------
-
-    @property
-    def stats(self) -> Counter[str]:
-        """Calls per endpoint (``accessToken``, ``corpAccessToken``, ``userAccessToken``,
-        ``users_me``, ``gettoken``, ``getuserinfo``, ``getbyunionid``, ``authorize``, ``jsapi_code``,
-        ``open_auth``), per grant type (``authorization_code``, ``refresh_token``) and callback
-        deliveries (``callback_push``, ``callback_ok``, ``callback_failed``). A copy."""
-        return Counter(self._stats)
 
     @property
     def user(self) -> DingUser:
@@ -476,21 +436,6 @@ class DingTalkSandbox(Sandbox):
 
     def app_permissions_granted(self, corp_id: str) -> set[str]:
         return set(self._app_grants.get(corp_id, set()))
-
-    def inject_fault(
-        self, endpoint: str, code: str | int | None = None, *, times: int | None = 1, delay_s: float = 0.0,
-        status: int | None = None, sub_code: str | None = None,
-    ) -> None:
-        """Make the next ``times`` calls of ``endpoint`` fail (``None``: until ``clear_faults``).
-
-        ``code``: a string is a new-style code (its documented status unless ``status``), an int an
-        old-style errcode (HTTP 200; ``sub_code`` under 88), ``"ip_block"`` the per-IP block answer.
-        No code but a ``status``: a non-JSON error page. Neither: only waits ``delay_s``.
-        """
-        self._faults.append(_Fault(endpoint, code, status, delay_s, times, sub_code))
-
-    def clear_faults(self) -> None:
-        self._faults.clear()
 
     def revoke_user(self, unionid: str) -> None:
         """Kill every user token of a person (they removed the authorization)."""
@@ -574,30 +519,24 @@ class DingTalkSandbox(Sandbox):
 
     # -- Sandbox ------------------------------------------------------------------------------
 
-    def hosts(self) -> dict[str, ASGIApp]:
-        if self._apps is None:
-            admin = self._admin_routes()
-            self._apps = {
-                "api": Starlette(routes=[
-                    Route("/v1.0/oauth2/accessToken", self._access_token, methods=["POST"]),
-                    Route("/v1.0/oauth2/corpAccessToken", self._corp_access_token, methods=["POST"]),
-                    Route("/v1.0/oauth2/userAccessToken", self._user_access_token, methods=["POST"]),
-                    Route("/v1.0/contact/users/{union_id}", self._users_me, methods=["GET"]),
-                    *admin,
-                ]),
-                "oapi": Starlette(routes=[
-                    Route("/gettoken", self._gettoken, methods=["GET"]),
-                    Route("/topapi/v2/user/getuserinfo", self._getuserinfo, methods=["POST"]),
-                    Route("/topapi/user/getbyunionid", self._getbyunionid, methods=["POST"]),
-                    *admin,
-                ]),
-                "login": Starlette(routes=[
-                    Route("/oauth2/auth", self._authorize, methods=["GET"]),
-                    Route("/_sandbox/consent", self._consent, methods=["POST"]),
-                    *admin,
-                ]),
-            }
-        return dict(self._apps)
+    def host_routes(self) -> dict[str, list[BaseRoute]]:
+        return {
+            "api": [
+                Route("/v1.0/oauth2/accessToken", self._access_token, methods=["POST"]),
+                Route("/v1.0/oauth2/corpAccessToken", self._corp_access_token, methods=["POST"]),
+                Route("/v1.0/oauth2/userAccessToken", self._user_access_token, methods=["POST"]),
+                Route("/v1.0/contact/users/{union_id}", self._users_me, methods=["GET"]),
+            ],
+            "oapi": [
+                Route("/gettoken", self._gettoken, methods=["GET"]),
+                Route("/topapi/v2/user/getuserinfo", self._getuserinfo, methods=["POST"]),
+                Route("/topapi/user/getbyunionid", self._getbyunionid, methods=["POST"]),
+            ],
+            "login": [
+                Route("/oauth2/auth", self._authorize, methods=["GET"]),
+                Route("/_sandbox/consent", self._consent, methods=["POST"]),
+            ],
+        }
 
     def provider_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         """The internal app (the simplest setup): AppKey/AppSecret of the first organisation."""
@@ -631,32 +570,17 @@ class DingTalkSandbox(Sandbox):
 
     # -- shared request plumbing -------------------------------------------------------------
 
-    async def _gate(self, endpoint: str, grant_type: str = "") -> Response | None:
-        """Count the call, wait out any delay, and answer an injected fault if one matches."""
-        self._stats[endpoint] += 1
-        if grant_type:
-            self._stats[grant_type] += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        names = {endpoint, f"{endpoint}:{grant_type}"}
-        fault = next((fault for fault in self._faults if fault.endpoint in names), None)
-        if fault is None:
-            return None
-        if fault.remaining is not None:
-            fault.remaining -= 1
-            if fault.remaining <= 0:
-                self._faults.remove(fault)
-        if fault.delay_s:
-            await asyncio.sleep(fault.delay_s)
+    def fault_response(self, endpoint: str, fault: Fault) -> Response | None:
+        """A string ``code`` is a new-style code (its documented status unless ``status``), an int
+        an old-style errcode (HTTP 200; the fault's ``sub_code`` under 88), ``"ip_block"`` the
+        per-IP block answer."""
         if fault.code == "ip_block":
             return ip_block()
         if isinstance(fault.code, str):
             return api_error(fault.code, fault.status)
         if isinstance(fault.code, int):
-            return oapi_error(fault.code, fault.sub_code)
-        if fault.status is not None:
-            return HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=fault.status)
-        return None
+            return oapi_error(fault.code, fault.extra.get("sub_code"))
+        return super().fault_response(endpoint, fault)
 
     def _mint_free(self, user: DingUser, corp_id: str, client_id: str | None) -> str:
         code = _token("", 16)
@@ -710,12 +634,12 @@ class DingTalkSandbox(Sandbox):
     # -- api host: app and corp tokens ---------------------------------------------------------
 
     async def _access_token(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await read_json(request)
         if (fault := await self._gate("accessToken")) is not None:
             return fault
         if body is None or "application/json" not in request.headers.get("content-type", ""):
             return api_error("MissingBody")
-        app_key, app_secret = _text(body, "appKey"), _text(body, "appSecret")
+        app_key, app_secret = str_field(body, "appKey"), str_field(body, "appSecret")
         # Internal apps only: a SuiteKey here is refused like a wrong secret ("第三方企业应用暂不支持").
         if app_key != self.app_key or not self._client_ok(app_key, app_secret):
             return api_error("invalidClientIdOrSecret")
@@ -723,13 +647,13 @@ class DingTalkSandbox(Sandbox):
         return JSONResponse({"accessToken": token, "expireIn": expire})
 
     async def _corp_access_token(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await read_json(request)
         if (fault := await self._gate("corpAccessToken")) is not None:
             return fault
         if body is None or "application/json" not in request.headers.get("content-type", ""):
             return api_error("MissingBody")
-        suite_key, suite_secret = _text(body, "suiteKey"), _text(body, "suiteSecret")
-        corp_id, ticket = _text(body, "authCorpId"), _text(body, "suiteTicket")
+        suite_key, suite_secret = str_field(body, "suiteKey"), str_field(body, "suiteSecret")
+        corp_id, ticket = str_field(body, "authCorpId"), str_field(body, "suiteTicket")
         if suite_key != self.suite_key or not self._client_ok(suite_key, suite_secret):
             return api_error("invalidSuiteKey")
         ticket_ok = bool(ticket) and (self.custom_app or hmac.compare_digest(ticket, self.suite_ticket))
@@ -747,22 +671,22 @@ class DingTalkSandbox(Sandbox):
     # -- api host: user tokens -----------------------------------------------------------------
 
     async def _user_access_token(self, request: Request) -> Response:
-        body = await _json_body(request)
-        grant_type = _text(body or {}, "grantType")
+        body = await read_json(request)
+        grant_type = str_field(body or {}, "grantType")
         counted = grant_type if grant_type in ("authorization_code", "refresh_token") else ""
         if (fault := await self._gate("userAccessToken", counted)) is not None:
             return fault
         if body is None or not body or "application/json" not in request.headers.get("content-type", ""):
             return api_error("MissingBody")
-        client_id, client_secret = _text(body, "clientId"), _text(body, "clientSecret")
+        client_id, client_secret = str_field(body, "clientId"), str_field(body, "clientSecret")
         if not self._client_ok(client_id, client_secret):
             return api_error("invalidClientIdOrSecret")
         try:
             # No await from here on: each exchange is atomic, so of two uses exactly one wins.
             if grant_type == "authorization_code":
-                return JSONResponse(self._redeem_user_code(client_id, _text(body, "code")))
+                return JSONResponse(self._redeem_user_code(client_id, str_field(body, "code")))
             if grant_type == "refresh_token":
-                return JSONResponse(self._rotate(client_id, _text(body, "refreshToken")))
+                return JSONResponse(self._rotate(client_id, str_field(body, "refreshToken")))
         except SandboxError as exc:
             return api_error(str(exc.code))
         return api_error("unsupported.grant.type")
@@ -846,12 +770,12 @@ class DingTalkSandbox(Sandbox):
         return JSONResponse({"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": expire})
 
     async def _getuserinfo(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await read_json(request)
         if (fault := await self._gate("getuserinfo")) is not None:
             return fault
         try:
             token = self._resolve_app_token(request)
-            value = _text(body or {}, "code")
+            value = str_field(body or {}, "code")
             code = self._free_codes.get(value)
             # Used, expired, unknown, of another organisation or app, or a browser code: all 40078.
             if (code is None or code.used or self.clock() >= code.expires_at or code.corp_id != token.corp_id
@@ -871,14 +795,14 @@ class DingTalkSandbox(Sandbox):
         })
 
     async def _getbyunionid(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await read_json(request)
         if (fault := await self._gate("getbyunionid")) is not None:
             return fault
         try:
             token = self._resolve_app_token(request)
             if not self.member_lookup:
                 raise SandboxError(60011)
-            unionid = _text(body or {}, "unionid")
+            unionid = str_field(body or {}, "unionid")
             member = next((user for user in self.users.values()
                            if user.unionid == unionid and user.corp_id == token.corp_id), None)
             if member is None:
@@ -905,9 +829,7 @@ class DingTalkSandbox(Sandbox):
         if client_id not in (self.app_key, self.suite_key):
             return self._error_page("client")
         redirect_uri = query.get("redirect_uri", "")
-        parts = urlsplit(redirect_uri)
-        registered = not self.redirect_uris or _without_query(redirect_uri) in self.redirect_uris
-        if parts.scheme not in ("http", "https") or not parts.netloc or not registered:
+        if not redirect_allowed(redirect_uri, self.redirect_uris):
             return self._error_page("redirect")
         scopes = [scope for scope in query.get("scope", "").split(" ") if scope]
         if query.get("response_type") != "code" or query.get("prompt") != "consent" or "openid" not in scopes:
@@ -933,55 +855,46 @@ class DingTalkSandbox(Sandbox):
         return HTMLResponse(
             "<!doctype html><meta charset=utf-8><title>钉钉登录</title>"
             f"<h1>Sign in to {html.escape(client_id)}</h1><p>Signed in as {html.escape(person.name)}.</p>"
-            '<form method="post" action="/_sandbox/consent">'
-            f'<input type="hidden" name="ticket" value="{html.escape(ticket)}">'
-            '<button name="decision" value="allow">同意 Allow</button> '
-            '<button name="decision" value="deny">取消 Deny</button></form>'
+            + consent_form(ticket, allow="同意 Allow", deny="取消 Deny")
         )
 
     def _grant_consent(self, consent: _Consent) -> Response:
         person = next(user for user in self.users.values()
                       if user.unionid == consent.unionid and user.corp_id == consent.corp_id)
         code = self._mint_user(person, consent.client_id, consent.scopes, consent.with_corp)
-        return _redirect_to(consent.redirect_uri, {"authCode": code, "state": consent.state})
+        return redirect_to(consent.redirect_uri, {"authCode": code, "state": consent.state})
 
     async def _consent(self, request: Request) -> Response:
-        try:  # a plain form post; parsed here so the sandbox needs no python-multipart
-            form = dict(parse_qsl((await request.body()).decode("utf-8")))
-        except UnicodeDecodeError:
-            form = {}
-        ticket, decision = form.get("ticket", ""), form.get("decision")
+        form = await read_form(request) or {}  # parsed here so the sandbox needs no python-multipart
+        ticket, decision = str_field(form, "ticket"), form.get("decision")
         consent = self._consents.pop(ticket, None)
         if consent is None or self.clock() >= consent.expires_at:
             return HTMLResponse("<!doctype html><p>This login request has expired.</p>", status_code=400)
         if decision != "allow":
-            return _redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
+            return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         return self._grant_consent(consent)
 
     # -- the simulated client: JSSDK, free-login codes, the authorization component -------------
 
     async def _jsapi_code(self, request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return Response(status_code=204, headers=_CORS)
-        if (fault := await self._gate("jsapi_code")) is not None:
-            fault.headers.update(_CORS)
-            return fault
-        answer, status = self._jsapi_answer(await _json_body(request) or {})
-        return JSONResponse(answer, status_code=status, headers=_CORS)
+        if (early := await self._cors_gate(request, "jsapi_code")) is not None:
+            return early
+        answer, status = self._jsapi_answer(await read_json(request) or {})
+        return JSONResponse(answer, status_code=status, headers=CORS_HEADERS)
 
     def _jsapi_answer(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
         """What requestAuthCode hands the page: ``{code}`` or the native failure
         ``{errorCode, errorMessage}`` (sheet 2.4: "1" not_exist, "7" no_permission)."""
         user = self.user
-        api = _text(body, "api")
-        corp_id = _text(body, "corpId")
+        api = str_field(body, "api")
+        corp_id = str_field(body, "corpId")
         if api == "requestAuthCode" and self.jsapi_mode == "old_client":
             return {"errorCode": "1", "errorMessage": "not_exist: runtime.permission.requestAuthCodeV2"}, 400
         if not corp_id or corp_id != user.corp_id:
             return {"errorCode": "7", "errorMessage": "no_permission: corpId is not the user's organisation"}, 400
         client_id: str | None = None
         if api == "requestAuthCode":
-            client_id = _text(body, "clientId")
+            client_id = str_field(body, "clientId")
             if not self._app_available(client_id, corp_id):
                 return {"errorCode": "7", "errorMessage": "no_permission: the clientId is not an app of this "
                                                           "organisation"}, 400
@@ -990,20 +903,17 @@ class DingTalkSandbox(Sandbox):
         return {"code": self._mint_free(user, corp_id, client_id)}, 200
 
     async def _open_auth(self, request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return Response(status_code=204, headers=_CORS)
-        if (fault := await self._gate("open_auth")) is not None:
-            fault.headers.update(_CORS)
-            return fault
-        answer = self._open_auth_answer(await _json_body(request) or {})
-        return JSONResponse(answer, headers=_CORS)
+        if (early := await self._cors_gate(request, "open_auth")) is not None:
+            return early
+        answer = self._open_auth_answer(await read_json(request) or {})
+        return JSONResponse(answer, headers=CORS_HEADERS)
 
     def _open_auth_answer(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """The authorization component's answer ``{status, result}`` (sheet 2.5)."""
         kind = str(body.get("type", ""))
-        client_id, corp_id = _text(body, "clientId"), _text(body, "corpId")
-        rpc = [scope for scope in _text(body, "rpcScope").split(",") if scope]
-        fields = [scope for scope in _text(body, "fieldScope").split(",") if scope]
+        client_id, corp_id = str_field(body, "clientId"), str_field(body, "corpId")
+        rpc = [scope for scope in str_field(body, "rpcScope").split(",") if scope]
+        fields = [scope for scope in str_field(body, "fieldScope").split(",") if scope]
         user = self.user
         forced = self.open_auth_status
         if forced is not None and forced != "ok":
@@ -1037,16 +947,14 @@ class DingTalkSandbox(Sandbox):
             .replace("__AUTH_ENDPOINT__", json.dumps(base + "/_sandbox/jsapi/open_auth"))
             .replace("__MODE__", json.dumps(self.jsapi_mode))
         )
-        return Response(script, media_type="application/javascript", headers={"cache-control": "no-store"})
+        return script_response(script)
 
     # -- admin API -----------------------------------------------------------------------------
 
-    def _admin_routes(self) -> list[Route]:
+    def admin_routes(self) -> list[BaseRoute]:
         return [
-            Route("/_sandbox/stats", self._admin_stats, methods=["GET"]),
-            Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
+            *super().admin_routes(),
             Route("/_sandbox/current_user", self._admin_current_user, methods=["POST"]),
-            Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]),
             Route("/_sandbox/open_auth_status", self._admin_open_auth_status, methods=["POST"]),
             Route("/_sandbox/suite_ticket", self._admin_suite_ticket, methods=["POST"]),
             Route("/_sandbox/check_url", self._admin_check_url, methods=["POST"]),
@@ -1056,47 +964,15 @@ class DingTalkSandbox(Sandbox):
             Route("/_sandbox/dingtalk.open.js", self._jssdk, methods=["GET"]),
         ]
 
-    async def _admin_stats(self, request: Request) -> Response:
-        return JSONResponse(dict(self._stats))
-
-    async def _admin_faults(self, request: Request) -> Response:
-        if request.method == "DELETE":
-            self.clear_faults()
-            return Response(status_code=204)
-        body = await _json_body(request) or {}
-        endpoint = _text(body, "endpoint")
-        code, status, sub_code = body.get("code"), body.get("status"), body.get("sub_code")
-        times, delay_s = body.get("times", 1), body.get("delay_s", 0)
-        valid = (
-            bool(endpoint)
-            and (code is None or type(code) in (int, str))
-            and all(value is None or type(value) is int for value in (status, times))
-            and type(delay_s) in (int, float)
-            and (sub_code is None or isinstance(sub_code, str))
-        )
-        if not valid:
-            return JSONResponse({"error": "give endpoint, optional code (int or str), integers status/times, "
-                                          "delay_s, sub_code"}, 400)
-        self.inject_fault(endpoint, code, times=times, delay_s=float(delay_s), status=status, sub_code=sub_code)
-        return Response(status_code=204)
-
     async def _admin_current_user(self, request: Request) -> Response:
-        userid = _text(await _json_body(request) or {}, "userid")
+        userid = str_field(await read_json(request) or {}, "userid")
         if userid not in self.users:
             return JSONResponse({"error": f"no sandbox user {userid!r}", "users": list(self.users)}, 404)
         self.set_current_user(userid)
         return JSONResponse({"userid": userid, "name": self.users[userid].name, "corp_id": self.user.corp_id})
 
-    async def _admin_jsapi_mode(self, request: Request) -> Response:
-        wanted = _text(await _json_body(request) or {}, "mode")
-        mode = next((mode for mode in JSAPI_MODES if mode == wanted), None)
-        if mode is None:
-            return JSONResponse({"error": f"unknown jsapi mode {wanted!r}", "modes": list(JSAPI_MODES)}, 400)
-        self.jsapi_mode = mode
-        return JSONResponse({"mode": mode})
-
     async def _admin_open_auth_status(self, request: Request) -> Response:
-        wanted = (await _json_body(request) or {}).get("status")
+        wanted = (await read_json(request) or {}).get("status")
         if wanted is None:
             self.open_auth_status = None
             return JSONResponse({"status": None})
@@ -1107,15 +983,15 @@ class DingTalkSandbox(Sandbox):
         return JSONResponse({"status": status})
 
     async def _admin_suite_ticket(self, request: Request) -> Response:
-        body = await _json_body(request) or {}
-        url = _text(body, "url") or self.callback_url
+        body = await read_json(request) or {}
+        url = str_field(body, "url") or self.callback_url
         if not url:
             return JSONResponse({"error": "no callback URL: give url or set callback_url"}, 400)
         result = await self.push_suite_ticket(url, rotate=body.get("rotate", True) is not False)
         return JSONResponse({"ok": result.ok, "status": result.status, "error": result.error})
 
     async def _admin_check_url(self, request: Request) -> Response:
-        url = _text(await _json_body(request) or {}, "url") or self.callback_url
+        url = str_field(await read_json(request) or {}, "url") or self.callback_url
         if not url:
             return JSONResponse({"error": "no callback URL: give url or set callback_url"}, 400)
         result = await self.check_callback_url(url)

@@ -25,19 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.errors import (
-    LoginDenied,
-    ProviderError,
-    ProviderMisconfigured,
-    ProviderUnavailable,
-    ReauthRequired,
-)
+from gateway.errors import ProviderError, ProviderMisconfigured, ProviderUnavailable, ReauthRequired
 from gateway.providers import (
+    ErrorRule,
     Flow,
     Grant,
     LoginContext,
@@ -46,7 +41,16 @@ from gateway.providers import (
     ProviderSettings,
     TokenSet,
     UserIdentity,
-    classify_http_error,
+    as_int,
+    base_url_validator,
+    denied,
+    json_object,
+    misconfigured,
+    optional_url_validator,
+    reauth,
+    str_field,
+    transient,
+    unwrap,
 )
 
 Brand = Literal["feishu", "lark"]
@@ -89,13 +93,6 @@ BRANDS: dict[str, BrandDefaults] = {
         jssdk_url="https://lf-package-sg.larksuitecdn.com/obj/lark-static-sgsaas/lark/op/h5-js-sdk-1.5.44.js",
     ),
 }
-
-
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http(s) URL such as https://open.feishu.cn")
-    return value
 
 
 class LarkSettings(ProviderSettings):
@@ -142,20 +139,8 @@ class LarkSettings(ProviderSettings):
             self.token_url = self.open_base_url + V2_TOKEN_PATH
         return self
 
-    @field_validator("open_base_url", "accounts_base_url")
-    @classmethod
-    def _base_url(cls, value: str) -> str:
-        return _http_url(value).rstrip("/")
-
-    @field_validator("token_url")
-    @classmethod
-    def _token_url(cls, value: str) -> str:
-        return _http_url(value) if value else value
-
-    @field_validator("jssdk_url")
-    @classmethod
-    def _jssdk_url(cls, value: str) -> str:
-        return _http_url(value) if value else value
+    _base_urls = base_url_validator("open_base_url", "accounts_base_url", example="https://open.feishu.cn")
+    _other_urls = optional_url_validator("token_url", "jssdk_url", example="https://open.feishu.cn")
 
     @field_validator("scopes")
     @classmethod
@@ -169,30 +154,7 @@ class LarkSettings(ProviderSettings):
 # -- error classification ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """What one Lark error code means for the gateway. ``{p}`` in the message is the brand name."""
-
-    kind: type[ProviderError]
-    message: str
-    code: str | None = None  # the gateway's stable error code; None keeps the class default
-
-
-def _reauth(message: str, code: str | None = None) -> _Rule:
-    return _Rule(ReauthRequired, message, code)
-
-
-def _transient(message: str, code: str | None = None) -> _Rule:
-    return _Rule(ProviderUnavailable, message, code)
-
-
-def _config(message: str) -> _Rule:
-    return _Rule(ProviderMisconfigured, message)
-
-
-def _denied(message: str, code: str) -> _Rule:
-    return _Rule(LoginDenied, message, code)
-
+# ``{p}`` in a rule's message is the brand name.
 
 _BUG = "{p} rejected the gateway's request as malformed; this is a bug, please report it."
 _SECRET = (
@@ -205,117 +167,117 @@ _INACTIVE = "{p} says this account is not active (left the organisation, frozen 
 
 #: Every Lark error code the login flow can meet (token endpoints §5.4 and §7, user_info §9,
 #: generic OpenAPI codes §10, app tokens §8). Codes absent here go through ``_unknown_rule``.
-_ERRORS: dict[int, _Rule] = {
+_ERRORS: dict[int, ErrorRule] = {
     # Authorization codes: the login starts again and mints a new one.
-    20003: _reauth("The {p} login code is invalid or was already used; please sign in again.", "code_invalid"),
-    20004: _reauth("The {p} login code has expired; please sign in again.", "code_expired"),
-    20065: _reauth("The {p} login code was already used; please sign in again.", "code_used"),
-    20049: _reauth("The {p} login could not be verified (PKCE check failed); please sign in again."),
-    20007: _reauth("{p} could not issue a token for this code (reused code or old refresh token)."),
+    20003: reauth("The {p} login code is invalid or was already used; please sign in again.", "code_invalid"),
+    20004: reauth("The {p} login code has expired; please sign in again.", "code_expired"),
+    20065: reauth("The {p} login code was already used; please sign in again.", "code_used"),
+    20049: reauth("The {p} login could not be verified (PKCE check failed); please sign in again."),
+    20007: reauth("{p} could not issue a token for this code (reused code or old refresh token)."),
     # Refresh tokens: dead for good (rotation: a used one is revoked at once; 365-day cap).
-    20026: _reauth(_REFRESH_DEAD),
-    20037: _reauth("The {p} refresh token has expired; a new login is needed."),
-    20038: _reauth(_REFRESH_DEAD),
-    20064: _reauth("{p} revoked the refresh token (each one works once); a new login is needed."),
-    20073: _reauth("The {p} refresh token was already used (a lost rotation race); a new login is needed."),
-    99991669: _reauth(_REFRESH_DEAD),
+    20026: reauth(_REFRESH_DEAD),
+    20037: reauth("The {p} refresh token has expired; a new login is needed."),
+    20038: reauth(_REFRESH_DEAD),
+    20064: reauth("{p} revoked the refresh token (each one works once); a new login is needed."),
+    20073: reauth("The {p} refresh token was already used (a lost rotation race); a new login is needed."),
+    99991669: reauth(_REFRESH_DEAD),
     # User access tokens: right after an exchange these mean the grant is unusable; log in again.
-    20005: _reauth(_TOKEN_DEAD),
-    20006: _reauth(_TOKEN_DEAD),
-    20039: _reauth(_TOKEN_DEAD),
-    99991661: _reauth(_TOKEN_DEAD),
-    99991663: _reauth(_TOKEN_DEAD),
-    99991668: _reauth(_TOKEN_DEAD),
-    99991671: _reauth(_TOKEN_DEAD),
-    99991677: _reauth("The {p} user access token has expired; a new login is needed."),
-    99991681: _reauth(_TOKEN_DEAD),
-    99991692: _reauth(_TOKEN_DEAD),
-    99991679: _reauth("The user has not granted a scope this app needs{scopes}; a new login asks for it."),
+    20005: reauth(_TOKEN_DEAD),
+    20006: reauth(_TOKEN_DEAD),
+    20039: reauth(_TOKEN_DEAD),
+    99991661: reauth(_TOKEN_DEAD),
+    99991663: reauth(_TOKEN_DEAD),
+    99991668: reauth(_TOKEN_DEAD),
+    99991671: reauth(_TOKEN_DEAD),
+    99991677: reauth("The {p} user access token has expired; a new login is needed."),
+    99991681: reauth(_TOKEN_DEAD),
+    99991692: reauth(_TOKEN_DEAD),
+    99991679: reauth("The user has not granted a scope this app needs{scopes}; a new login asks for it."),
     # Transient: keep every token and try again later.
-    20050: _transient("{p} had an internal error; please try again."),
-    20072: _transient("{p} is temporarily unavailable; please try again."),
-    99991400: _transient("{p} rate-limited the gateway; please try again shortly.", "rate_limited"),
-    99991403: _transient("The app has used up its monthly {p} API quota.", "rate_limited"),
+    20050: transient("{p} had an internal error; please try again."),
+    20072: transient("{p} is temporarily unavailable; please try again."),
+    99991400: transient("{p} rate-limited the gateway; please try again shortly.", "rate_limited"),
+    99991403: transient("The app has used up its monthly {p} API quota.", "rate_limited"),
     # The user (or their organisation) may not use this app.
-    20008: _denied("{p} says this user does not exist.", "user_inactive"),
-    20021: _denied(_INACTIVE, "user_inactive"),
-    20022: _denied(_INACTIVE, "user_inactive"),
-    20023: _denied(_INACTIVE, "user_inactive"),
-    20066: _denied(_INACTIVE, "user_inactive"),
-    20009: _denied("This app is not installed in your {p} organisation; ask its administrator.", "user_not_allowed"),
-    20010: _denied(
+    20008: denied("{p} says this user does not exist.", "user_inactive"),
+    20021: denied(_INACTIVE, "user_inactive"),
+    20022: denied(_INACTIVE, "user_inactive"),
+    20023: denied(_INACTIVE, "user_inactive"),
+    20066: denied(_INACTIVE, "user_inactive"),
+    20009: denied("This app is not installed in your {p} organisation; ask its administrator.", "user_not_allowed"),
+    20010: denied(
         "You are not in this app's availability scope; ask the administrator to add you "
         "(developer console: Version Management & Release → Availability).",
         "user_not_allowed",
     ),
-    21000: _denied("Your organisation's {p} access-control policy blocks this sign-in.", "user_not_allowed"),
-    21001: _denied("Your organisation's {p} access-control policy blocks this sign-in.", "user_not_allowed"),
+    21000: denied("Your organisation's {p} access-control policy blocks this sign-in.", "user_not_allowed"),
+    21001: denied("Your organisation's {p} access-control policy blocks this sign-in.", "user_not_allowed"),
     # Our configuration: only an operator can fix these, in the developer console or the config.
-    20002: _config(_SECRET),
-    20025: _config(_SECRET),
-    20035: _config(_SECRET),
-    10015: _config(_SECRET),
-    99991543: _config(_SECRET),
-    20028: _config("{p} does not know this app_id; check app_id (and brand) in the gateway config."),
-    20048: _config("{p} says the app does not exist; check app_id (and brand) in the gateway config."),
-    20024: _config(
+    20002: misconfigured(_SECRET),
+    20025: misconfigured(_SECRET),
+    20035: misconfigured(_SECRET),
+    10015: misconfigured(_SECRET),
+    99991543: misconfigured(_SECRET),
+    20028: misconfigured("{p} does not know this app_id; check app_id (and brand) in the gateway config."),
+    20048: misconfigured("{p} says the app does not exist; check app_id (and brand) in the gateway config."),
+    20024: misconfigured(
         "The code or refresh token belongs to another {p} app than app_id: the JSSDK/authorize page "
         "and the token exchange must use the same app (check app_id)."
     ),
-    20046: _config("The app belongs to the other brand: set brand (feishu or lark) to the app's brand."),
-    20027: _config(
+    20046: misconfigured("The app belongs to the other brand: set brand (feishu or lark) to the app's brand."),
+    20027: misconfigured(
         "A requested scope is not enabled for the app: enable every entry of scopes under "
         "Permissions & Scopes in the developer console, then release a version."
     ),
-    20029: _config(
+    20029: misconfigured(
         "The redirect URL is not registered: add the gateway callback URL under Security Settings "
         "→ Redirect URLs in the developer console."
     ),
-    20071: _config(
+    20071: misconfigured(
         "redirect_uri differs from the one used on the authorize page: public_url and path_prefix "
         "must not change during a login."
     ),
-    20074: _config(
+    20074: misconfigured(
         "The app may not refresh user tokens: turn on Security Settings → Refresh user_access_token "
         "in the developer console, then release a version."
     ),
-    20069: _config("The app is not enabled; enable it in the {p} developer console / admin console."),
-    20042: _config("The app is disabled; enable it in the {p} developer console / admin console."),
-    99991662: _config("The app is disabled; enable it in the {p} developer console / admin console."),
-    99991673: _config("The app is not available (not installed or not enabled) in this {p} organisation."),
-    10014: _config("{p} says the app is not authorized; check that it is installed and enabled."),
-    99991401: _config("{p} refused the gateway's IP address: check the app's IP allowlist."),
-    99991672: _config(
+    20069: misconfigured("The app is not enabled; enable it in the {p} developer console / admin console."),
+    20042: misconfigured("The app is disabled; enable it in the {p} developer console / admin console."),
+    99991662: misconfigured("The app is disabled; enable it in the {p} developer console / admin console."),
+    99991673: misconfigured("The app is not available (not installed or not enabled) in this {p} organisation."),
+    10014: misconfigured("{p} says the app is not authorized; check that it is installed and enabled."),
+    99991401: misconfigured("{p} refused the gateway's IP address: check the app's IP allowlist."),
+    99991672: misconfigured(
         "The app has not enabled a scope it needs{scopes}: enable it under Permissions & Scopes in "
         "the developer console, then release a version."
     ),
-    99991676: _config("The token lacks a permission the API needs; check the app's enabled scopes."),
-    20013: _config("{p} rejected the tenant access token the gateway sent."),
-    20014: _config("{p} rejected the app access token the gateway sent."),
-    99991664: _config("{p} rejected the app access token the gateway sent."),
-    99991665: _config("{p} rejected the tenant access token the gateway sent."),
+    99991676: misconfigured("The token lacks a permission the API needs; check the app's enabled scopes."),
+    20013: misconfigured("{p} rejected the tenant access token the gateway sent."),
+    20014: misconfigured("{p} rejected the app access token the gateway sent."),
+    99991664: misconfigured("{p} rejected the app access token the gateway sent."),
+    99991665: misconfigured("{p} rejected the tenant access token the gateway sent."),
     # Requests the gateway should never build: surface them loudly as configuration/bug errors.
-    10003: _config(_BUG),
-    20001: _config(_BUG),
-    20036: _config(_BUG),
-    20063: _config(_BUG),
-    20067: _config(_BUG),
-    20068: _config(_BUG),
-    20070: _config(_BUG),
+    10003: misconfigured(_BUG),
+    20001: misconfigured(_BUG),
+    20036: misconfigured(_BUG),
+    20063: misconfigured(_BUG),
+    20067: misconfigured(_BUG),
+    20068: misconfigured(_BUG),
+    20070: misconfigured(_BUG),
 }
 
 #: RFC 6749 ``error`` names, for answers whose numeric code is missing or unknown (the v3 endpoint's
 #: error table is not documented).
-_OAUTH_ERRORS: dict[str, _Rule] = {
-    "invalid_grant": _reauth("{p} no longer accepts this grant; a new login is needed."),
-    "invalid_client": _config(_SECRET),
-    "unauthorized_client": _config("{p} does not allow this app to use this grant; check the console."),
-    "invalid_scope": _config(_BUG),
-    "invalid_request": _config(_BUG),
-    "unsupported_grant_type": _config(_BUG),
-    "access_denied": _denied("{p} denied the sign-in.", "access_denied"),
-    "server_error": _transient("{p} had an internal error; please try again."),
-    "temporarily_unavailable": _transient("{p} is temporarily unavailable; please try again."),
+_OAUTH_ERRORS: dict[str, ErrorRule] = {
+    "invalid_grant": reauth("{p} no longer accepts this grant; a new login is needed."),
+    "invalid_client": misconfigured(_SECRET),
+    "unauthorized_client": misconfigured("{p} does not allow this app to use this grant; check the console."),
+    "invalid_scope": misconfigured(_BUG),
+    "invalid_request": misconfigured(_BUG),
+    "unsupported_grant_type": misconfigured(_BUG),
+    "access_denied": denied("{p} denied the sign-in.", "access_denied"),
+    "server_error": transient("{p} had an internal error; please try again."),
+    "temporarily_unavailable": transient("{p} is temporarily unavailable; please try again."),
 }
 
 Operation = Literal["code exchange", "refresh", "user info"]
@@ -323,12 +285,12 @@ Operation = Literal["code exchange", "refresh", "user info"]
 _SCOPE_KEY = re.compile(r"[A-Za-z0-9_.:\-]+")
 
 
-def _unknown_rule(operation: Operation) -> _Rule:
+def _unknown_rule(operation: Operation) -> ErrorRule:
     """An error code nobody documented. A refresh that fails that way is treated as dead (what the
     official CLI does); anything else is reported as is, without ending anything."""
     if operation == "refresh":
-        return _reauth("{p} refused to refresh the token; a new login is needed.")
-    return _Rule(ProviderError, "{p} answered the " + operation + " with an unexpected error.", "provider_error")
+        return reauth("{p} refused to refresh the token; a new login is needed.")
+    return ErrorRule(ProviderError, "{p} answered the " + operation + " with an unexpected error.", "provider_error")
 
 
 def _scopes_named(body: Mapping[str, Any]) -> str:
@@ -354,35 +316,15 @@ def _retry_after(headers: httpx.Headers) -> int:
         return 5
 
 
-def _text(data: Mapping[str, Any], key: str) -> str:
-    """A string field of an answer, or "" when it is absent or not a string."""
-    value = data.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _error_code(body: Mapping[str, Any]) -> int | None:
-    """The numeric ``code`` (Lark sends ``0`` and, reportedly, ``"0"``); None when absent or odd."""
-    code = body.get("code")
-    if isinstance(code, bool):
-        return None
-    if isinstance(code, int):
-        return code
-    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
-        return int(code)
-    return None
-
-
 def _build(
-    rule: _Rule, *, brand: str, provider_code: int | str | None, body: Mapping[str, Any], headers: httpx.Headers
+    rule: ErrorRule, *, brand: str, provider_code: int | str | None, body: Mapping[str, Any], headers: httpx.Headers
 ) -> ProviderError:
     message = rule.message.format(p=brand, scopes=_scopes_named(body))
     log_id = headers.get("x-tt-logid")
     if provider_code is not None:
         message += f" ({brand} error {provider_code}{', log_id ' + log_id if log_id else ''})"
-    if rule.kind is ProviderUnavailable:
-        retry = _retry_after(headers) if provider_code == 99991400 else 5
-        return ProviderUnavailable(message, code=rule.code, provider_code=provider_code, retry_after_s=retry)
-    return rule.kind(message, code=rule.code, provider_code=provider_code)
+    retry_after_s = _retry_after(headers) if provider_code == 99991400 else None
+    return rule.error(message, provider_code, retry_after_s=retry_after_s)
 
 
 def classify_answer(
@@ -394,11 +336,8 @@ def classify_answer(
     limit. Otherwise the decision rests on ``code`` (the statuses of Lark's errors are not
     reliable), then on the OAuth ``error`` name when the code is missing or unknown.
     """
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
+    body = json_object(response)
+    if body is None:
         body = {}
         if response.status_code < 500:
             return body, ProviderUnavailable(
@@ -406,15 +345,15 @@ def classify_answer(
                 f"(HTTP {response.status_code}).",
                 provider_code=response.status_code,
             )
-    code = _error_code(body)
-    oauth_error = _text(body, "error") or None
+    code = as_int(body.get("code"))  # Lark sends 0 and, reportedly, "0"
+    oauth_error = str_field(body, "error") or None
     if response.status_code < 400 and code in (0, None) and oauth_error is None:
         return body, None
     provider_code: int | str | None = code if code not in (0, None) else (oauth_error or response.status_code)
     if response.status_code >= 500:
         rule = _ERRORS.get(code or 0)
         if rule is None or rule.kind is not ProviderUnavailable:
-            rule = _transient("{p} failed to answer the " + operation + "; please try again.")
+            rule = transient("{p} failed to answer the " + operation + "; please try again.")
     elif response.status_code == 429:
         rule = _ERRORS[99991400]
         provider_code = code or 99991400
@@ -508,14 +447,8 @@ class LarkProvider(Provider):
         }
 
     async def _send(self, method: str, url: str, operation: Operation, **kwargs: Any) -> dict[str, Any]:
-        try:
-            response = await self.http.request(method, url, **kwargs)
-        except httpx.HTTPError as exc:
-            raise classify_http_error(exc, provider=self.display_name) from None
-        body, error = classify_answer(response, brand=self.display_name, operation=operation)
-        if error is not None:
-            raise error
-        return body
+        response = await self.send(method, url, **kwargs)
+        return unwrap(classify_answer(response, brand=self.display_name, operation=operation))
 
     async def _token_call(self, body: dict[str, str], operation: Operation) -> TokenSet:
         now = self.context.clock()
@@ -524,7 +457,7 @@ class LarkProvider(Provider):
         expires_in = answer.get("expires_in")
         if not isinstance(access_token, str) or not access_token or not isinstance(expires_in, int | float):
             raise ProviderUnavailable(f"{self.display_name} answered the {operation} without a usable token.")
-        refresh_token = _text(answer, "refresh_token") or None  # absent without offline_access
+        refresh_token = str_field(answer, "refresh_token") or None  # absent without offline_access
         refresh_in = answer.get("refresh_token_expires_in")
         return TokenSet(
             access_token=access_token,
@@ -534,7 +467,7 @@ class LarkProvider(Provider):
                 now + float(refresh_in) if refresh_token and isinstance(refresh_in, int | float) else None
             ),
             issued_at=now,
-            scope=_text(answer, "scope"),
+            scope=str_field(answer, "scope"),
         )
 
     async def _identity(self, access_token: str) -> UserIdentity:
@@ -559,10 +492,10 @@ class LarkProvider(Provider):
             raise ProviderMisconfigured(
                 f"{self.display_name} returned no {field} for the user: {hint} (or use user_id_field: open_id)."
             )
-        ids = {key: _text(data, key) for key in ("open_id", "union_id", "user_id")}
+        ids = {key: str_field(data, key) for key in ("open_id", "union_id", "user_id")}
         return UserIdentity(
             user=user,
-            tenant=_text(data, "tenant_key"),
-            name=_text(data, "name"),
+            tenant=str_field(data, "tenant_key"),
+            name=str_field(data, "name"),
             extra={key: value for key, value in ids.items() if value},
         )

@@ -32,7 +32,6 @@ All state lives on the instance; the ``clock`` knob lets a test move time forwar
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -42,20 +41,26 @@ import json
 import re
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from gateway.sandbox import Sandbox
+from gateway.providers import str_field
+from gateway.sandbox import (
+    CORS_HEADERS,
+    Fault,
+    Sandbox,
+    consent_form,
+    read_body,
+    redirect_allowed,
+    redirect_to,
+    script_response,
+    without_query,
+)
 
 CodeApi = Literal["browser", "requestAccess", "requestAuthCode"]
 JsapiMode = Literal["current", "old_client", "old_sdk", "hang", "sdk_error"]
@@ -225,15 +230,6 @@ class _RefreshToken:
 
 
 @dataclass
-class _Fault:
-    endpoint: str  # an endpoint name, or "<endpoint>:<grant_type>" for the token endpoints
-    code: int | None
-    status: int | None
-    delay_s: float
-    remaining: int | None  # None: until cleared
-
-
-@dataclass
 class _Consent:
     open_id: str
     redirect_uri: str
@@ -248,11 +244,6 @@ def _token(prefix: str, nbytes: int) -> str:
     return prefix + secrets.token_urlsafe(nbytes)
 
 
-def _text(data: Mapping[str, Any], key: str) -> str:
-    value = data.get(key)
-    return value if isinstance(value, str) else ""
-
-
 def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
     if not _PKCE_VERIFIER.fullmatch(verifier):
         return False
@@ -260,37 +251,6 @@ def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
         digest = hashlib.sha256(verifier.encode("ascii")).digest()
         verifier = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
     return hmac.compare_digest(verifier, challenge)
-
-
-def _without_query(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-
-
-def _redirect_to(redirect_uri: str, params: Mapping[str, str | None]) -> RedirectResponse:
-    """``redirect_uri`` plus ``params``; a #fragment of redirect_uri stays after the query."""
-    parts = urlsplit(redirect_uri)
-    extra = urlencode({key: value for key, value in params.items() if value is not None})
-    query = f"{parts.query}&{extra}" if parts.query else extra
-    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=302)
-
-
-async def _read_body(request: Request) -> dict[str, Any] | None:
-    """A form or JSON body as a dict (JSON whatever the Content-Type says, as Lark's SDK sends it
-    without one); None when it is neither."""
-    raw = await request.body()
-    if "application/x-www-form-urlencoded" in request.headers.get("content-type", ""):
-        try:
-            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError:
-            return None
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _basic_auth(request: Request) -> tuple[str, str] | None:
@@ -322,14 +282,6 @@ def api_error(code: int, status: int | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status or default_status, headers=headers)
 
 
-_CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type",
-    "Access-Control-Max-Age": "600",
-}
-
-
 class LarkSandbox(Sandbox):
     """The emulator. Knobs are constructor arguments; the rest of the API is for tests and demos.
 
@@ -340,10 +292,16 @@ class LarkSandbox(Sandbox):
     URL list (empty accepts any http(s) URL). ``jsapi_mode`` shapes the fake JSSDK: ``current``,
     ``old_client`` (requestAccess fails with errno 103), ``old_sdk`` (no ``tt.requestAccess``),
     ``hang`` (``h5sdk.ready`` never fires), ``sdk_error`` (``h5sdk.error`` fires instead).
+
+    ``stats`` counts calls per endpoint (``token``, ``token_v3``, ``user_info``, ``authorize``,
+    ``jsapi_code``, ``app_access_token``, ``tenant_access_token``) and per grant type
+    (``authorization_code``, ``refresh_token``); ``inject_fault`` takes those names, or
+    ``token:refresh_token``-style for one grant type (see ``fault_response``).
     """
 
     plugin = "lark"
     client_user_agent = "Lark/7.30.8 LarkLocale/en_US ChannelName/Feishu"
+    jsapi_modes = JSAPI_MODES
 
     def __init__(
         self,
@@ -363,17 +321,17 @@ class LarkSandbox(Sandbox):
     ) -> None:
         if not users:
             raise ValueError("the sandbox needs at least one user")
+        super().__init__(delay_s=delay_s)
         self.app_id = app_id
         self.app_secret = app_secret
         self.users: dict[str, LarkUser] = {user.open_id: user for user in users}
         self.access_ttl_s = access_ttl_s
         self.refresh_ttl_s = refresh_ttl_s
         self.auto_consent = auto_consent
-        self.redirect_uris = [_without_query(uri) for uri in redirect_uris]
+        self.redirect_uris = [without_query(uri) for uri in redirect_uris]
         self.enabled_scopes = set(enabled_scopes)
         self.refresh_enabled = refresh_enabled
         self.jsapi_mode: JsapiMode = jsapi_mode
-        self.delay_s = delay_s  # every API call waits this long first: a slow provider
         self.clock = clock
         self.current_user = users[0].open_id
         self._codes: dict[str, _Code] = {}
@@ -382,19 +340,8 @@ class LarkSandbox(Sandbox):
         self._grants: dict[str, set[str]] = {}  # open_id -> every scope the user ever granted
         self._consents: dict[str, _Consent] = {}
         self._app_tokens: dict[str, list[tuple[str, float]]] = {"app": [], "tenant": []}
-        self._faults: list[_Fault] = []
-        self._stats: Counter[str] = Counter()
-        self._base_urls: dict[str, str] = {}
-        self._apps: dict[str, ASGIApp] | None = None
 
     # -- the Python API ------------------------------------------------------------------------
-
-    @property
-    def stats(self) -> Counter[str]:
-        """Calls per endpoint (``token``, ``token_v3``, ``user_info``, ``authorize``, ``jsapi_code``,
-        ``app_access_token``, ``tenant_access_token``) and per grant type (``authorization_code``,
-        ``refresh_token``). A copy: missing keys read as 0."""
-        return Counter(self._stats)
 
     def set_current_user(self, open_id: str) -> None:
         """The user the authorize page and the fake JSAPI log in as."""
@@ -413,22 +360,6 @@ class LarkSandbox(Sandbox):
             raise KeyError(f"no sandbox user {user!r}")
         return self._mint(user, api, frozenset(scopes) if api == "requestAccess" else frozenset())
 
-    def inject_fault(
-        self, endpoint: str, code: int | None = None, *, times: int | None = 1, delay_s: float = 0.0,
-        status: int | None = None,
-    ) -> None:
-        """Make the next ``times`` calls of ``endpoint`` fail (``None``: until ``clear_faults``).
-
-        ``endpoint`` is a name from ``stats`` or ``token:refresh_token``-style for one grant type.
-        ``code`` answers that Lark error code with its documented status and body (``status``
-        overrides the status); no code but a ``status`` answers a non-JSON error page, as a load
-        balancer would; neither only waits ``delay_s`` and then answers normally.
-        """
-        self._faults.append(_Fault(endpoint, code, status, delay_s, times))
-
-    def clear_faults(self) -> None:
-        self._faults.clear()
-
     def revoke(self, open_id: str) -> None:
         """Revoke every token of a user (an admin or the user removed the authorization)."""
         for refresh in self._refresh.values():
@@ -442,32 +373,21 @@ class LarkSandbox(Sandbox):
 
     # -- Sandbox ------------------------------------------------------------------------------
 
-    def hosts(self) -> dict[str, ASGIApp]:
-        if self._apps is None:
-            admin = self._admin_routes()
-            self._apps = {
-                "open": Starlette(
-                    routes=[
-                        Route("/open-apis/authen/v2/oauth/token", self._token_v2, methods=["POST"]),
-                        Route("/open-apis/authen/v1/user_info", self._user_info, methods=["GET"]),
-                        Route("/open-apis/auth/v3/app_access_token/internal", self._app_token, methods=["POST"]),
-                        Route(
-                            "/open-apis/auth/v3/tenant_access_token/internal", self._tenant_token, methods=["POST"]
-                        ),
-                        Route("/_sandbox/h5-js-sdk.js", self._jssdk, methods=["GET"]),
-                        *admin,
-                    ]
-                ),
-                "accounts": Starlette(
-                    routes=[
-                        Route("/open-apis/authen/v1/authorize", self._authorize, methods=["GET"]),
-                        Route("/_sandbox/consent", self._consent, methods=["POST"]),
-                        Route("/oauth/v3/token", self._token_v3, methods=["POST"]),
-                        *admin,
-                    ]
-                ),
-            }
-        return dict(self._apps)
+    def host_routes(self) -> dict[str, list[BaseRoute]]:
+        return {
+            "open": [
+                Route("/open-apis/authen/v2/oauth/token", self._token_v2, methods=["POST"]),
+                Route("/open-apis/authen/v1/user_info", self._user_info, methods=["GET"]),
+                Route("/open-apis/auth/v3/app_access_token/internal", self._app_token, methods=["POST"]),
+                Route("/open-apis/auth/v3/tenant_access_token/internal", self._tenant_token, methods=["POST"]),
+                Route("/_sandbox/h5-js-sdk.js", self._jssdk, methods=["GET"]),
+            ],
+            "accounts": [
+                Route("/open-apis/authen/v1/authorize", self._authorize, methods=["GET"]),
+                Route("/_sandbox/consent", self._consent, methods=["POST"]),
+                Route("/oauth/v3/token", self._token_v3, methods=["POST"]),
+            ],
+        }
 
     def provider_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         # Remembered so the fake JSSDK (served by the open host) knows where the accounts host is.
@@ -485,38 +405,19 @@ class LarkSandbox(Sandbox):
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         return {**self.provider_settings(base_urls), "jssdk_url": base_urls["open"] + "/_sandbox/h5-js-sdk.js"}
 
-    def transport(self, base_urls: Mapping[str, str]) -> httpx.AsyncBaseTransport:
-        self._base_urls = dict(base_urls)
-        return super().transport(base_urls)
-
     # -- shared request plumbing -------------------------------------------------------------
 
-    async def _gate(self, endpoint: str, grant_type: str = "") -> Response | None:
-        """Count the call, wait out any delay, and answer an injected fault if one matches."""
-        self._stats[endpoint] += 1
-        if grant_type:
-            self._stats[grant_type] += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        names = {endpoint, f"{endpoint}:{grant_type}"}
-        fault = next((fault for fault in self._faults if fault.endpoint in names), None)
-        if fault is None:
-            return None
-        if fault.remaining is not None:
-            fault.remaining -= 1
-            if fault.remaining <= 0:
-                self._faults.remove(fault)
-        if fault.delay_s:
-            await asyncio.sleep(fault.delay_s)
-        if fault.code is not None:
-            if endpoint.startswith("token"):
-                return token_error(fault.code, fault.status)
-            if endpoint == "authorize":
-                return self._error_page(fault.code, fault.status or 400)
-            return api_error(fault.code, fault.status)
-        if fault.status is not None:
-            return HTMLResponse("<html><body><h1>Bad Gateway</h1></body></html>", status_code=fault.status)
-        return None
+    def fault_response(self, endpoint: str, fault: Fault) -> Response | None:
+        """A fault's ``code`` answers that Lark error code with its documented status and body
+        (``status`` overrides the status): the token endpoints' shape, the authorize page's, or
+        the OpenAPI one."""
+        if not isinstance(fault.code, int):
+            return super().fault_response(endpoint, fault)
+        if endpoint.startswith("token"):
+            return token_error(fault.code, fault.status)
+        if endpoint == "authorize":
+            return self._error_page(fault.code, fault.status or 400)
+        return api_error(fault.code, fault.status)
 
     def _active_user(self, open_id: str) -> LarkUser:
         """The user a grant is for, as the token endpoint checks them."""
@@ -556,8 +457,8 @@ class LarkSandbox(Sandbox):
         return await self._token_endpoint(request, "token_v3", "v3")
 
     async def _token_endpoint(self, request: Request, endpoint: str, issuer: Literal["v2", "v3"]) -> Response:
-        body = await _read_body(request)
-        grant_type = _text(body or {}, "grant_type")
+        body = await read_body(request)
+        grant_type = str_field(body or {}, "grant_type")
         counted = grant_type if grant_type in ("authorization_code", "refresh_token") else ""
         if (fault := await self._gate(endpoint, counted)) is not None:
             return fault
@@ -573,12 +474,12 @@ class LarkSandbox(Sandbox):
     ) -> dict[str, Any]:
         if body is None:
             raise LarkApiError(20063)
-        client_id, client_secret = _text(body, "client_id"), _text(body, "client_secret")
+        client_id, client_secret = str_field(body, "client_id"), str_field(body, "client_secret")
         if basic is not None:
             if client_secret:
                 raise LarkApiError(20070)
             client_id, client_secret = basic
-        grant_type = _text(body, "grant_type")
+        grant_type = str_field(body, "grant_type")
         if not grant_type or not client_id or not client_secret:
             raise LarkApiError(20001)
         if grant_type not in ("authorization_code", "refresh_token"):
@@ -590,7 +491,7 @@ class LarkSandbox(Sandbox):
         return self._rotate(body, issuer)
 
     def _redeem(self, body: dict[str, Any], issuer: Literal["v2", "v3"]) -> dict[str, Any]:
-        value = _text(body, "code")
+        value = str_field(body, "code")
         if not value:
             raise LarkApiError(20001)
         code = self._codes.get(value)
@@ -601,10 +502,10 @@ class LarkSandbox(Sandbox):
         if self.clock() >= code.expires_at:
             raise LarkApiError(20004)
         # A failed check below does not burn the code: the client may retry with the right value.
-        if code.redirect_uri is not None and _text(body, "redirect_uri") != code.redirect_uri:
+        if code.redirect_uri is not None and str_field(body, "redirect_uri") != code.redirect_uri:
             raise LarkApiError(20071)  # absent counts as different: the browser flow requires it
         if code.challenge is not None and not _pkce_ok(
-            _text(body, "code_verifier"), code.challenge, code.challenge_method
+            str_field(body, "code_verifier"), code.challenge, code.challenge_method
         ):
             raise LarkApiError(20049)
         self._active_user(code.open_id)
@@ -612,7 +513,7 @@ class LarkSandbox(Sandbox):
         return self._issue(code.open_id, code.scopes, authorized_at=self.clock(), issuer=issuer)
 
     def _rotate(self, body: dict[str, Any], issuer: Literal["v2", "v3"]) -> dict[str, Any]:
-        value = _text(body, "refresh_token")
+        value = str_field(body, "refresh_token")
         if not value:
             raise LarkApiError(20001)
         if not self.refresh_enabled:
@@ -705,10 +606,10 @@ class LarkSandbox(Sandbox):
         return await self._internal_token(request, "tenant")
 
     async def _internal_token(self, request: Request, kind: Literal["app", "tenant"]) -> Response:
-        body = await _read_body(request)  # JSON even without a Content-Type, as lark-oapi sends it
+        body = await read_body(request)  # JSON even without a Content-Type, as lark-oapi sends it
         if (fault := await self._gate(f"{kind}_access_token")) is not None:
             return fault
-        app_id, app_secret = _text(body or {}, "app_id"), _text(body or {}, "app_secret")
+        app_id, app_secret = str_field(body or {}, "app_id"), str_field(body or {}, "app_secret")
         if not app_id or not app_secret:
             return api_error(10003)
         if app_id != self.app_id:
@@ -750,9 +651,7 @@ class LarkSandbox(Sandbox):
         if query.get("client_id") != self.app_id:
             return self._error_page(20048)
         redirect_uri = query.get("redirect_uri", "")
-        parts = urlsplit(redirect_uri)
-        registered = not self.redirect_uris or _without_query(redirect_uri) in self.redirect_uris
-        if parts.scheme not in ("http", "https") or not parts.netloc or not registered:
+        if not redirect_allowed(redirect_uri, self.redirect_uris):
             return self._error_page(20029)
         scopes = [scope for scope in query.get("scope", "").split(" ") if scope]
         method = query.get("code_challenge_method") or "plain"  # Lark's default is plain
@@ -780,7 +679,7 @@ class LarkSandbox(Sandbox):
             consent.open_id, "browser", consent.scopes, redirect_uri=consent.redirect_uri,
             challenge=consent.challenge, challenge_method=consent.challenge_method,
         )
-        return _redirect_to(consent.redirect_uri, {"code": code, "state": consent.state})
+        return redirect_to(consent.redirect_uri, {"code": code, "state": consent.state})
 
     def _consent_page(self, ticket: str, consent: _Consent) -> HTMLResponse:
         user = self.users[consent.open_id]
@@ -789,47 +688,40 @@ class LarkSandbox(Sandbox):
             "<!doctype html><meta charset=utf-8><title>Authorize</title>"
             f"<h1>Sign in to {html.escape(self.app_id)}</h1>"
             f"<p>Signed in as {html.escape(user.name)}. The app asks for:</p>"
-            f"<ul>{scopes or '<li>your identity</li>'}</ul>"
-            '<form method="post" action="/_sandbox/consent">'
-            f'<input type="hidden" name="ticket" value="{html.escape(ticket)}">'
-            '<button name="decision" value="allow">Allow</button> '
-            '<button name="decision" value="deny">Deny</button></form>'
+            f"<ul>{scopes or '<li>your identity</li>'}</ul>" + consent_form(ticket)
         )
 
     async def _consent(self, request: Request) -> Response:
-        form = await _read_body(request) or {}
-        consent = self._consents.pop(_text(form, "ticket"), None)
+        form = await read_body(request) or {}
+        consent = self._consents.pop(str_field(form, "ticket"), None)
         if consent is None or self.clock() >= consent.expires_at:
             return HTMLResponse("<!doctype html><p>This authorization request has expired.</p>", status_code=400)
-        if _text(form, "decision") != "allow":
-            return _redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
+        if str_field(form, "decision") != "allow":
+            return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         return self._grant_consent(consent)
 
     # -- the simulated client: JSSDK and code minting ------------------------------------------
 
     async def _jsapi_code(self, request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return Response(status_code=204, headers=_CORS)
-        if (fault := await self._gate("jsapi_code")) is not None:
-            fault.headers.update(_CORS)
-            return fault
-        body = await _read_body(request) or {}
+        if (early := await self._cors_gate(request, "jsapi_code")) is not None:
+            return early
+        body = await read_body(request) or {}
         answer, status = self._jsapi_answer(body)
-        return JSONResponse(answer, status_code=status, headers=_CORS)
+        return JSONResponse(answer, status_code=status, headers=CORS_HEADERS)
 
     def _jsapi_answer(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """What ``tt.requestAccess`` / ``tt.requestAuthCode`` hand the page, as JSON: ``{code}``,
         a fail object ``{errno, errCode?, errString}``, or ``{consent_required, scopes}``."""
         open_id = self.current_user
-        if _text(body, "api") == "requestAuthCode":
-            if _text(body, "appId") != self.app_id:
+        if str_field(body, "api") == "requestAuthCode":
+            if str_field(body, "appId") != self.app_id:
                 return {"errCode": 10200, "errno": 104, "errString": "invalid appid"}, 400
             if not self.users[open_id].visible:
                 return {"errCode": 10228, "errno": 106, "errString": "app not visible to this user"}, 403
             return {"code": self._mint(open_id, "requestAuthCode", frozenset())}, 200
         if self.jsapi_mode == "old_client":
             return {"errno": 103, "errString": "feature not support"}, 400
-        if _text(body, "appID") != self.app_id:
+        if str_field(body, "appID") != self.app_id:
             return {"errno": 104, "errString": "invalid parameter: appID"}, 400
         scope_list = body.get("scopeList")
         if not isinstance(scope_list, list) or not all(isinstance(scope, str) for scope in scope_list):
@@ -862,50 +754,23 @@ class LarkSandbox(Sandbox):
             .replace("__MODE__", json.dumps(self.jsapi_mode))
             .replace("__APP__", json.dumps(self.app_id))
         )
-        return Response(script, media_type="application/javascript", headers={"cache-control": "no-store"})
+        return script_response(script)
 
     # -- admin API -----------------------------------------------------------------------------
 
-    def _admin_routes(self) -> list[Route]:
+    def admin_routes(self) -> list[BaseRoute]:
         return [
-            Route("/_sandbox/stats", self._admin_stats, methods=["GET"]),
-            Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
+            *super().admin_routes(),
             Route("/_sandbox/current_user", self._admin_current_user, methods=["POST"]),
-            Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]),
             Route("/_sandbox/jsapi/code", self._jsapi_code, methods=["POST", "OPTIONS"]),
         ]
 
-    async def _admin_stats(self, request: Request) -> Response:
-        return JSONResponse(dict(self._stats))
-
-    async def _admin_faults(self, request: Request) -> Response:
-        if request.method == "DELETE":
-            self.clear_faults()
-            return Response(status_code=204)
-        body = await _read_body(request) or {}
-        endpoint = _text(body, "endpoint")
-        times, delay_s = body.get("times", 1), body.get("delay_s", 0)
-        integers = (body.get("code"), body.get("status"), times)
-        valid = all(value is None or type(value) is int for value in integers)
-        if not endpoint or not valid or type(delay_s) not in (int, float):
-            return JSONResponse({"error": "give endpoint, optional integers code/status/times, delay_s"}, 400)
-        self.inject_fault(endpoint, body.get("code"), times=times, delay_s=float(delay_s), status=body.get("status"))
-        return Response(status_code=204)
-
     async def _admin_current_user(self, request: Request) -> Response:
-        open_id = _text(await _read_body(request) or {}, "open_id")
+        open_id = str_field(await read_body(request) or {}, "open_id")
         if open_id not in self.users:
             return JSONResponse({"error": f"no sandbox user {open_id!r}", "users": list(self.users)}, 404)
         self.set_current_user(open_id)
         return JSONResponse({"open_id": open_id, "name": self.users[open_id].name})
-
-    async def _admin_jsapi_mode(self, request: Request) -> Response:
-        wanted = _text(await _read_body(request) or {}, "mode")
-        mode = next((mode for mode in JSAPI_MODES if mode == wanted), None)
-        if mode is None:
-            return JSONResponse({"error": f"unknown jsapi mode {wanted!r}", "modes": list(JSAPI_MODES)}, 400)
-        self.jsapi_mode = mode
-        return JSONResponse({"mode": mode})
 
 
 # The simulated client's JSSDK. ES5 only: it runs in old webviews too. It defines the two

@@ -31,10 +31,9 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import Field, SecretStr, field_validator
@@ -48,6 +47,7 @@ from gateway.errors import (
 )
 from gateway.providers import (
     CallbackResult,
+    ErrorRule,
     Flow,
     Grant,
     LoginContext,
@@ -56,7 +56,15 @@ from gateway.providers import (
     ProviderSettings,
     TokenSet,
     UserIdentity,
-    classify_http_error,
+    as_int,
+    base_url_validator,
+    json_object,
+    misconfigured,
+    optional_url_validator,
+    reauth,
+    str_field,
+    transient,
+    unwrap,
 )
 
 log = logging.getLogger("gateway.providers.wemeet")
@@ -86,13 +94,6 @@ _ABSOLUTE_TIME_FLOOR = 1_000_000_000  # 2001-09-09: anything smaller is not a un
 _INACTIVE_STATUS = {"2": "deregistered", "4": "disabled"}
 
 
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http(s) URL such as https://meeting.tencent.com")
-    return value
-
-
 class WeMeetSettings(ProviderSettings):
     """``providers.<name>`` for ``plugin: wemeet``.
 
@@ -110,7 +111,7 @@ class WeMeetSettings(ProviderSettings):
 
     @field_validator("sdk_id", "corp_id", mode="before")
     @classmethod
-    def _numeric_ids_as_text(cls, value: Any) -> Any:
+    def _numeric_ids_asstr_field(cls, value: Any) -> Any:
         # Both IDs are digits; an unquoted YAML number must not be an error.
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
@@ -123,15 +124,8 @@ class WeMeetSettings(ProviderSettings):
             raise ValueError("must not be empty (the OAuth app's 客户密钥)")
         return value
 
-    @field_validator("web_base_url", "api_base_url")
-    @classmethod
-    def _base_url(cls, value: str) -> str:
-        return _http_url(value).rstrip("/")
-
-    @field_validator("jssdk_url")
-    @classmethod
-    def _jssdk_url(cls, value: str) -> str:
-        return _http_url(value) if value else value
+    _base_urls = base_url_validator("web_base_url", "api_base_url", example="https://meeting.tencent.com")
+    _jssdk_url = optional_url_validator("jssdk_url", example="https://meeting.tencent.com")
 
 
 # -- error classification ---------------------------------------------------------------------
@@ -153,62 +147,28 @@ _TOKEN_REJECTED = (
 )
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """What one REST API error code means for the gateway."""
-
-    kind: type[ProviderError]
-    message: str
-    code: str | None = None
-    retry_after_s: int = 5
-
-
 #: The REST API's documented codes (sheet 6.1). ``new_error_code`` values such as 100190303 or
 #: 143001012 carry the old code in their last six digits.
-_API_ERRORS: dict[int, _Rule] = {
-    190303: _Rule(ReauthRequired, _TOKEN_REJECTED, "token_rejected"),
-    9042: _Rule(ReauthRequired, "Tencent Meeting refused the request (9042: permission denied or auth failure)."),
-    1012: _Rule(
-        ReauthRequired,
-        "Tencent Meeting says the user has not authorized this app (1012); a new authorization is needed.",
-    ),
-    190300: _Rule(
-        ProviderMisconfigured,
+_API_ERRORS: dict[int, ErrorRule] = {
+    190303: reauth(_TOKEN_REJECTED, "token_rejected"),
+    9042: reauth("Tencent Meeting refused the request (9042: permission denied or auth failure)."),
+    1012: reauth("Tencent Meeting says the user has not authorized this app (1012); a new authorization is needed."),
+    190300: misconfigured(
         "Tencent Meeting says the gateway's clock is more than 5 minutes off (190300): synchronise "
         "the server clock (NTP).",
     ),
-    190301: _Rule(ProviderUnavailable, "Tencent Meeting refused a repeated request nonce (190301); try again."),
-    190004: _Rule(
-        ProviderMisconfigured,
+    190301: transient("Tencent Meeting refused a repeated request nonce (190301); try again."),
+    190004: misconfigured(
         "Tencent Meeting rejected the request parameters (190004); this is a bug, please report it.",
     ),
-    200003: _Rule(
-        ProviderMisconfigured,
+    200003: misconfigured(
         "Tencent Meeting asked for a request signature (200003), which OAuth apps do not send: "
         "check that the app is a third-party OAuth app, not a self-built (JWT) one.",
     ),
-    190310: _Rule(ProviderUnavailable, "Tencent Meeting rate-limited the gateway (190310).", "rate_limited", 60),
-    190311: _Rule(ProviderUnavailable, "Tencent Meeting's daily call limit is used up (190311).", "rate_limited", 3600),
-    190313: _Rule(ProviderUnavailable, "Tencent Meeting rate-limited the gateway (190313).", "rate_limited", 60),
+    190310: transient("Tencent Meeting rate-limited the gateway (190310).", "rate_limited", 60),
+    190311: transient("Tencent Meeting's daily call limit is used up (190311).", "rate_limited", 3600),
+    190313: transient("Tencent Meeting rate-limited the gateway (190313).", "rate_limited", 60),
 }
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
 
 
 def _trace(body: Mapping[str, Any] | None) -> str:
@@ -227,9 +187,9 @@ def classify_webapi(response: httpx.Response, *, operation: Operation) -> tuple[
     transient.
     """
     status = response.status_code
-    body = _json_object(response)
+    body = json_object(response)
     provider_code: int | str = status
-    code = _as_int(body.get("code")) if body else None
+    code = as_int(body.get("code")) if body else None
     if body and code not in (0, None):
         provider_code = code
     parts = [f"HTTP {status}"]
@@ -270,24 +230,18 @@ def classify_api(response: httpx.Response) -> tuple[dict[str, Any], ProviderErro
     Errors are HTTP 400/500 with ``{"error_info": {"error_code", "new_error_code", "message"}}``.
     """
     status = response.status_code
-    body = _json_object(response)
+    body = json_object(response)
     info = body.get("error_info") if body else None
     if 200 <= status < 300 and body is not None and not isinstance(info, Mapping):
         return body, None
     code = new_code = None
     if isinstance(info, Mapping):
-        code, new_code = _as_int(info.get("error_code")), _as_int(info.get("new_error_code"))
+        code, new_code = as_int(info.get("error_code")), as_int(info.get("new_error_code"))
     rule = _API_ERRORS.get(code or 0) or (_API_ERRORS.get(new_code % 1_000_000) if new_code else None)
     provider_code: int = code or new_code or status
     shown = f" (HTTP {status}, error {provider_code})" if code or new_code else f" (HTTP {status})"
     if rule is not None and not (status >= 500 and rule.kind is not ProviderUnavailable):
-        if rule.kind is ProviderUnavailable:
-            error: ProviderError = ProviderUnavailable(
-                rule.message + shown, code=rule.code, provider_code=provider_code, retry_after_s=rule.retry_after_s
-            )
-        else:
-            error = rule.kind(rule.message + shown, code=rule.code, provider_code=provider_code)
-        return {}, error
+        return {}, rule.error(rule.message + shown, provider_code)
     if status >= 500 or status == 429 or body is None:
         return {}, ProviderUnavailable(
             f"Tencent Meeting's API failed to answer; please try again{shown}.", provider_code=provider_code
@@ -295,11 +249,6 @@ def classify_api(response: httpx.Response) -> tuple[dict[str, Any], ProviderErro
     return {}, ProviderError(
         f"Tencent Meeting's API answered with an unexpected error{shown}.", provider_code=provider_code
     )
-
-
-def _text(data: Mapping[str, Any], key: str) -> str:
-    value = data.get(key)
-    return value if isinstance(value, str) else ""
 
 
 def _string_list(value: Any) -> list[str]:
@@ -390,7 +339,7 @@ class WeMeetProvider(Provider):
         body = {"sdk_id": self.settings.sdk_id, "secret": self.settings.secret.get_secret_value(), "auth_code": code}
         now = self.context.clock()
         data = await self._webapi(ACCESS_TOKEN_PATH, body, "code exchange")
-        open_id = _text(data, "open_id")
+        open_id = str_field(data, "open_id")
         if not open_id:
             raise ProviderUnavailable("Tencent Meeting answered the code exchange without an open_id.")
         tokens = self._tokens(data, now, open_id, previous_refresh=None)
@@ -404,7 +353,7 @@ class WeMeetProvider(Provider):
         body = {"refresh_token": tokens.refresh_token, "sdk_id": self.settings.sdk_id, "open_id": open_id}
         now = self.context.clock()
         data = await self._webapi(REFRESH_TOKEN_PATH, body, "refresh")
-        answered = _text(data, "open_id")
+        answered = str_field(data, "open_id")
         if answered and answered != open_id:
             raise ReauthRequired("Tencent Meeting refreshed the tokens of another user; a new login is needed.")
         return self._tokens(data, now, open_id, previous_refresh=tokens.refresh_token)
@@ -412,19 +361,13 @@ class WeMeetProvider(Provider):
     # -- helpers ------------------------------------------------------------------------------
 
     async def _webapi(self, path: str, body: dict[str, str], operation: Operation) -> dict[str, Any]:
-        try:
-            response = await self.http.post(f"{self.settings.web_base_url}{path}", json=body)
-        except httpx.HTTPError as exc:
-            raise classify_http_error(exc, provider=DISPLAY_NAME) from None
-        data, error = classify_webapi(response, operation=operation)
-        if error is not None:
-            raise error
-        return data
+        response = await self.send("POST", f"{self.settings.web_base_url}{path}", json=body)
+        return unwrap(classify_webapi(response, operation=operation))
 
     def _tokens(self, data: Mapping[str, Any], now: float, open_id: str, *, previous_refresh: str | None) -> TokenSet:
         # "Store what comes back" (sheet S2 rule); should a refresh ever answer without a refresh
         # token (whether it always returns a new value is unconfirmed [?]), the old one is kept.
-        refresh_token = _text(data, "refresh_token") or previous_refresh
+        refresh_token = str_field(data, "refresh_token") or previous_refresh
         return TokenSet(
             access_token=data["access_token"],
             expires_at=self._expires_at(data.get("expires"), now),
@@ -438,7 +381,7 @@ class WeMeetProvider(Provider):
     @staticmethod
     def _expires_at(raw: Any, now: float) -> float:
         """``expires`` is the ABSOLUTE expiry (unix seconds), not a duration."""
-        value = raw if isinstance(raw, int | float) and not isinstance(raw, bool) else _as_int(raw)
+        value = raw if isinstance(raw, int | float) and not isinstance(raw, bool) else as_int(raw)
         if value is None:
             log.warning("Tencent Meeting sent no usable 'expires'; assuming the documented 6 hours")
             return now + ACCESS_TOKEN_LIFETIME_S
@@ -450,7 +393,7 @@ class WeMeetProvider(Provider):
 
     async def _identity(self, data: Mapping[str, Any], access_token: str, open_id: str) -> UserIdentity:
         corp_known = isinstance(data.get("open_corp_id"), str)
-        tenant = _text(data, "open_corp_id")
+        tenant = str_field(data, "open_corp_id")
         scopes = set(_string_list(data.get("scopes")))
         # The profile API names its scopes in the v1 list. When that list is there and lacks
         # them, the call would only answer 190303. ``scopes`` is "to be deprecated", and how
@@ -458,14 +401,14 @@ class WeMeetProvider(Provider):
         if scopes and not scopes & PROFILE_SCOPES:
             return UserIdentity(user=open_id, tenant=tenant, extra={"open_id": open_id})
         profile = await self._profile(access_token, open_id)
-        status = _text(profile, "status")
+        status = str_field(profile, "status")
         if status in _INACTIVE_STATUS:
             raise LoginDenied(
                 f"Tencent Meeting says this account is {_INACTIVE_STATUS[status]}.", code="user_inactive"
             )
         if not corp_known:
-            tenant = _text(profile, "open_corp_id")  # older exchange answers have no open_corp_id
-        return UserIdentity(user=open_id, tenant=tenant, name=_text(profile, "username").strip(),
+            tenant = str_field(profile, "open_corp_id")  # older exchange answers have no open_corp_id
+        return UserIdentity(user=open_id, tenant=tenant, name=str_field(profile, "username").strip(),
                             extra={"open_id": open_id})
 
     async def _profile(self, access_token: str, open_id: str) -> dict[str, Any]:

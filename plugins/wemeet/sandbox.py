@@ -38,27 +38,33 @@ All state lives on the instance; the ``clock`` knob lets a test move time forwar
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import html
 import json
 import re
 import secrets
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from gateway.sandbox import Sandbox
+from gateway.providers import str_field
+from gateway.sandbox import (
+    CORS_HEADERS,
+    Fault,
+    Sandbox,
+    consent_form,
+    read_body,
+    redirect_allowed,
+    redirect_to,
+    script_response,
+    without_query,
+)
 
 Approval = Literal["approved", "pending", "rejected"]
 JsapiMode = Literal["current", "no_authorize", "hang"]
@@ -169,15 +175,6 @@ class _Refresh:
 
 
 @dataclass
-class _Fault:
-    endpoint: str
-    code: int | None
-    status: int | None
-    delay_s: float
-    remaining: int | None  # None: until cleared
-
-
-@dataclass
 class _Consent:
     open_id: str
     redirect_uri: str
@@ -191,24 +188,6 @@ def _token(nbytes: int = 48) -> str:
 
 def _trace() -> str:
     return secrets.token_hex(8)
-
-
-def _text(data: Mapping[str, Any], key: str) -> str:
-    value = data.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _redirect_to(redirect_uri: str, params: Mapping[str, str]) -> RedirectResponse:
-    """``redirect_uri`` with ``params`` appended; its own query parameters are kept."""
-    parts = urlsplit(redirect_uri)
-    extra = urlencode(params)
-    query = f"{parts.query}&{extra}" if parts.query else extra
-    return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=302)
-
-
-def _without_query(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def envelope(data: Mapping[str, Any]) -> JSONResponse:
@@ -242,28 +221,6 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-async def _form_or_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if "application/x-www-form-urlencoded" in request.headers.get("content-type", ""):
-        try:
-            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError:
-            return {}
-    try:
-        data = json.loads(raw) if raw.strip() else {}
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-_CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type",
-    "Access-Control-Max-Age": "600",
-}
-
-
 class WeMeetSandbox(Sandbox):
     """The emulator. Knobs are constructor arguments; the rest of the API is for tests and demos.
 
@@ -275,10 +232,15 @@ class WeMeetSandbox(Sandbox):
     JS-SDK: ``current`` (all permission APIs), ``no_authorize`` (a client before 3.16), ``hang``
     (a client bridge that never answers). ``corp_in_exchange=False`` drops ``open_corp_id`` from
     the exchange answer, as the older doc describes it.
+
+    ``stats`` counts calls per endpoint: ``authorize``, ``consent``, ``access_token``,
+    ``refresh_token``, ``user_info``, ``profile``, ``jsapi_code``; ``inject_fault`` takes those
+    names (see ``fault_response``).
     """
 
     plugin = "wemeet"
     client_user_agent = CLIENT_UA
+    jsapi_modes = JSAPI_MODES
 
     def __init__(
         self,
@@ -302,6 +264,7 @@ class WeMeetSandbox(Sandbox):
     ) -> None:
         if not users:
             raise ValueError("the sandbox needs at least one user")
+        super().__init__(delay_s=delay_s)
         self.sdk_id = sdk_id
         self.secret = secret
         self.corp_id = corp_id
@@ -311,12 +274,11 @@ class WeMeetSandbox(Sandbox):
         self.refresh_ttl_s = refresh_ttl_s
         self.auto_consent = auto_consent
         self.pending_redirect = pending_redirect
-        self.redirect_uris = [_without_query(uri) for uri in redirect_uris]
+        self.redirect_uris = [without_query(uri) for uri in redirect_uris]
         self.strict_fields = strict_fields
         self.corp_in_exchange = corp_in_exchange
         self.jsapi_mode: JsapiMode = jsapi_mode
         self.rate_limit_per_min = rate_limit_per_min
-        self.delay_s = delay_s  # every call waits this long first: a slow provider
         self.clock = clock
         self.current_user = users[0].open_id
         self.approval: dict[str, Approval] = {user.open_id: user.approval for user in users}
@@ -329,18 +291,8 @@ class WeMeetSandbox(Sandbox):
         self._consents: dict[str, _Consent] = {}
         self._nonces: dict[tuple[str, str], float] = {}
         self._calls: dict[str, deque[float]] = {}
-        self._faults: list[_Fault] = []
-        self._stats: Counter[str] = Counter()
-        self._base_urls: dict[str, str] = {}
-        self._apps: dict[str, ASGIApp] | None = None
 
     # -- the Python API ------------------------------------------------------------------------
-
-    @property
-    def stats(self) -> Counter[str]:
-        """Calls per endpoint: ``authorize``, ``consent``, ``access_token``, ``refresh_token``,
-        ``user_info``, ``profile``, ``jsapi_code``. A copy: missing keys read as 0."""
-        return Counter(self._stats)
 
     def set_current_user(self, open_id: str) -> None:
         """The user the authorize page and the fake JS-SDK act for."""
@@ -380,42 +332,20 @@ class WeMeetSandbox(Sandbox):
         self._kill(open_id)
         self._authorized.discard(open_id)
 
-    def inject_fault(
-        self, endpoint: str, code: int | None = None, *, status: int | None = None, times: int | None = 1,
-        delay_s: float = 0.0,
-    ) -> None:
-        """Make the next ``times`` calls of ``endpoint`` (a name from ``stats``) fail; None: until
-        ``clear_faults``. ``code`` answers the endpoint's own error shape (wemeet-webapi: the
-        envelope with that ``code``, HTTP 400 unless ``status`` says otherwise, so ``status=200``
-        gives a "success" status with a non-zero code; REST: ``error_info``; jsapi: ``errCode``);
-        a ``status`` alone answers a non-JSON error page, as a load balancer would; neither only
-        waits ``delay_s`` and then answers normally."""
-        self._faults.append(_Fault(endpoint, code, status, delay_s, times))
-
-    def clear_faults(self) -> None:
-        self._faults.clear()
-
     # -- Sandbox ------------------------------------------------------------------------------
 
-    def hosts(self) -> dict[str, ASGIApp]:
-        if self._apps is None:
-            admin = self._admin_routes()
-            self._apps = {
-                "web": Starlette(routes=[
-                    Route("/marketplace/authorize.html", self._authorize, methods=["GET"]),
-                    Route("/_sandbox/consent", self._consent, methods=["POST"]),
-                    Route("/wemeet-webapi/v2/oauth2/oauth/access_token", self._access_token, methods=["POST"]),
-                    Route("/wemeet-webapi/v2/oauth2/oauth/refresh_token", self._refresh_token, methods=["POST"]),
-                    Route("/wemeet-webapi/v2/oauth2/oauth/user_info", self._user_info, methods=["POST"]),
-                    Route("/_sandbox/wemeet-js-sdk.js", self._jssdk, methods=["GET"]),
-                    *admin,
-                ]),
-                "api": Starlette(routes=[
-                    Route("/v1/users/info/basic", self._profile, methods=["GET"]),
-                    *admin,
-                ]),
-            }
-        return dict(self._apps)
+    def host_routes(self) -> dict[str, list[BaseRoute]]:
+        return {
+            "web": [
+                Route("/marketplace/authorize.html", self._authorize, methods=["GET"]),
+                Route("/_sandbox/consent", self._consent, methods=["POST"]),
+                Route("/wemeet-webapi/v2/oauth2/oauth/access_token", self._access_token, methods=["POST"]),
+                Route("/wemeet-webapi/v2/oauth2/oauth/refresh_token", self._refresh_token, methods=["POST"]),
+                Route("/wemeet-webapi/v2/oauth2/oauth/user_info", self._user_info, methods=["POST"]),
+                Route("/_sandbox/wemeet-js-sdk.js", self._jssdk, methods=["GET"]),
+            ],
+            "api": [Route("/v1/users/info/basic", self._profile, methods=["GET"])],
+        }
 
     def provider_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         # Remembered so the fake JS-SDK knows the authorize page's and the code endpoint's host.
@@ -433,38 +363,23 @@ class WeMeetSandbox(Sandbox):
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         return {**self.provider_settings(base_urls), "jssdk_url": base_urls["web"] + "/_sandbox/wemeet-js-sdk.js"}
 
-    def transport(self, base_urls: Mapping[str, str]) -> httpx.AsyncBaseTransport:
-        self._base_urls = dict(base_urls)
-        return super().transport(base_urls)
-
     # -- shared plumbing -----------------------------------------------------------------------
 
-    async def _gate(self, endpoint: str) -> Response | None:
-        """Count the call, wait out any delay, and answer an injected fault if one matches."""
-        self._stats[endpoint] += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        fault = next((fault for fault in self._faults if fault.endpoint == endpoint), None)
-        if fault is None:
-            return None
-        if fault.remaining is not None:
-            fault.remaining -= 1
-            if fault.remaining <= 0:
-                self._faults.remove(fault)
-        if fault.delay_s:
-            await asyncio.sleep(fault.delay_s)
-        if fault.code is not None:
-            if endpoint == "profile":
-                return api_error(fault.code, fault.status)
-            if endpoint == "jsapi_code":
-                body = {"errCode": fault.code, "errMsg": "injected fault"}
-                return JSONResponse(body, status_code=fault.status or 400)
-            if endpoint in ("authorize", "consent"):
-                return self._error_page(f"Error {fault.code}", fault.status or 400)
-            return webapi_error("injected fault", code=fault.code, status=fault.status or 400)
-        if fault.status is not None:
-            return HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=fault.status)
-        return None
+    def fault_response(self, endpoint: str, fault: Fault) -> Response | None:
+        """A fault's ``code`` answers the endpoint's own error shape: wemeet-webapi the envelope
+        with that ``code``, HTTP 400 unless ``status`` says otherwise (so ``status=200`` gives a
+        "success" status with a non-zero code); REST ``error_info``; jsapi ``errCode``; the
+        authorize and consent pages an error page."""
+        if not isinstance(fault.code, int):
+            return super().fault_response(endpoint, fault)
+        if endpoint == "profile":
+            return api_error(fault.code, fault.status)
+        if endpoint == "jsapi_code":
+            body = {"errCode": fault.code, "errMsg": "injected fault"}
+            return JSONResponse(body, status_code=fault.status or 400)
+        if endpoint in ("authorize", "consent"):
+            return self._error_page(f"Error {fault.code}", fault.status or 400)
+        return webapi_error("injected fault", code=fault.code, status=fault.status or 400)
 
     def _mint(self, open_id: str) -> str:
         code = _token(24)
@@ -492,7 +407,7 @@ class WeMeetSandbox(Sandbox):
         return access, refresh, expires
 
     def _check_fields(self, body: Mapping[str, Any], expected: tuple[str, ...]) -> None:
-        missing = [key for key in expected if not _text(body, key)]
+        missing = [key for key in expected if not str_field(body, key)]
         if missing:
             raise WebapiError(f"missing parameter: {', '.join(missing)}")
         unknown = sorted(set(body) - set(expected))
@@ -663,9 +578,7 @@ class WeMeetSandbox(Sandbox):
         if query["corp_id"] != self.corp_id:
             return self._error_page("corp_id is not the enterprise that owns this application.")
         redirect_uri = query["redirect_uri"]
-        parts = urlsplit(redirect_uri)
-        registered = not self.redirect_uris or _without_query(redirect_uri) in self.redirect_uris
-        if parts.scheme not in ("http", "https") or not parts.netloc or not registered:
+        if not redirect_allowed(redirect_uri, self.redirect_uris):
             return self._error_page("redirect_uri is not a registered http(s) address of this application.")
         state = query["state"]
         if not _STATE.fullmatch(state):
@@ -675,12 +588,12 @@ class WeMeetSandbox(Sandbox):
     def _decide(self, open_id: str, redirect_uri: str, state: str) -> Response:
         approval = self.approval[open_id]
         if approval == "rejected":
-            return _redirect_to(redirect_uri, {"error": "access_denied", "state": state})
+            return redirect_to(redirect_uri, {"error": "access_denied", "state": state})
         if approval == "pending":
             # The first authorization of an enterprise account asks its administrator first.
             self.applications.add(open_id)
             if self.pending_redirect:
-                return _redirect_to(redirect_uri, {"state": state})
+                return redirect_to(redirect_uri, {"state": state})
             return HTMLResponse(
                 "<!doctype html><meta charset=utf-8><title>腾讯会议 申请已提交</title>"
                 "<h1>申请已提交 Request submitted</h1>"
@@ -688,7 +601,7 @@ class WeMeetSandbox(Sandbox):
             )
         if open_id in self._authorized or self.auto_consent:
             self._authorized.add(open_id)
-            return _redirect_to(redirect_uri, {"auth_code": self._mint(open_id), "state": state})
+            return redirect_to(redirect_uri, {"auth_code": self._mint(open_id), "state": state})
         ticket = _token(16)
         self._consents[ticket] = _Consent(open_id, redirect_uri, state, self.clock() + CONSENT_TTL_S)
         user = self.users[open_id]
@@ -697,43 +610,37 @@ class WeMeetSandbox(Sandbox):
             "<!doctype html><meta charset=utf-8><title>腾讯会议 应用授权</title>"
             f"<h1>Authorize application {html.escape(self.sdk_id)}</h1>"
             f"<p>Signed in as {html.escape(user.username)}. The application asks for:</p><ul>{scopes}</ul>"
-            '<form method="post" action="/_sandbox/consent">'
-            f'<input type="hidden" name="ticket" value="{html.escape(ticket)}">'
-            '<button name="decision" value="allow">Allow</button> '
-            '<button name="decision" value="deny">Deny</button></form>'
+            + consent_form(ticket)
         )
 
     async def _consent(self, request: Request) -> Response:
-        form = await _form_or_json(request)
+        form = await read_body(request) or {}
         if (fault := await self._gate("consent")) is not None:
             return fault
-        consent = self._consents.pop(_text(form, "ticket"), None)
+        consent = self._consents.pop(str_field(form, "ticket"), None)
         if consent is None or self.clock() >= consent.expires_at:
             return self._error_page("This authorization request has expired.")
-        if _text(form, "decision") != "allow":
-            return _redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
+        if str_field(form, "decision") != "allow":
+            return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         self._authorized.add(consent.open_id)
-        return _redirect_to(consent.redirect_uri, {"auth_code": self._mint(consent.open_id), "state": consent.state})
+        return redirect_to(consent.redirect_uri, {"auth_code": self._mint(consent.open_id), "state": consent.state})
 
     # -- the simulated client: fake JS-SDK and its code endpoint --------------------------------
 
     async def _jsapi_code(self, request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return Response(status_code=204, headers=_CORS)
-        if (fault := await self._gate("jsapi_code")) is not None:
-            fault.headers.update(_CORS)
-            return fault
-        answer = self._jsapi_answer(await _form_or_json(request))
-        return JSONResponse(answer, headers=_CORS)
+        if (early := await self._cors_gate(request, "jsapi_code")) is not None:
+            return early
+        answer = self._jsapi_answer(await read_body(request) or {})
+        return JSONResponse(answer, headers=CORS_HEADERS)
 
     def _jsapi_answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """What the client hands the page, as JSON: ``{authCode}``; for requestAgentAuthCode a
         rejection ``{errCode, errMsg}`` (the sandbox's own shape: the real one is undocumented);
         for authorize ``{bizCode, bizMessage}`` or ``{consent_required: true}``."""
         open_id = self.current_user
-        api = _text(body, "api")
+        api = str_field(body, "api")
         if api == "requestAgentAuthCode":
-            if _text(body, "sdkId") != self.sdk_id:
+            if str_field(body, "sdkId") != self.sdk_id:
                 return {"errCode": 10001, "errMsg": "requestAgentAuthCode:fail invalid sdkId"}
             if open_id not in self._authorized or self.approval[open_id] != "approved":
                 return {"errCode": 10002, "errMsg": "requestAgentAuthCode:fail the user has not authorized the app"}
@@ -761,23 +668,18 @@ class WeMeetSandbox(Sandbox):
             .replace("__MODE__", json.dumps(self.jsapi_mode))
             .replace("__VERSION__", json.dumps(CLIENT_UA.split("app_version/")[1].split(" ")[0]))
         )
-        return Response(script, media_type="application/javascript", headers={"cache-control": "no-store"})
+        return script_response(script)
 
     # -- admin API -----------------------------------------------------------------------------
 
-    def _admin_routes(self) -> list[Route]:
+    def admin_routes(self) -> list[BaseRoute]:
         return [
-            Route("/_sandbox/stats", self._admin_stats, methods=["GET"]),
+            *super().admin_routes(),
             Route("/_sandbox/users", self._admin_users, methods=["GET"]),
-            Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
             Route("/_sandbox/current_user", self._admin_current_user, methods=["POST"]),
             Route("/_sandbox/approve", self._admin_approve, methods=["POST"]),
-            Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]),
             Route("/_sandbox/jsapi/code", self._jsapi_code, methods=["POST", "OPTIONS"]),
         ]
-
-    async def _admin_stats(self, request: Request) -> Response:
-        return JSONResponse(dict(self._stats))
 
     async def _admin_users(self, request: Request) -> Response:
         return JSONResponse([
@@ -787,30 +689,16 @@ class WeMeetSandbox(Sandbox):
             for user in self.users.values()
         ])
 
-    async def _admin_faults(self, request: Request) -> Response:
-        if request.method == "DELETE":
-            self.clear_faults()
-            return Response(status_code=204)
-        body = await _form_or_json(request)
-        endpoint = _text(body, "endpoint")
-        times, delay_s = body.get("times", 1), body.get("delay_s", 0)
-        integers = (body.get("code"), body.get("status"), times)
-        valid = all(value is None or type(value) is int for value in integers)
-        if not endpoint or not valid or type(delay_s) not in (int, float):
-            return JSONResponse({"error": "give endpoint, optional integers code/status/times, delay_s"}, 400)
-        self.inject_fault(endpoint, body.get("code"), status=body.get("status"), times=times, delay_s=float(delay_s))
-        return Response(status_code=204)
-
     async def _admin_current_user(self, request: Request) -> Response:
-        open_id = _text(await _form_or_json(request), "open_id")
+        open_id = str_field(await read_body(request) or {}, "open_id")
         if open_id not in self.users:
             return JSONResponse({"error": f"no sandbox user {open_id!r}", "users": list(self.users)}, 404)
         self.set_current_user(open_id)
         return JSONResponse({"open_id": open_id, "username": self.users[open_id].username})
 
     async def _admin_approve(self, request: Request) -> Response:
-        body = await _form_or_json(request)
-        open_id, wanted = _text(body, "open_id"), _text(body, "answer") or "approved"
+        body = await read_body(request) or {}
+        open_id, wanted = str_field(body, "open_id"), str_field(body, "answer") or "approved"
         if open_id not in self.users:
             return JSONResponse({"error": f"no sandbox user {open_id!r}", "users": list(self.users)}, 404)
         answer = next((answer for answer in APPROVALS if answer == wanted), None)
@@ -818,14 +706,6 @@ class WeMeetSandbox(Sandbox):
             return JSONResponse({"error": f"unknown answer {wanted!r}", "answers": list(APPROVALS)}, 400)
         self.approve(open_id, answer)
         return JSONResponse({"open_id": open_id, "approval": answer})
-
-    async def _admin_jsapi_mode(self, request: Request) -> Response:
-        wanted = _text(await _form_or_json(request), "mode")
-        mode = next((mode for mode in JSAPI_MODES if mode == wanted), None)
-        if mode is None:
-            return JSONResponse({"error": f"unknown jsapi mode {wanted!r}", "modes": list(JSAPI_MODES)}, 400)
-        self.jsapi_mode = mode
-        return JSONResponse({"mode": mode})
 
 
 # The simulated client's JS-SDK. ES5 only: the Windows client runs Chrome 77. It defines the
