@@ -112,6 +112,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_block(count: int = 10) -> int:
+    """The first of ``count`` consecutive free ports (``gateway demo``/``sandbox`` take a block)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randint(20_000, 60_000 - count)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports")
+
+
 @dataclass
 class RunningGateway:
     url: str

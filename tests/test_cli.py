@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.conftest import BROWSER_UA, HTML, free_port
+from tests.conftest import BROWSER_UA, HTML, free_port_block
 
 
 @contextlib.contextmanager
@@ -48,7 +48,7 @@ def running(*args: str, ready: str, env: dict[str, str] | None = None, timeout_s
 
 
 def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
-    port = free_port()
+    port = free_port_block()
     base = f"http://127.0.0.1:{port}"
     with running("demo", "--port", str(port), ready=f"{base}/demo/"), \
             httpx.Client(base_url=base, headers={"user-agent": BROWSER_UA}, timeout=10) as client:
@@ -69,7 +69,7 @@ def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
 
 
 def test_sandbox_serves_one_port_per_host_and_prints_the_providers_yaml() -> None:
-    port = free_port()
+    port = free_port_block()
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "sandbox", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

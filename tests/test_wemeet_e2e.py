@@ -30,7 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.middleware import AuthGateway
 from gateway.sandbox import serve_apps
 from plugins.wemeet.sandbox import DEFAULT_USERS, WeMeetSandbox
-from tests.conftest import BROWSER_UA, HTML, RunningGateway, echo_app, free_port, headers_of
+from tests.conftest import BROWSER_UA, HTML, RunningGateway, echo_app, free_port, free_port_block, headers_of
 
 ZHANG, LI_SI, WANG, PAT, ZHAO = DEFAULT_USERS
 WEMEET_UA = (
@@ -344,7 +344,7 @@ def demo(port: int, timeout_s: float = 20) -> Iterator[subprocess.Popen[str]]:
 
 
 def test_gateway_demo_walks_the_wemeet_browser_flow_and_serves_the_simulated_client() -> None:
-    port = free_port()
+    port = free_port_block()
     base = f"http://127.0.0.1:{port}"
     with demo(port), httpx.Client(base_url=base, headers={"user-agent": BROWSER_UA}, timeout=10) as client:
         home = client.get("/demo/", headers=HTML)
