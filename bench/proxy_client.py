@@ -7,7 +7,9 @@ Three processes on loopback: a trivial upstream, a proxy in front of it, and wrk
     wrk -t2 -c32 -d10s http://127.0.0.1:9102/
 
 ``--client`` is ``httpx`` or ``aiohttp`` (a minimal streaming proxy built on that client, nothing
-else) or ``gateway`` (the real ``gateway.proxy.UpstreamProxy``). Every server is uvicorn with its
+else) or ``gateway`` (the real ``gateway.proxy.UpstreamProxy``, whose HTTP client is now its own:
+see its docstring). ``python -m bench --only sidecar`` measures the aiohttp one against nginx and
+``gateway serve`` in the same run; this script stays for quick manual comparisons. Every server is uvicorn with its
 defaults (uvloop + httptools when installed), access log off, one worker. Run from the project
 root with ``PYTHONPATH=.`` for ``gateway``; wrk at the upstream's own port gives the no-proxy ceiling.
 """

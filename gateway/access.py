@@ -15,6 +15,8 @@ def normalize_path(path: str) -> str:
     ``path`` is already percent-decoded once, as ASGI's ``scope["path"]`` is; it is not decoded
     again (the upstream will not decode it twice either).
     """
+    if path[:1] == "/" and "//" not in path and "/." not in path:
+        return path  # nothing to collapse or resolve: already what normpath would give (the hot path)
     decoded = path
     normalized = posixpath.normpath("/" + decoded.lstrip("/"))
     if normalized.startswith("//"):  # normpath keeps a leading "//" (POSIX allows it)
@@ -31,6 +33,8 @@ class AccessRules:
         patterns = [translate(pattern) for pattern in access.public_paths]
         self._public = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
         self._tenants = frozenset(access.allow_tenants)
+        #: False when no path is public: the middleware skips ``is_public`` altogether.
+        self.has_public_paths = self._public is not None
 
     def is_public(self, path: str) -> bool:
         """Whether a (once percent-decoded) path is public, matched after normalization.
@@ -39,9 +43,10 @@ class AccessRules:
         after decoding: some servers read ``/public/..;/x``, ``/public\\..\\x`` or a double-encoded
         ``%2e%2e`` as a way out of ``/public``, and the gateway cannot know the upstream's rules.
         """
-        if self._public is None or any(char in path for char in ";\\%"):
+        if self._public is None or ";" in path or "\\" in path or "%" in path:
             return False
         return self._public.match(normalize_path(path)) is not None
 
     def tenant_allowed(self, tenant: str) -> bool:
-        return not self._tenants or tenant in self._tenants
+        tenants = self._tenants
+        return not tenants or tenant in tenants

@@ -18,7 +18,8 @@ Per request (HTTP and WebSocket alike):
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+from collections.abc import Iterable
+from urllib.parse import quote, unquote
 
 import httpx
 from starlette.responses import Response
@@ -36,28 +37,48 @@ from gateway.stores import Store
 log = logging.getLogger("gateway")
 
 
+# The forward-auth 200 as the handshake's ``auth`` endpoint sends it, before the identity headers.
+_AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
+                    (b"content-type", b"text/plain; charset=utf-8"))
+
+# What ``str.strip()`` removes from a latin-1 cookie part, as bytes (ASCII whitespace plus the
+# separators and \x85, \xa0 that latin-1 text counts as whitespace).
+_COOKIE_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
+
+
+def _take_cookies(value: bytes, names: frozenset[bytes], found: dict[bytes, bytes]) -> bytes:
+    """One Cookie header: the gateway's cookies go to ``found`` (the first of each name wins),
+    the rest is returned joined (empty when nothing is left)."""
+    kept = []
+    for part in value.split(b";"):
+        part = part.strip(_COOKIE_SPACE)
+        if not part:
+            continue
+        name = part.partition(b"=")[0]
+        if name in names:
+            found.setdefault(name, part[len(name) + 1:])
+        else:
+            kept.append(part)
+    return b"; ".join(kept)
+
+
 def split_cookies(headers: Headers, names: frozenset[str]) -> tuple[dict[str, str], Headers]:
     """Take the gateway's cookies out of the Cookie headers.
 
     Returns the gateway cookies found and the headers with those cookies removed (a Cookie header
     left empty is dropped), so the upstream never sees the session ticket.
     """
-    found: dict[str, str] = {}
+    wanted = frozenset(name.encode("latin-1") for name in names)
+    found: dict[bytes, bytes] = {}
     result: Headers = []
     for key, value in headers:
         if key != b"cookie":
             result.append((key, value))
             continue
-        kept = []
-        for part in value.decode("latin-1").split(";"):
-            name, _, cookie_value = part.strip().partition("=")
-            if name in names:
-                found.setdefault(name, cookie_value)
-            elif part.strip():
-                kept.append(part.strip())
+        kept = _take_cookies(value, wanted, found)
         if kept:
-            result.append((b"cookie", "; ".join(kept).encode("latin-1")))
-    return found, result
+            result.append((b"cookie", kept))
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in found.items()}, result
 
 
 class AuthGateway:
@@ -76,32 +97,77 @@ class AuthGateway:
         self.runtime = Runtime(config, store=store, http_client=http_client)
         self.handshake = Handshake(self.runtime)
         self._prefix = config.path_prefix
+        self._prefix_slash = config.path_prefix + "/"
         self._cookie = config.session.cookie_name
         self._gateway_cookies = frozenset({self._cookie, self.handshake.binding_cookie})
+        # Precomputed for the hot path (issue 6: the gateway's own cost per request is measured).
+        self._cookie_bytes = self._cookie.encode("latin-1")
+        self._cookie_names = frozenset(name.encode("latin-1") for name in self._gateway_cookies)
+        # A Cookie header holding none of these substrings holds no gateway cookie: it is kept whole.
+        self._cookie_markers = tuple(name for name in self._cookie_names
+                                     if not any(other != name and other in name for other in self._cookie_names))
+        self._ticket_prefix = self._cookie_bytes + b"="
+        self._spoofable = self.runtime.spoofable
+        self._auth_path = self._prefix + "/auth"
+        self._authenticate = self.runtime.authenticator.authenticate
+        self._access = self.runtime.access
+
+    def _inbound(self, raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, Headers]:
+        """One pass over the client's headers: identity headers removed (always), the gateway's
+        cookies taken out of Cookie. Returns the session ticket (if any) and the headers to pass on."""
+        spoofable = self._spoofable
+        markers = self._cookie_markers
+        prefix = self._ticket_prefix
+        ticket: bytes | None = None
+        result: Headers = []
+        for item in raw:
+            key = item[0]
+            if key == b"cookie":
+                value = item[1]
+                for marker in markers:
+                    if marker in value:
+                        break
+                else:
+                    result.append(item)  # none of ours: kept whole
+                    continue
+                if value.startswith(prefix) and b";" not in value:
+                    # The usual case: the session cookie alone in the header.
+                    if ticket is None:
+                        ticket = value[len(prefix):].strip(_COOKIE_SPACE)
+                else:
+                    found: dict[bytes, bytes] = {}
+                    kept = _take_cookies(value, self._cookie_names, found)
+                    if kept:
+                        result.append((b"cookie", kept))
+                    if ticket is None:
+                        ticket = found.get(self._cookie_bytes)
+            elif key.lower() not in spoofable:
+                result.append(item)
+        return ticket, result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        scope = dict(scope)
-        stripped = strip_headers(scope["headers"], self.runtime.spoofable)
         path = normalize_path(scope["path"])
-        if path == self._prefix or path.startswith(self._prefix + "/"):
-            scope["headers"] = stripped  # the gateway's endpoints read its cookies
-            scope["path"] = path
-            await self.handshake(scope, receive, send)
+        if path == self._prefix or path.startswith(self._prefix_slash):
+            if path == self._auth_path and kind == "http" and await self._forward_auth(scope, send):
+                return
+            # The gateway's endpoints read its cookies: only the identity headers are removed.
+            stripped = strip_headers(scope["headers"], self._spoofable)
+            await self.handshake({**scope, "headers": stripped, "path": path}, receive, send)
             return
-        cookies, headers = split_cookies(stripped, self._gateway_cookies)
-        scope["headers"] = headers
-        if self.runtime.access.is_public(path):
+        raw_ticket, headers = self._inbound(scope["headers"])
+        scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change
+        if self._access.has_public_paths and self._access.is_public(path):
             await self.app(scope, receive, send)
             return
         try:
-            ticket = cookies.get(self._cookie)
-            authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+            authenticated = await self._authenticate(raw_ticket.decode("latin-1")) if raw_ticket else None
         except GatewayError as exc:
             await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
@@ -114,13 +180,44 @@ class AuthGateway:
         if authenticated is None:
             await self._login_required(scope, receive, send)
             return
-        if not self.runtime.access.tenant_allowed(authenticated.identity.tenant):
+        if not self._access.tenant_allowed(authenticated.identity.tenant):
             response = error_response(scope, 403, "tenant_not_allowed",
                                       "Your organisation is not allowed to use this app.")
             await self._deny(scope, receive, send, response)
             return
-        scope["headers"] = headers + authenticated.headers
+        headers.extend(authenticated.headers)  # ``headers`` is our own list, already in the scope
         await self.app(scope, receive, send)
+
+    async def _forward_auth(self, scope: Scope, send: Send) -> bool:
+        """``GET <prefix>/auth`` (nginx ``auth_request``) for a valid session: the hot path of
+        forward-auth, answered here without building a Request (every app request behind nginx
+        costs one of these). Anything else (no or bad session, a public path, an error, another
+        tenant) returns False and the handshake's ``auth`` endpoint answers it as always."""
+        if scope["method"] not in ("GET", "HEAD"):
+            return False
+        raw_ticket, _ = self._inbound(scope["headers"])
+        if raw_ticket is None:
+            return False
+        if self._access.has_public_paths:
+            original_uri = forwarded_uri = None  # the first of each, as the handshake reads them
+            for key, value in scope["headers"]:
+                if key == b"x-original-uri" and original_uri is None:
+                    original_uri = value
+                elif key == b"x-forwarded-uri" and forwarded_uri is None:
+                    forwarded_uri = value
+            original = (original_uri or forwarded_uri or b"/").decode("latin-1")
+            if self._access.is_public(unquote(original.split("?", 1)[0])):
+                return False
+        try:
+            authenticated = await self._authenticate(raw_ticket.decode("latin-1"))
+        except Exception:  # the handshake asks again and answers the error properly
+            return False
+        if authenticated is None or not self._access.tenant_allowed(authenticated.identity.tenant):
+            return False
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*_AUTH_OK_HEADERS, *authenticated.headers]})
+        await send({"type": "http.response.body", "body": b""})
+        return True
 
     async def _login_required(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = scope.get("raw_path") or scope["path"].encode()

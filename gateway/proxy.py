@@ -9,27 +9,39 @@ started leaves it incomplete, so the server cuts the connection and the client s
 response, never a complete-looking one. A client that leaves stops the upstream read and frees the
 pooled connection.
 
-Why aiohttp, not httpx (uvicorn serving everything on loopback, 2 cores, three 10 s runs each)::
+HTTP goes over a small HTTP/1.1 client of its own (``_Connection``, ``_Pool``): keep-alive
+connections reused last-in first-out, the request head written as one buffer, the response parsed
+by httptools (llhttp, the parser uvicorn uses), no per-request objects beyond what the exchange
+needs. WebSockets go through aiohttp's client. Why not a general-purpose client: measured with
+``python -m bench --only sidecar`` (docs/benchmarks.md), aiohttp's ``ClientSession.request`` was a
+third of the sidecar's CPU time per request; this client costs a fraction of it. Earlier
+measurements (uvicorn serving everything on loopback, 2 cores, three 10 s runs each)::
 
     python bench/proxy_client.py upstream --port 9101 &
     python bench/proxy_client.py proxy --client httpx   --port 9102 &  # minimal proxy on httpx
     python bench/proxy_client.py proxy --client aiohttp --port 9103 &  # minimal proxy on aiohttp
-    PYTHONPATH=. python bench/proxy_client.py proxy --client gateway --port 9104 &  # this module
     wrk -t2 -c32 -d10s http://127.0.0.1:PORT/
     # httpx 470-805 req/s (mean latency 44-76 ms); aiohttp 4,550-8,200 (4-7 ms);
-    # UpstreamProxy 3,400-6,600 (5-10 ms); the upstream alone (9101) 30,800-35,800.
+    # the upstream alone (9101) 30,800-35,800.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import ipaddress
-from collections.abc import AsyncIterator, Iterable, Sequence
+import ssl
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-import aiohttp
+import httptools
 from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
+
+if TYPE_CHECKING:  # aiohttp serves WebSockets only: imported on the first one (start-up time)
+    import aiohttp
+    from yarl import URL
 
 from gateway.pages import error_response
 
@@ -44,9 +56,14 @@ _UNSENDABLE_CLOSE = {1005: 1000, 1006: 1001, 1015: 1011}  # codes that never tra
 
 
 def _hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The fixed hop-by-hop names plus every name the Connection header lists."""
-    listed = [token.strip().lower() for name, value in headers if name.lower() == b"connection"
-              for token in value.split(b",")]
+    """The fixed hop-by-hop names plus every name the Connection header lists (names lower-case,
+    as ASGI servers and ``_Connection`` give them)."""
+    listed: list[bytes] | None = None
+    for name, value in headers:
+        if name == b"connection":
+            if listed is None:
+                listed = []
+            listed += [token.strip().lower() for token in value.split(b",")]
     return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
 
 
@@ -83,6 +100,300 @@ class _DisconnectWatch:
             self.watcher.cancel()
 
 
+class UpstreamFailed(Exception):
+    """The upstream connection failed or broke before the response was complete (502)."""
+
+
+_HIGH_WATER = 256 * 1024  # response bytes buffered from the upstream before reading pauses
+_IDLE_S = 15.0  # a pooled connection idle longer than this is closed, not reused
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # idempotent: retried once
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to the upstream, one exchange at a time.
+
+    The httptools callbacks fill the response state; the proxy's task waits on ``wait()``, which
+    returns whenever something new arrived (headers, body, the end, an error)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self.parser: httptools.HttpResponseParser | None = None
+        self.waiting = False  # the request is sent; the upstream owes an answer (timed by the pool)
+        self.last_read = 0.0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.read_paused = False
+        self.headers_done = self.complete = self.keep_alive = self.received = self.head = False
+        self.until_eof = False
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def start(self, head: bool) -> None:
+        """A new exchange on this connection."""
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers = []
+        self.chunks.clear()
+        self.buffered = 0
+        self.headers_done = self.complete = self.keep_alive = self.received = False
+        self.until_eof = False
+        self.head = head
+        self.error = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = self.loop.time()
+        parser = self.parser
+        if parser is None or self.complete:
+            self._fail(UpstreamFailed("the upstream sent data outside any exchange"))
+            return
+        self.received = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:  # HttpParserUpgrade included: nobody asked for one
+            self._fail(UpstreamFailed(f"unreadable upstream response: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.parser is not None and not self.complete and self.error is None:
+            if self.headers_done and self.until_eof:
+                self.complete = True  # a body delimited by the end of the connection ends here
+                self._wake()
+            else:
+                self._fail(UpstreamFailed("the upstream closed the connection"), close=False)
+        self.waiting = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        status = self.parser.get_status_code()
+        if status < 200:  # an interim answer (103 Early Hints...): the real one follows
+            self.headers = []
+            return
+        self.status = status
+        self.headers_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.head or status in (204, 304):
+            self.complete = True  # no body, whatever the headers say
+        else:
+            names = {name for name, _ in self.headers}
+            self.until_eof = b"content-length" not in names and b"transfer-encoding" not in names
+            self.keep_alive = self.keep_alive and not self.until_eof
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.read_paused and self.transport is not None:
+            self.transport.pause_reading()  # the client reads slower than the upstream sends
+            self.read_paused = True
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.headers_done:
+            self.complete = True
+            self._wake()
+
+    # -- used by the proxy --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException, *, close: bool = True) -> None:
+        if self.error is None:
+            self.error = error
+        self.keep_alive = False
+        if close and self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+    async def wait(self) -> None:
+        """Until something new happened (call only while the exchange is still going on)."""
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> bytes:
+        """Every body byte received so far (reading resumes if it was paused)."""
+        data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise UpstreamFailed("the upstream closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closed:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+        if self.closed:
+            raise UpstreamFailed("the upstream closed the connection")
+
+    def timed_out(self, now: float, timeout: float) -> bool:
+        """Whether the upstream has been silent ``timeout`` seconds (never while we are the slow side)."""
+        if self.read_paused:
+            self.last_read = now
+            return False
+        if now - self.last_read >= timeout:
+            self._fail(TimeoutError())
+            return True
+        return False
+
+    def finish(self) -> bool:
+        """End the exchange; whether the connection can serve another one."""
+        self.waiting = False
+        self.parser = None
+        reusable = (self.complete and self.keep_alive and self.error is None and not self.closed
+                    and not self.read_paused)
+        if not reusable:
+            self.close()
+        return reusable
+
+    def close(self) -> None:
+        self.waiting = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+
+class _Pool:
+    """Keep-alive connections to one upstream, at most ``limit`` in use (the rest wait in turn)."""
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, server_hostname: str | None,
+                 limit: int, timeout: float) -> None:
+        self.host, self.port = host, port
+        self.ssl, self.server_hostname = ssl_context, server_hostname
+        self.limit = limit
+        self.timeout = timeout
+        # One sweep every ``_tick`` checks every exchange for silence, instead of a timer each.
+        self._tick = min(max(timeout / 8, 0.01), 1.0)
+        self._sweep: asyncio.TimerHandle | None = None
+        self.active: set[_Connection] = set()
+        self.idle: collections.deque[_Connection] = collections.deque()
+        self.in_use = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused (a reused one may have been closed meanwhile)."""
+        if self.in_use >= self.limit or self.waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._hand_over()  # we were given the slot: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self.waiters.remove(waiter)
+                raise
+        else:
+            self.in_use += 1
+        try:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            while self.idle and not fresh:
+                connection = self.idle.pop()
+                if not connection.closed and now - connection.idle_since < _IDLE_S:
+                    return connection, True
+                connection.close()
+            async with asyncio.timeout(self.timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.server_hostname)
+            return connection, False
+        except BaseException:
+            self._hand_over()
+            raise
+
+    def watch(self, connection: _Connection) -> None:
+        """The request is sent: time the upstream's silence from now on."""
+        connection.waiting = True
+        connection.last_read = connection.loop.time()
+        self.active.add(connection)
+        if self._sweep is None:
+            self._sweep = connection.loop.call_later(self._tick, self._check)
+
+    def _check(self) -> None:
+        self._sweep = None
+        if not self.active:
+            return
+        loop = next(iter(self.active)).loop
+        now = loop.time()
+        for connection in [c for c in self.active if not c.waiting or c.complete or c.error is not None]:
+            self.active.discard(connection)
+        for connection in [c for c in self.active if c.timed_out(now, self.timeout)]:
+            self.active.discard(connection)
+        if self.active:
+            self._sweep = loop.call_later(self._tick, self._check)
+
+    def release(self, connection: _Connection) -> None:
+        self.active.discard(connection)
+        if connection.finish():
+            connection.idle_since = connection.loop.time()
+            self.idle.append(connection)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """A slot is free: give it to the first waiter still waiting, else count it free."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on: in_use is unchanged
+                return
+        self.in_use -= 1
+
+    def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        while self.idle:
+            self.idle.pop().close()
+
+
 class UpstreamProxy:
     def __init__(self, *, url: str, timeout_s: float = 30, max_connections: int = 100,
                  trusted_proxies: Sequence[str] = (), preserve_host: bool = False) -> None:
@@ -90,21 +401,42 @@ class UpstreamProxy:
         base = f"{split.netloc}{split.path.rstrip('/')}"
         self._http_base = f"{split.scheme}://{base}"
         self._ws_base = f"{'wss' if split.scheme == 'https' else 'ws'}://{base}"
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        self._base_path = split.path.rstrip("/").encode("latin-1")
+        netloc = split.netloc.rpartition("@")[2]
+        self._host_header = netloc.encode("idna") if not netloc.isascii() else netloc.encode("ascii")
+        self._host = split.hostname or "127.0.0.1"
+        self._port = split.port or (443 if split.scheme == "https" else 80)
+        self._tls = split.scheme == "https"
+        self._timeout_s = timeout_s
         self._max_connections = max_connections
         self._trusted = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in trusted_proxies)
         self._preserve_host = preserve_host
         self._session: aiohttp.ClientSession | None = None
+        self._pool: _Pool | None = None
 
     def _client(self) -> aiohttp.ClientSession:
+        """aiohttp, for WebSockets only."""
+        import aiohttp
+
         if self._session is None or self._session.closed:  # created lazily, in the serving loop
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s, sock_read=self._timeout_s)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
-                timeout=self._timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
         return self._session
 
+    def _connections(self) -> _Pool:
+        if self._pool is None:  # created lazily, in the serving loop
+            context = ssl.create_default_context() if self._tls else None
+            self._pool = _Pool(self._host, self._port, context, self._host if self._tls else None,
+                               self._max_connections, self._timeout_s)
+        return self._pool
+
     async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -139,6 +471,8 @@ class UpstreamProxy:
                 return
 
     def _target(self, scope: Scope, base: str) -> URL:
+        from yarl import URL
+
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
         query: bytes = scope.get("query_string", b"")
         target = base + raw_path.partition(b"?")[0].decode("latin-1")
@@ -153,94 +487,180 @@ class UpstreamProxy:
             address = address.ipv4_mapped
         return any(address in network for network in self._trusted)
 
-    def _request_headers(self, scope: Scope) -> list[tuple[str, str]]:
+    def _forward_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The client's headers as the upstream gets them, and the client's Host (b"" if none).
+
+        Hop-by-hop headers and Expect dropped; Host kept only with ``preserve_host``;
+        ``X-Forwarded-*`` (and Forwarded, X-Real-IP) believed only from a trusted peer, then ours
+        added. No header is invented: Host (the upstream's) and the body framing are the client's
+        job (``_request_head``) or aiohttp's."""
         raw: list[tuple[bytes, bytes]] = scope["headers"]
-        drop = _hop_by_hop(raw) | {b"expect"}  # the server already answered any 100-continue
+        drop = _hop_by_hop(raw)
         peer = scope["client"][0] if scope.get("client") else None
         trusted = bool(self._trusted) and peer is not None and self._is_trusted(peer)
         websocket = scope["type"] == "websocket"
-        headers: list[tuple[str, str]] = []
-        forwarded: dict[bytes, str] = {}
-        host = ""
-        for name, value in raw:
-            if name in drop or (websocket and name.startswith(b"sec-websocket-")):
-                continue
-            text = value.decode("latin-1")
+        headers: list[tuple[bytes, bytes]] = []
+        forwarded: dict[bytes, bytes] = {}
+        host = b""
+        for item in raw:
+            name = item[0]
+            if name in drop or name == b"expect" or (websocket and name.startswith(b"sec-websocket-")):
+                continue  # Expect: the server already answered any 100-continue
             if name == b"host":
-                host = text
+                host = item[1]
                 if not self._preserve_host:
                     continue
-            elif name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
-                if trusted:
+            elif name.startswith(_FORWARDING):
+                if trusted and name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
                     seen = forwarded.get(name)
-                    forwarded[name] = f"{seen}, {text}" if seen and name == b"x-forwarded-for" else seen or text
-                continue
-            elif not trusted and name.startswith(_FORWARDING):
-                continue
-            headers.append((name.decode("latin-1"), text))
-        chain = ", ".join(filter(None, (forwarded.get(b"x-forwarded-for"), peer)))
+                    forwarded[name] = (seen + b", " + item[1] if seen and name == b"x-forwarded-for"
+                                       else seen or item[1])
+                    continue
+                if not trusted or name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
+                    continue
+            headers.append(item)
+        chain = b", ".join(filter(None, (forwarded.get(b"x-forwarded-for"), peer.encode("latin-1") if peer else b"")))
         if chain:
-            headers.append(("x-forwarded-for", chain))
+            headers.append((b"x-forwarded-for", chain))
         scheme: str = scope.get("scheme", "http")
-        scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
-        headers.append(("x-forwarded-proto", forwarded.get(b"x-forwarded-proto") or scheme))
-        if forwarded.get(b"x-forwarded-host") or host:
-            headers.append(("x-forwarded-host", forwarded.get(b"x-forwarded-host") or host))
-        return headers
+        proto = forwarded.get(b"x-forwarded-proto") or (b"https" if scheme in ("https", "wss") else b"http")
+        headers.append((b"x-forwarded-proto", proto))
+        forwarded_host = forwarded.get(b"x-forwarded-host") or host
+        if forwarded_host:
+            headers.append((b"x-forwarded-host", forwarded_host))
+        return headers, host
 
-    async def _body(self, message: Message, receive: Receive, watch: _DisconnectWatch) -> AsyncIterator[bytes]:
+    def _request_headers(self, scope: Scope) -> list[tuple[str, str]]:
+        """``_forward_headers`` as text, for aiohttp (WebSockets)."""
+        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._forward_headers(scope)[0]]
+
+    def _request_head(self, scope: Scope, body: bytes, streaming: bool) -> tuple[bytes, bool]:
+        """The request line and headers, ready to write; and whether the body goes chunked.
+
+        The body's framing: the client's Content-Length when it sent one; else, a body read whole
+        gets its length (and POST/PUT/PATCH an explicit 0), a streamed one goes chunked."""
+        headers, _ = self._forward_headers(scope)
+        raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
+        query: bytes = scope.get("query_string", b"")
+        target = self._base_path + raw_path.partition(b"?")[0] + (b"?" + query if query else b"")
+        parts = [scope["method"].encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        if not self._preserve_host or not any(name == b"host" for name, _ in headers):
+            parts += [b"host: ", self._host_header, b"\r\n"]
+        has_length = False
+        for name, value in headers:
+            if name == b"content-length":
+                has_length = True
+            parts += [name, b": ", value, b"\r\n"]
+        chunked = False
+        if not has_length:
+            if streaming:
+                parts.append(b"transfer-encoding: chunked\r\n")
+                chunked = True
+            elif body or scope["method"] in ("POST", "PUT", "PATCH"):
+                parts += [b"content-length: ", str(len(body)).encode(), b"\r\n"]
+        parts.append(b"\r\n")
+        return b"".join(parts), chunked
+
+    async def _send_body(self, connection: _Connection, message: Message, receive: Receive, chunked: bool,
+                         watch: _DisconnectWatch) -> None:
+        """Stream the rest of the request body (the first message is ``message``) to the upstream."""
         while True:
             if message["type"] == "http.disconnect":
                 raise ConnectionAbortedError("the client left before sending its whole request body")
-            if message.get("body"):
-                yield message["body"]
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await connection.drain()
             if not message.get("more_body"):
                 break
             message = await receive()
+        if chunked:
+            connection.write(b"0\r\n\r\n")
         watch.arm(body_read=True)
+
+    async def _exchange(self, scope: Scope, receive: Receive, message: Message,
+                        watch: _DisconnectWatch) -> _Connection:
+        """Send the request; returns the connection once the response headers are in (or raises)."""
+        pool = self._connections()
+        streaming = bool(message.get("more_body"))
+        body: bytes = b"" if streaming else message.get("body", b"")
+        head, chunked = self._request_head(scope, body, streaming)
+        method: str = scope["method"]
+        fresh = False
+        while True:
+            connection, reused = await pool.acquire(fresh=fresh)
+            try:
+                connection.start(head=method == "HEAD")
+                if streaming:
+                    connection.write(head)
+                    await self._send_body(connection, message, receive, chunked, watch)
+                else:
+                    connection.write(head + body if body else head)
+                    watch.arm(body_read=True)
+                pool.watch(connection)
+                while not connection.headers_done and connection.error is None:
+                    await connection.wait()
+                if connection.error is not None:
+                    raise connection.error
+                return connection
+            except UpstreamFailed:
+                pool.release(connection)
+                # A kept-alive connection the upstream closed meanwhile: once more on a new one,
+                # when nothing of an answer came and the request can be sent again as it was.
+                if reused and not connection.received and not streaming and method in _REPLAYABLE:
+                    fresh = True
+                    continue
+                raise
+            except BaseException:
+                pool.release(connection)
+                raise
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, watch: _DisconnectWatch) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-        data: bytes | AsyncIterator[bytes] | None
-        if message.get("more_body"):
-            data = self._body(message, receive, watch)
-        else:
-            data = message.get("body") or None
-            watch.arm(body_read=True)
         try:
-            response = await self._client().request(
-                scope["method"], self._target(scope, self._http_base),
-                headers=self._request_headers(scope), data=data, allow_redirects=False)
+            connection = await self._exchange(scope, receive, message, watch)
         except TimeoutError:
             status, code, text = 504, "upstream_timeout", _TIMEOUT
-        except aiohttp.ClientError:
+        except ConnectionAbortedError:
+            return  # the client left mid-upload: nobody to answer; the upstream connection is closed
+        except (UpstreamFailed, OSError):
             status, code, text = 502, "upstream_unavailable", _UNAVAILABLE
         else:
-            return await self._stream(response, send, watch)
+            try:
+                return await self._stream(connection, send, watch)
+            finally:
+                self._connections().release(connection)
         watch.finished = True
         await error_response(scope, status, code, text)(scope, receive, send)
 
     @staticmethod
-    async def _stream(response: aiohttp.ClientResponse, send: Send, watch: _DisconnectWatch) -> None:
-        try:
-            drop = _hop_by_hop(response.raw_headers)
-            headers = [(name.lower(), value) for name, value in response.raw_headers if name.lower() not in drop]
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            if not response.content.is_eof():
-                watch.arm(streaming=True)
-            try:
-                async for chunk in response.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, TimeoutError):
-                return  # leave the response incomplete: the server aborts it, the client sees the cut
+    async def _stream(connection: _Connection, send: Send, watch: _DisconnectWatch) -> None:
+        raw = connection.headers
+        drop = _hop_by_hop(raw)
+        headers = [item for item in raw if item[0] not in drop]
+        await send({"type": "http.response.start", "status": connection.status, "headers": headers})
+        if connection.complete:  # the usual small answer: all of it is here already
             watch.finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            response.release()  # back to the pool when fully read, closed otherwise
+            await send({"type": "http.response.body", "body": connection.take() if connection.chunks else b""})
+            return
+        watch.arm(streaming=True)
+        while True:
+            if connection.chunks:
+                await send({"type": "http.response.body", "body": connection.take(), "more_body": True})
+                continue
+            if connection.error is not None:
+                return  # leave the response incomplete: the server aborts it, the client sees the cut
+            if connection.complete:
+                break
+            await connection.wait()
+        watch.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import aiohttp
+
         if (await receive())["type"] != "websocket.connect":
             return
         try:
@@ -286,6 +706,8 @@ class UpstreamProxy:
     @staticmethod
     async def _to_client(upstream: aiohttp.ClientWebSocketResponse, send: Send) -> bool:
         """Upstream → client until the upstream ends (False) or the client closed first (True)."""
+        import aiohttp
+
         while True:
             message = await upstream.receive()
             if message.type is aiohttp.WSMsgType.TEXT:
