@@ -71,6 +71,13 @@ class Authenticator:
         sessions.store.subscribe(SESSION_ENDED, self._on_session_ended)
         sessions.store.subscribe(TOKENS_REPLACED, self._on_tokens_replaced)
 
+    def cached(self, ticket: str) -> Authenticated | None:
+        """The cached entry while it needs no renewal: the hot path, without an await."""
+        entry = self._cache.get(ticket)
+        if entry is not None and time.time() < entry.renew_at:
+            return entry
+        return None
+
     async def authenticate(self, ticket: str) -> Authenticated | None:
         entry = self._cache.get(ticket)
         if entry is not None and time.time() < entry.renew_at:

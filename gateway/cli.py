@@ -15,7 +15,7 @@ import yaml
 from gateway.config import ConfigFileError, GatewayConfig, load_config, masked_dict
 
 
-def _serve_app(app: object, host: str, port: int) -> None:
+def _serve_app(app: object, host: str, port: int, *, access_log: bool = False) -> None:
     uvicorn.run(
         app,  # type: ignore[arg-type]
         host=host,
@@ -25,6 +25,7 @@ def _serve_app(app: object, host: str, port: int) -> None:
         server_header=False,  # the upstream's own Server and Date headers pass through
         date_header=False,
         log_level="info",
+        access_log=access_log,
         lifespan="on",
     )
 
@@ -49,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-    _serve_app(build_sidecar(config), host, port)
+    _serve_app(build_sidecar(config), host, port, access_log=config.listen.access_log)
     return 0
 
 

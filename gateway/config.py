@@ -44,6 +44,8 @@ class _Section(BaseModel):
 class Listen(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # One log line per request cost the sidecar 16% of its CPU (docs/benchmarks.md): off by default.
+    access_log: bool = False
 
 
 class Upstream(_Section):

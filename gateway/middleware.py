@@ -110,6 +110,7 @@ class AuthGateway:
         self._spoofable = self.runtime.spoofable
         self._auth_path = self._prefix + "/auth"
         self._authenticate = self.runtime.authenticator.authenticate
+        self._cached = self.runtime.authenticator.cached
         self._access = self.runtime.access
 
     def _inbound(self, raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, Headers]:
@@ -167,7 +168,11 @@ class AuthGateway:
             await self.app(scope, receive, send)
             return
         try:
-            authenticated = await self._authenticate(raw_ticket.decode("latin-1")) if raw_ticket else None
+            if raw_ticket:
+                ticket = raw_ticket.decode("latin-1")
+                authenticated = self._cached(ticket) or await self._authenticate(ticket)
+            else:
+                authenticated = None
         except GatewayError as exc:
             await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
