@@ -138,10 +138,10 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
     async with contextlib.AsyncExitStack() as stack:
         providers: dict[str, dict[str, Any]] = {}
         next_port = port + 1
-        for name, sandbox in sandboxes.items():
+        for sandbox in sandboxes.values():
             urls = await stack.enter_async_context(serve_apps(sandbox.hosts(), host=host, port=next_port))
             next_port += len(urls)
-            providers[name] = sandbox.demo_settings(urls)
+            providers.update(sandbox.demo_providers(urls))
         config = demo_config(host, port, providers)
         clients = {name: sandbox.client_user_agent for name, sandbox in sandboxes.items()}
         holder: dict[str, IdentitySigner] = {}
@@ -149,8 +149,14 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
         holder["signer"] = gateway.runtime.signer
         server = uvicorn.Server(uvicorn.Config(SimulatedClient(gateway, clients), host=host, port=port,
                                                log_level="info", proxy_headers=False))
-        print(f"\n  Demo ready: open http://{host}:{port}/demo/\n", flush=True)
-        await server.serve()
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has no "started" event)
+            await asyncio.sleep(0.02)
+        if server.started:
+            for sandbox in sandboxes.values():
+                await sandbox.demo_started(config.public_url, config.path_prefix)
+            print(f"\n  Demo ready: open http://{host}:{port}/demo/\n", flush=True)
+        await serving
         await gateway.aclose()
 
 

@@ -61,6 +61,14 @@ def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
         assert "verified with the gateway" in app.text
 
         client.post("/_gateway/logout", headers={"origin": base})
+        # Every emulator's providers, DingTalk's ISV suite included (its suiteTicket was pushed to
+        # the demo gateway's event callback at start-up, as DingTalk does).
+        for provider in ("dingtalk", "dingtalk-isv", "wemeet"):
+            signed_in = client.get(f"/_gateway/login?provider={provider}&next=/", headers=HTML,
+                                   follow_redirects=True)
+            assert signed_in.status_code == 200 and "Hello," in signed_in.text, provider
+            assert f"<td>{provider}</td>" in signed_in.text
+            client.post("/_gateway/logout", headers={"origin": base})
         client.get("/demo/client/lark")
         assert client.cookies.get("demo_client") == "lark"
         page = client.get("/_gateway/login?next=/", headers=HTML)

@@ -133,6 +133,16 @@ class Sandbox:
         """Settings for ``gateway demo``: by default the same, with the simulated JSSDK if any."""
         return self.provider_settings(base_urls)
 
+    def demo_providers(self, base_urls: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """The ``providers:`` entries ``gateway demo`` configures for this emulator (name ->
+        settings). One by default, named after the plugin; an emulator of several app kinds
+        (DingTalk's internal and ISV apps) returns one entry per kind."""
+        return {self.plugin: self.demo_settings(base_urls)}
+
+    async def demo_started(self, gateway_url: str, path_prefix: str) -> None:
+        """Called once the demo gateway answers: push what a real provider would push (e.g. an
+        event callback) to ``gateway_url``. Nothing by default."""
+
     def fault_response(self, endpoint: str, fault: Fault) -> Response | None:
         """The answer to an injected fault. This default handles what is the same everywhere:
         a ``status`` without a code answers a non-JSON error page, as a load balancer would;

@@ -48,6 +48,7 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -74,6 +75,8 @@ from gateway.sandbox import (
     without_query,
 )
 from plugins.dingtalk.crypto import CallbackCrypto, CallbackCryptoError, random_nonce
+
+log = logging.getLogger("plugins.dingtalk.sandbox")
 
 JsapiMode = Literal["current", "old_sdk", "old_client", "hang", "not_in_dingtalk"]
 JSAPI_MODES: tuple[JsapiMode, ...] = get_args(JsapiMode)
@@ -567,6 +570,20 @@ class DingTalkSandbox(Sandbox):
 
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         return {**self.provider_settings(base_urls), "jssdk_url": base_urls["api"] + "/_sandbox/dingtalk.open.js"}
+
+    #: The demo's second DingTalk provider: the third-party (ISV) suite.
+    DEMO_ISV = "dingtalk-isv"
+
+    def demo_providers(self, base_urls: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """Both app kinds: the internal app, and the ISV suite (its suiteTicket is pushed once the
+        demo gateway is up, as DingTalk does)."""
+        jssdk = {"jssdk_url": base_urls["api"] + "/_sandbox/dingtalk.open.js"}
+        return {self.plugin: self.demo_settings(base_urls), self.DEMO_ISV: {**self.isv_settings(base_urls), **jssdk}}
+
+    async def demo_started(self, gateway_url: str, path_prefix: str) -> None:
+        result = await self.push_suite_ticket(f"{gateway_url}{path_prefix}/providers/{self.DEMO_ISV}/events")
+        if not result.ok:
+            log.warning("the demo's suiteTicket push was not accepted: %s", result)
 
     # -- shared request plumbing -------------------------------------------------------------
 
