@@ -58,6 +58,8 @@ def safe_next(raw: str | None) -> str:
     """
     if not raw or len(raw) > _MAX_NEXT:
         return "/"
+    if " " in raw.split("?", 1)[0]:
+        return "/"  # a raw space is no URL character; an encoded one (%20) is
     candidate = raw
     for _ in range(4):
         if not _is_plain_path(candidate):
@@ -71,8 +73,6 @@ def safe_next(raw: str | None) -> str:
 
 def _is_plain_path(value: str) -> bool:
     if not value.startswith("/") or value.startswith(("//", "/\\")):
-        return False
-    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in value.split("?", 1)[0]):
         return False
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
         return False

@@ -37,6 +37,7 @@ ALNUM = string.ascii_letters + string.digits
         "/a/b/c",
         "/a/b?c=d&e=f",
         "/search?q=a%20b",  # encoded space in the query stays a query
+        "/files/My%20Doc",  # a deep link with an encoded space keeps its target
         "/reports/2024?tab=summary#top",
         "/文档/页面?名字=张三",
         "/%E6%96%87%E6%A1%A3",  # percent-encoded UTF-8
