@@ -32,6 +32,7 @@ class Context:
     processes: Processes
     wrk: Wrk
     raw: dict[str, Any] = field(default_factory=dict)  # every measurement, for the JSON file
+    pids: dict[str, int] = field(default_factory=dict)  # base URL -> pid of the server serving it
 
 
 @dataclass

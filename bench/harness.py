@@ -156,6 +156,16 @@ end
 """
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time the processes ``pids`` have used so far (from /proc)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class WrkResult:
     rps: float
@@ -164,10 +174,11 @@ class WrkResult:
     max_ms: float
     requests: int
     errors: int
+    cpu_us: float = float("nan")  # CPU time of the server process(es) per request, when given
 
     def as_dict(self) -> dict[str, float]:
         return {"rps": self.rps, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms,
-                "requests": self.requests, "errors": self.errors}
+                "requests": self.requests, "errors": self.errors, "cpu_us": self.cpu_us}
 
 
 class Wrk:
@@ -191,7 +202,7 @@ class Wrk:
 
     async def run(self, url: str, *, duration_s: float, headers: Mapping[str, str] | None = None,
                   connections: int | None = None, threads: int | None = None, rate: float | None = None,
-                  allow_errors: bool = False) -> WrkResult:
+                  allow_errors: bool = False, pids: Sequence[int] = ()) -> WrkResult:
         """One wrk run (bounded by ``duration_s``). ``rate`` (requests/s over all connections)
         paces each connection with a randomised think time, so the load is about that rate."""
         conns = connections or self.connections
@@ -200,6 +211,7 @@ class Wrk:
             env["BENCH_WRK_DELAY_MS"] = str(max(1.0, conns / rate * 1000.0))
         argv = [WRK, f"-t{min(threads or self.threads, conns)}", f"-c{conns}", f"-d{max(1, round(duration_s))}s",
                 "--latency", "--timeout", "10s", "-s", str(self.script), url]
+        cpu_before = cpu_seconds(pids)
         process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                        stderr=asyncio.subprocess.STDOUT, env=env)
         try:
@@ -208,6 +220,7 @@ class Wrk:
             process.kill()
             await process.wait()
             raise
+        cpu = cpu_seconds(pids) - cpu_before
         text = output.decode(errors="replace")
         line = next((ln for ln in text.splitlines() if ln.startswith("BENCH_JSON ")), None)
         if line is None:
@@ -217,7 +230,8 @@ class Wrk:
         seconds = data["duration_us"] / 1e6
         result = WrkResult(rps=data["requests"] / seconds, p50_ms=data["p50_us"] / 1000,
                            p99_ms=data["p99_us"] / 1000, max_ms=data["max_us"] / 1000,
-                           requests=int(data["requests"]), errors=errors)
+                           requests=int(data["requests"]), errors=errors,
+                           cpu_us=cpu / data["requests"] * 1e6 if pids and data["requests"] else float("nan"))
         if errors and not allow_errors:
             raise RuntimeError(f"wrk saw {errors} errors on {url} ({data}); every request must succeed")
         return result

@@ -13,16 +13,24 @@ from pathlib import Path
 import httpx
 
 from bench.context import Context, Row
-from bench.harness import Series, WrkResult, alternate, free_port, log, nginx, server_argv, wait_http
+from bench.harness import Series, Spread, WrkResult, alternate, free_port, log, nginx, server_argv, wait_http
 from bench.site import COOKIE, check, lark_emulator, login
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _pids(ctx: Context, url: str) -> list[int]:
+    """The server process behind ``url``, when the benchmark started it (its CPU time is measured)."""
+    base = url.split("/", 3)
+    pid = ctx.pids.get("/".join(base[:3]))
+    return [pid] if pid else []
+
+
 def _runner(ctx: Context, url: str, headers: dict[str, str] | None = None,
-            **kwargs: float) -> Callable[[], Awaitable[WrkResult]]:
+            pids: list[int] | None = None) -> Callable[[], Awaitable[WrkResult]]:
     async def run() -> WrkResult:
-        return await ctx.wrk.run(url, duration_s=ctx.options.duration_s, headers=headers, **kwargs)  # type: ignore[arg-type]
+        return await ctx.wrk.run(url, duration_s=ctx.options.duration_s, headers=headers,
+                                 pids=_pids(ctx, url) if pids is None else pids)
     return run
 
 
@@ -36,8 +44,11 @@ async def _warmup(ctx: Context, runners: Targets) -> Callable[[str], Awaitable[o
     return warm
 
 
-async def _measure(ctx: Context, targets: dict[str, tuple[str, dict[str, str] | None]]) -> Series:
-    variants = {name: _runner(ctx, url, headers) for name, (url, headers) in targets.items()}
+async def _measure(ctx: Context, targets: dict[str, tuple[str, dict[str, str] | None]],
+                   pids: dict[str, list[int]] | None = None) -> Series:
+    """Alternating runs of every target; the CPU time of each target's server is measured too
+    (the process behind its URL, or ``pids[name]``)."""
+    variants = {name: _runner(ctx, url, headers, (pids or {}).get(name)) for name, (url, headers) in targets.items()}
     return await alternate(variants, reps=ctx.options.reps, warmup=await _warmup(ctx, targets))
 
 
@@ -51,6 +62,7 @@ async def _server(ctx: Context, name: str, role: str, *, config: Path | None = N
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_http(url + ready, proc)
+        ctx.pids[url] = proc.process.pid
         yield url
     finally:
         proc.stop()
@@ -112,6 +124,12 @@ async def middleware(ctx: Context) -> list[Row]:
         Row.ratio("middleware", "SessionMiddleware+check / bare, req/s", series.ratio("handrolled", "bare")),
         Row.ratio("middleware", "AuthGateway / SessionMiddleware+check, req/s",
                   series.ratio("gateway", "handrolled"), 1.00, "target: ahead of the hand-rolled alternative"),
+        Row("middleware", "server CPU µs per request: bare · gateway · hand-rolled",
+            " · ".join(f"{series.spread(n, 'cpu_us').median:.1f}" for n in ("bare", "gateway", "handrolled"))),
+        Row.ratio("middleware", "bare CPU / AuthGateway CPU per request (the throughput ratio of a CPU-bound "
+                  "server; steadier under load)", _cpu_ratio(series, "bare", "gateway"), 0.90),
+        *[Row.ratio("middleware", f"bare CPU / AuthGateway [{label}] CPU per request",
+                    _cpu_ratio(series, "bare", f"gateway-{label}"), 0.90) for label in ctx.options.compare],
         Row("middleware", "p50 / p99 latency, ms: bare · gateway · hand-rolled",
             " · ".join(f"{series.spread(n, 'p50_ms').median:.2f} / {series.spread(n, 'p99_ms').median:.2f}"
                        for n in ("bare", "gateway", "handrolled"))),
@@ -153,6 +171,7 @@ async def _gateway_serve(ctx: Context, name: str, config: Path, *, tree: Path | 
     try:
         url = f"http://127.0.0.1:{_port_of(config)}"
         await wait_http(url + "/_gateway/healthz", proc)
+        ctx.pids[url] = proc.process.pid
         yield url
     finally:
         proc.stop()
@@ -213,7 +232,16 @@ async def sidecar(ctx: Context) -> list[Row]:
             label = name.removeprefix("public-")
             extra_rows.append(Row.ratio("sidecar", f"[{label}] authenticated / public path, same sidecar, req/s",
                                         series.ratio(f"gateway-{label}", name), 0.90))
+    measured = [name for name in targets if name not in ("upstream", "nginx")]
+    cpu_rows = [Row("sidecar", "sidecar CPU µs per request", " · ".join(
+        f"{name} {series.spread(name, 'cpu_us').median:.0f}" for name in measured))]
+    cpu_rows.append(Row.ratio("sidecar", "public path CPU / authenticated CPU per request, same sidecar",
+                              _cpu_ratio(series, "gateway-public", "gateway"), 0.90))
+    for label in ctx.options.compare:
+        cpu_rows.append(Row.ratio("sidecar", f"[{label}] public path CPU / authenticated CPU per request",
+                                  _cpu_ratio(series, f"public-{label}", f"gateway-{label}"), 0.90))
     return [
+        *cpu_rows,
         Row("sidecar", "upstream alone (raw ASGI on uvicorn), req/s", series.spread("upstream").fmt(0)),
         Row("sidecar", "nginx → upstream, req/s", series.spread("nginx").fmt(0)),
         Row("sidecar", "gateway serve → upstream (authenticated), req/s", series.spread("gateway").fmt(0)),
@@ -225,6 +253,12 @@ async def sidecar(ctx: Context) -> list[Row]:
                   series.ratio("gateway", "gateway-public"), 0.90),
         *extra_rows,
     ]
+
+
+def _cpu_ratio(series: Series, baseline: str, name: str) -> Spread:
+    """baseline CPU per request / ``name``'s, per repetition: ``name``'s relative throughput if CPU-bound."""
+    pairs = zip(series.runs[baseline], series.runs[name], strict=True)
+    return Spread.of([b.cpu_us / n.cpu_us for b, n in pairs])
 
 
 def _port(url: str) -> int:
@@ -329,11 +363,13 @@ async def forward_auth(ctx: Context) -> list[Row]:
             "cache": _fill(cached, LISTEN_PORT=ports["cache"], GATEWAY_PORT=_port(gateway), APP_PORT=_port(app),
                            CACHE_DIR=cache_dir),
         }
+        other_gateways: dict[str, str] = {}
         for label, tree in ctx.options.compare.items():
             ports[label] = free_port()
             other_config = lark.write_config(ctx.workdir / f"forward-auth-{label}.yaml", free_port(),
                                              public_url=f"http://127.0.0.1:{ports[label]}", upstream={"url": app})
             other = await stack.enter_async_context(_gateway_serve(ctx, f"fa-gateway-{label}", other_config, tree=tree))
+            other_gateways[label] = other
             sites[label] = _fill(plain, LISTEN_PORT=ports[label], GATEWAY_PORT=_port(other), APP_PORT=_port(app))
         urls = {name: await stack.enter_async_context(nginx(ctx.processes, f"fa-{name}", conf, ports[name]))
                 for name, conf in sites.items()}
@@ -347,10 +383,15 @@ async def forward_auth(ctx: Context) -> list[Row]:
         await check(urls["gateway"] + "/", status=401)
         await check(urls["cache"] + "/", status=401)
         await check(urls["cache"] + "/", headers={"Cookie": f"{COOKIE}=forged"}, status=401)
-        series = await _measure(ctx, {name: (urls[name] + "/", cookies[name]) for name in sites})
+        auth_pids = {"trivial": _pids(ctx, trivial), "gateway": _pids(ctx, gateway), "cache": _pids(ctx, gateway),
+                     **{label: _pids(ctx, url) for label, url in other_gateways.items()}}
+        series = await _measure(ctx, {name: (urls[name] + "/", cookies[name]) for name in sites}, auth_pids)
     ctx.raw["forward_auth"] = series.as_dict()
     extra = [Row.ratio("forward-auth", f"→ /_gateway/auth [{label}] / → trivial endpoint, req/s",
                        series.ratio(label, "trivial"), 0.85) for label in ctx.options.compare]
+    extra += [Row.ratio("forward-auth", f"trivial endpoint CPU / gateway{f' [{label}]' if label != 'gateway' else ''} "
+                        "CPU per auth request (steadier under load)", _cpu_ratio(series, "trivial", label), 0.85)
+              for label in ("gateway", *ctx.options.compare)]
     return [*extra,
         Row("forward-auth", "nginx alone → app, req/s", series.spread("alone").fmt(0)),
         Row("forward-auth", "nginx auth_request → trivial ASGI endpoint, req/s", series.spread("trivial").fmt(0)),
