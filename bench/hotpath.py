@@ -49,9 +49,9 @@ async def signed_in(gateway: AuthGateway) -> str:
     now = time.time()
     tokens = TokenSet(access_token="u-" + secrets.token_urlsafe(24), refresh_token="ur-" + secrets.token_urlsafe(24),
                       expires_at=now + 7200, refresh_expires_at=now + 30 * 86400)
-    key = await runtime.tokens.save("lark", "tenant-1", "ou_bench_user", tokens)
+    await runtime.tokens.save("lark", "tenant-1", "ou_bench_user", tokens)
     ticket, _ = await runtime.sessions.create(provider="lark", user="ou_bench_user", tenant="tenant-1",
-                                              name="Bench User", token_key=key)
+                                              name="Bench User")
     return ticket
 
 

@@ -36,7 +36,7 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def _probe(count: int, what: str, how: str, store_kind: str = "memory") -> dict[str, float]:
+async def _probe(count: int, what: str, how: str) -> dict[str, float]:
     import secrets
     import tracemalloc
 
@@ -50,20 +50,11 @@ async def _probe(count: int, what: str, how: str, store_kind: str = "memory") ->
                            session={"secrets": [secrets.token_urlsafe(32)], "secure": False},
                            store={"backend": "memory", "max_entries": max(200_000, count * 3)},
                            providers={"lark": settings})
-    store = None
-    if store_kind in ("lean", "lean-compact"):
-        from bench.lean_store import LeanMemoryStore
-
-        store = LeanMemoryStore(max_entries=max(200_000, count * 3))
-    runtime = Runtime(config, store=store)
+    runtime = Runtime(config)
     # Warm every code path once (imports, caches, interned strings) before the baseline.
     warm = await _sign_in(runtime, "warmup", TokenSet)
     await runtime.authenticator.authenticate(warm)
     del warm
-    if store_kind == "lean-compact":  # records are written only from here on (never read back)
-        if what != "store":
-            raise SystemExit("lean-compact is measured for --what store only")
-        _compact_session_records()
     gc.collect()
     if how == "tracemalloc":
         tracemalloc.start()
@@ -79,29 +70,14 @@ async def _probe(count: int, what: str, how: str, store_kind: str = "memory") ->
     return {"count": count, "bytes_per_session": (after - before) / count, "store_entries": entries}
 
 
-def _compact_session_records() -> None:
-    """A proposal for ``gateway/sessions.py``, measured here: the session record without what the
-    store key or the record itself already says (``sid`` is in the key, ``token_key`` is
-    ``tok:<provider>:<tenant>:<user>``) and with whole-second times."""
-    import json
-
-    from gateway.sessions import SessionRecord
-
-    def to_bytes(self: SessionRecord) -> bytes:
-        return json.dumps([self.provider, self.user, self.tenant, self.name, int(self.created_at),
-                           int(self.expires_at)], separators=(",", ":"), ensure_ascii=False).encode()
-
-    SessionRecord.to_bytes = to_bytes  # type: ignore[method-assign]
-
-
 async def _sign_in(runtime: Any, user: str, token_set: Any) -> str:
     """What a code exchange leaves behind: the user's token record and a session (Lark-sized values)."""
     now = time.time()
     tokens = token_set(access_token="u-" + os.urandom(30).hex()[:43], refresh_token="ur-" + os.urandom(30).hex()[:43],
                        expires_at=now + 7200, refresh_expires_at=now + 30 * 86400, scope="offline_access")
-    key = await runtime.tokens.save("lark", "736588c9260f175d", user, tokens)
+    await runtime.tokens.save("lark", "736588c9260f175d", user, tokens)
     ticket, _ = await runtime.sessions.create(provider="lark", user=user, tenant="736588c9260f175d",
-                                              name="张三 Zhang San", token_key=key)
+                                              name="张三 Zhang San")
     return str(ticket)
 
 
@@ -109,11 +85,10 @@ async def memory(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for count in ctx.options.memory_counts:
         figures: dict[str, float] = {}
-        for what, how, kind in [(w, h, "memory") for w in ("store", "cache") for h in ("rss", "tracemalloc")] + \
-                [("store", h, kind) for kind in ("lean", "lean-compact") for h in ("rss", "tracemalloc")]:
-            log(f"memory: {count:,} sessions, {what}, {how}, {kind} store")
+        for what, how in [(w, h) for w in ("store", "cache") for h in ("rss", "tracemalloc")]:
+            log(f"memory: {count:,} sessions, {what}, {how}")
             process = await asyncio.create_subprocess_exec(
-                PYTHON, "-m", "bench.memory", "probe", str(count), "--what", what, "--how", how, "--store", kind,
+                PYTHON, "-m", "bench.memory", "probe", str(count), "--what", what, "--how", how,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": _root()}, cwd=_root())
             try:
@@ -124,7 +99,7 @@ async def memory(ctx: Context) -> list[Row]:
                 raise
             if process.returncode != 0:
                 raise RuntimeError(f"memory probe failed: {err.decode(errors='replace')[-800:]}")
-            figures[f"{what}-{how}" + ("" if kind == "memory" else f"-{kind}")] = json.loads(out)["bytes_per_session"]
+            figures[f"{what}-{how}"] = json.loads(out)["bytes_per_session"]
         ctx.raw[f"memory-{count}"] = figures
         store = figures["store-rss"]
         rows += [
@@ -135,13 +110,6 @@ async def memory(ctx: Context) -> list[Row]:
             Row("memory", f"{count:,} sessions: store + verified-session cache, RSS / tracemalloc per session "
                 "(bytes, all active within session.cache_ttl_s)",
                 f"{figures['cache-rss']:.0f} / {figures['cache-tracemalloc']:.0f}"),
-            Row("memory", f"{count:,} sessions: proposed lean store (bench/lean_store.py), RSS / tracemalloc "
-                "per session (bytes)", f"{figures['store-rss-lean']:.0f} / {figures['store-tracemalloc-lean']:.0f}",
-                "≤ 1024", figures["store-rss-lean"] <= KIB),
-            Row("memory", f"{count:,} sessions: proposed lean store + compact session record, RSS / tracemalloc "
-                "per session (bytes)",
-                f"{figures['store-rss-lean-compact']:.0f} / {figures['store-tracemalloc-lean-compact']:.0f}",
-                "≤ 1024", figures["store-rss-lean-compact"] <= KIB),
         ]
     return rows
 
@@ -158,11 +126,8 @@ def main() -> None:
     parser.add_argument("count", type=int)
     parser.add_argument("--what", choices=["store", "cache"], default="store")
     parser.add_argument("--how", choices=["rss", "tracemalloc"], default="rss")
-    parser.add_argument("--store", choices=["memory", "lean", "lean-compact"], default="memory",
-                        help="lean: bench/lean_store.py; lean-compact: also a compact session record "
-                             "(proposals, measured for comparison)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(_probe(args.count, args.what, args.how, args.store))))
+    print(json.dumps(asyncio.run(_probe(args.count, args.what, args.how))))
     sys.stdout.flush()
 
 

@@ -20,8 +20,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cachetools import TTLCache
-
 from gateway.config import GatewayConfig
 from gateway.errors import ReauthRequired, StoreUnavailable
 from gateway.identity import Headers, Identity, IdentitySigner, identity_headers
@@ -53,6 +51,60 @@ class Authenticated:
     loaded_at: float
 
 
+class _VerifiedSessions:
+    """The cache of verified sessions by cookie, with the two indexes the broadcasts need
+    (session digest → cookie, token-record digest → cookies).
+
+    A plain dict, not a cachetools cache: the lookup is on every request, and a dict ``get`` is a
+    third of what ``TTLCache.get`` costs there (docs/benchmarks.md, middleware). Entries older than
+    ``ttl_s`` are of no use (the next request reloads the record), so a ``put`` sweeps them out at
+    most once per ``ttl_s``; past ``max_entries`` the entry stored longest ago goes first.
+    """
+
+    def __init__(self, *, ttl_s: float, max_entries: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.entries: dict[str, Authenticated] = {}
+        self._by_session: dict[str, str] = {}
+        self._by_token_key: dict[str, set[str]] = {}
+        self._next_sweep = 0.0
+
+    def put(self, ticket: str, entry: Authenticated) -> None:
+        now = time.time()
+        entries = self.entries
+        if now >= self._next_sweep or len(entries) >= self.max_entries:
+            for stale in [ticket for ticket, old in entries.items() if old.loaded_at <= now - self.ttl_s]:
+                self.drop(stale)
+            while len(entries) >= self.max_entries:
+                self.drop(next(iter(entries)))
+            self._next_sweep = now + self.ttl_s
+        entries.pop(ticket, None)  # re-inserted: the order is the order of the latest store
+        entries[ticket] = entry
+        self._by_session[_digest(entry.record.sid)] = ticket
+        self._by_token_key.setdefault(_digest(entry.record.token_key), set()).add(ticket)
+
+    def drop(self, ticket: str) -> None:
+        entry = self.entries.pop(ticket, None)
+        if entry is None:
+            return
+        self._by_session.pop(_digest(entry.record.sid), None)
+        token_digest = _digest(entry.record.token_key)
+        tickets = self._by_token_key.get(token_digest)
+        if tickets is not None:
+            tickets.discard(ticket)
+            if not tickets:
+                del self._by_token_key[token_digest]
+
+    def drop_session(self, session_digest: str) -> None:
+        ticket = self._by_session.get(session_digest)
+        if ticket is not None:
+            self.drop(ticket)
+
+    def drop_token_key(self, token_digest: str) -> None:
+        for ticket in list(self._by_token_key.get(token_digest, ())):
+            self.drop(ticket)
+
+
 class Authenticator:
     """Turns a session cookie into an ``Authenticated`` (or None), caching verified sessions."""
 
@@ -64,22 +116,21 @@ class Authenticator:
         self.tokens = tokens
         self.signer = signer
         self._cache_ttl_s = config.session.cache_ttl_s
-        self._cache: TTLCache[str, Authenticated] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
-        self._tickets: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
-        self._by_token_key: TTLCache[str, set[str]] = TTLCache(maxsize=100_000, ttl=max(self._cache_ttl_s, 0.001))
+        self._verified = _VerifiedSessions(ttl_s=self._cache_ttl_s)
+        self._entries = self._verified.entries  # read on every request: one attribute less
         self._renewing: dict[str, asyncio.Task[Authenticated | None]] = {}
-        sessions.store.subscribe(SESSION_ENDED, self._on_session_ended)
-        sessions.store.subscribe(TOKENS_REPLACED, self._on_tokens_replaced)
+        sessions.store.subscribe(SESSION_ENDED, self._verified.drop_session)
+        sessions.store.subscribe(TOKENS_REPLACED, self._verified.drop_token_key)
 
     def cached(self, ticket: str) -> Authenticated | None:
         """The cached entry while it needs no renewal: the hot path, without an await."""
-        entry = self._cache.get(ticket)
+        entry = self._entries.get(ticket)
         if entry is not None and time.time() < entry.renew_at:
             return entry
         return None
 
     async def authenticate(self, ticket: str) -> Authenticated | None:
-        entry = self._cache.get(ticket)
+        entry = self._entries.get(ticket)
         if entry is not None and time.time() < entry.renew_at:
             return entry
         # One renewal per ticket at a time: the burst of requests that finds an entry expired
@@ -105,20 +156,18 @@ class Authenticator:
         else:
             record, loaded_at = entry.record, entry.loaded_at
         if record is None:
-            self._cache.pop(ticket, None)
+            self._verified.drop(ticket)
             return None
         try:
             tokens = await self.tokens.current(record.token_key, record.provider)
         except ReauthRequired:
             await self.sessions.end(record.sid)
-            self._cache.pop(ticket, None)
+            self._verified.drop(ticket)
             await self.session_ended(record.sid)
             return None
         fresh = self._build(record, tokens, loaded_at)
         if self._cache_ttl_s > 0:
-            self._cache[ticket] = fresh
-            self._tickets[_digest(record.sid)] = ticket
-            self._by_token_key.setdefault(_digest(record.token_key), set()).add(ticket)
+            self._verified.put(ticket, fresh)
         return fresh
 
     def _build(self, record: SessionRecord, tokens: TokenSet, loaded_at: float) -> Authenticated:
@@ -140,7 +189,7 @@ class Authenticator:
 
     def forget(self, ticket: str) -> None:
         """Drop a cookie from the cache (logout on this process)."""
-        self._cache.pop(ticket, None)
+        self._verified.drop(ticket)
 
     async def session_ended(self, sid: str) -> None:
         """Drop the session ``sid`` from every replica's cache (this one's at once)."""
@@ -152,11 +201,6 @@ class Authenticator:
             log.warning("could not broadcast the end of a session; other replicas drop it within %s s",
                         self._cache_ttl_s)
 
-    def _on_session_ended(self, digest: str) -> None:
-        ticket = self._tickets.pop(digest, None)
-        if ticket is not None:
-            self._cache.pop(ticket, None)
-
     async def tokens_replaced(self, token_key: str) -> None:
         """A new login replaced a token record: every replica drops the sessions that cached it."""
         try:
@@ -164,7 +208,3 @@ class Authenticator:
         except StoreUnavailable:
             log.warning("could not broadcast a token replacement; other replicas reload within %s s",
                         self._cache_ttl_s)
-
-    def _on_tokens_replaced(self, digest: str) -> None:
-        for ticket in self._by_token_key.pop(digest, ()):
-            self._cache.pop(ticket, None)

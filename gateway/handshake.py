@@ -255,7 +255,7 @@ class Handshake:
         if previous:
             await self._end_session(previous)
         ticket, _ = await self.runtime.sessions.create(
-            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name, token_key=key
+            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name
         )
         session = self.config.session
         response.set_cookie(

@@ -201,7 +201,7 @@ class AuthGateway:
         if scope["method"] not in ("GET", "HEAD"):
             return False
         raw_ticket, _ = self._inbound(scope["headers"])
-        if raw_ticket is None:
+        if not raw_ticket:
             return False
         if self._access.has_public_paths:
             original_uri = forwarded_uri = None  # the first of each, as the handshake reads them
@@ -214,7 +214,8 @@ class AuthGateway:
             if self._access.is_public(unquote(original.split("?", 1)[0])):
                 return False
         try:
-            authenticated = await self._authenticate(raw_ticket.decode("latin-1"))
+            ticket = raw_ticket.decode("latin-1")
+            authenticated = self._cached(ticket) or await self._authenticate(ticket)
         except Exception:  # the handshake asks again and answers the error properly
             return False
         if authenticated is None or not self._access.tenant_allowed(authenticated.identity.tenant):

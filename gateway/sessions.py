@@ -15,11 +15,12 @@ import json
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jwt
 
 from gateway.stores import Store
+from gateway.tokens import token_key
 
 _ALGORITHM = "HS256"
 
@@ -35,16 +36,29 @@ class SessionRecord:
     user: str
     tenant: str
     name: str
-    token_key: str
     created_at: float
     expires_at: float
 
+    @property
+    def token_key(self) -> str:
+        """The user's token record (one per provider, tenant and user, shared by their sessions)."""
+        return token_key(self.provider, self.tenant, self.user)
+
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        # A JSON list, not an object: the field names and the sid (already in the store key) would
+        # double what every signed-in user costs the store (docs/benchmarks.md, memory).
+        fields = [self.provider, self.user, self.tenant, self.name, int(self.created_at), int(self.expires_at)]
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SessionRecord:
-        return cls(**json.loads(data))
+    def from_bytes(cls, sid: str, data: bytes) -> SessionRecord:
+        fields = json.loads(data)
+        if isinstance(fields, dict):  # written by a version before the compact list (still in Redis)
+            return cls(sid=sid, provider=fields["provider"], user=fields["user"], tenant=fields["tenant"],
+                       name=fields["name"], created_at=fields["created_at"], expires_at=fields["expires_at"])
+        provider, user, tenant, name, created_at, expires_at = fields
+        return cls(sid=sid, provider=provider, user=user, tenant=tenant, name=name,
+                   created_at=float(created_at), expires_at=float(expires_at))
 
 
 class CookieCodec:
@@ -90,17 +104,16 @@ class SessionStore:
         return f"sess:{sid}"
 
     async def create(
-        self, *, provider: str, user: str, tenant: str, name: str, token_key: str
+        self, *, provider: str, user: str, tenant: str, name: str
     ) -> tuple[str, SessionRecord]:
         """A new session; returns the cookie value and the record."""
-        now = time.time()
+        now = float(int(time.time()))  # whole seconds: what the cookie and the stored record keep
         record = SessionRecord(
             sid=secrets.token_urlsafe(24),
             provider=provider,
             user=user,
             tenant=tenant,
             name=name,
-            token_key=token_key,
             created_at=now,
             expires_at=now + self.max_age_s,
         )
@@ -112,10 +125,11 @@ class SessionStore:
         decoded = self.codec.decode(ticket)
         if decoded is None:
             return None
-        data = await self.store.get(self._key(decoded[0]))
+        sid = decoded[0]
+        data = await self.store.get(self._key(sid))
         if data is None:
             return None
-        record = SessionRecord.from_bytes(data)
+        record = SessionRecord.from_bytes(sid, data)
         return record if record.expires_at > time.time() else None
 
     async def end(self, sid: str) -> None:

@@ -164,7 +164,7 @@ def store() -> SessionStore:
 
 
 async def _create(sessions: SessionStore) -> tuple[str, SessionRecord]:
-    return await sessions.create(provider="lark", user="ou_1", tenant="t1", name="张三\n", token_key="tok:lark:t1:ou_1")
+    return await sessions.create(provider="lark", user="ou_1", tenant="t1", name="张三\n")
 
 
 async def test_create_and_load(store: SessionStore) -> None:
@@ -172,7 +172,7 @@ async def test_create_and_load(store: SessionStore) -> None:
     cookie, record = await _create(store)
     assert record.provider == "lark" and record.user == "ou_1" and record.tenant == "t1" and record.name == "张三\n"
     assert record.token_key == "tok:lark:t1:ou_1"
-    assert before <= record.created_at <= time.time()
+    assert int(before) <= record.created_at <= time.time()  # whole seconds
     assert record.expires_at == pytest.approx(record.created_at + 3600)
     assert await store.load(cookie) == record
     assert store.codec.decode(cookie) == (record.sid, float(int(record.expires_at)))
@@ -239,8 +239,21 @@ def test_record_round_trip_keeps_unicode() -> None:
         user="u",
         tenant="",
         name="王五 \r\n",
-        token_key="k",
-        created_at=1.5,
-        expires_at=2.5,
+        created_at=1.0,
+        expires_at=2.0,
     )
-    assert SessionRecord.from_bytes(record.to_bytes()) == record
+    assert SessionRecord.from_bytes("s", record.to_bytes()) == record
+    assert record.token_key == "tok:dingtalk::u"
+
+
+def test_record_is_stored_without_what_its_key_already_says() -> None:
+    record = SessionRecord(sid="sid-1", provider="lark", user="ou_1", tenant="t1", name="张三",
+                           created_at=1700000000.0, expires_at=1700604800.0)
+    assert record.to_bytes() == '["lark","ou_1","t1","张三",1700000000,1700604800]'.encode()
+
+
+def test_a_record_written_by_an_older_version_still_loads() -> None:
+    legacy = (b'{"sid":"sid-1","provider":"lark","user":"ou_1","tenant":"t1","name":"x",'
+              b'"token_key":"tok:lark:t1:ou_1","created_at":1.5,"expires_at":2.5}')
+    record = SessionRecord.from_bytes("sid-1", legacy)
+    assert (record.sid, record.user, record.token_key, record.expires_at) == ("sid-1", "ou_1", "tok:lark:t1:ou_1", 2.5)

@@ -1,23 +1,23 @@
-"""The default store: one process, bounded, every entry with its own TTL (cachetools)."""
+"""The default store: one process, bounded, every entry with its own TTL.
+
+A plain dict of ``(expires_at, version, value)`` tuples. It is the cheapest shape Python offers
+(about 110 bytes of bookkeeping per entry, against about 250 for a cachetools ``TLRUCache`` with
+its heap and per-key link objects), which is what keeps a signed-in user under 1 KiB
+(docs/benchmarks.md, memory). Expired entries are dropped when read, and all of them in a sweep
+run by a write at most every ``_SWEEP_EVERY_S``; past ``max_entries`` the entry written longest
+ago is evicted first (a dict keeps insertion order, and a write re-inserts its key).
+"""
 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
-
-from cachetools import TLRUCache
 
 from gateway.stores import Store, Versioned
 
+# A sweep walks every entry; expired ones cost only memory until then (reads never see them).
+_SWEEP_EVERY_S = 10.0
 
-class _Entry(NamedTuple):
-    expires_at: float
-    version: int
-    value: bytes
-
-
-def _expiry(_key: str, entry: _Entry, _now: float) -> float:
-    return entry.expires_at
+_Entry = tuple[float, int, bytes]  # expires_at (monotonic), version, value
 
 
 class MemoryStore(Store):
@@ -27,35 +27,56 @@ class MemoryStore(Store):
     """
 
     def __init__(self, *, max_entries: int = 200_000) -> None:
-        self._data: TLRUCache[str, _Entry] = TLRUCache(maxsize=max_entries, ttu=_expiry, timer=time.monotonic)
+        self._data: dict[str, _Entry] = {}
+        self._max_entries = max_entries
+        self._next_sweep = 0.0
+
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[0] <= time.monotonic():
+            del self._data[key]
+            return None
+        return entry
 
     def _put(self, key: str, value: bytes, ttl_s: float, version: int) -> None:
-        self._data[key] = _Entry(time.monotonic() + ttl_s, version, value)
+        now = time.monotonic()
+        data = self._data
+        data.pop(key, None)  # re-inserted below: the newest write goes to the end of the order
+        if now >= self._next_sweep or len(data) >= self._max_entries:
+            for stale in [k for k, entry in data.items() if entry[0] <= now]:
+                del data[stale]
+            while len(data) >= self._max_entries:
+                del data[next(iter(data))]
+            self._next_sweep = now + _SWEEP_EVERY_S
+        data[key] = (now + ttl_s, version, value)
 
     async def get(self, key: str) -> bytes | None:
-        entry = self._data.get(key)
-        return entry.value if entry else None
+        entry = self._live(key)
+        return entry[2] if entry else None
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        entry = self._data.get(key)
-        self._put(key, value, ttl_s, entry.version + 1 if entry else 1)
+        entry = self._live(key)
+        self._put(key, value, ttl_s, entry[1] + 1 if entry else 1)
 
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)
 
     async def pop(self, key: str) -> bytes | None:
-        entry = self._data.pop(key, None)
-        return entry.value if entry else None
+        entry = self._live(key)
+        if entry is None:
+            return None
+        del self._data[key]
+        return entry[2]
 
     async def get_versioned(self, key: str) -> Versioned | None:
-        entry = self._data.get(key)
-        return Versioned(entry.version, entry.value) if entry else None
+        entry = self._live(key)
+        return Versioned(entry[1], entry[2]) if entry else None
 
     async def set_versioned(
         self, key: str, value: bytes, ttl_s: float, *, expected_version: int | None = None
     ) -> int | None:
-        entry = self._data.get(key)
-        current = entry.version if entry else 0
+        entry = self._live(key)
+        current = entry[1] if entry else 0
         if expected_version is not None and expected_version != current:
             return None
         self._put(key, value, ttl_s, current + 1)
