@@ -47,7 +47,9 @@ async def _probe(count: int, what: str, how: str) -> dict[str, float]:
 
     settings = LarkSandbox().provider_settings({"open": "http://127.0.0.1:9", "accounts": "http://127.0.0.1:9"})
     config = GatewayConfig(public_url="http://127.0.0.1:8080",
-                           session={"secrets": [secrets.token_urlsafe(32)], "secure": False},
+                           session={"secrets": [secrets.token_urlsafe(32)], "secure": False,
+                                    # every entry must outlive the sign-in loop (100k take longer than 10 s)
+                                    "cache_ttl_s": 3600},
                            store={"backend": "memory", "max_entries": max(200_000, count * 3)},
                            providers={"lark": settings})
     runtime = Runtime(config)

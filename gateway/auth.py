@@ -72,12 +72,12 @@ class _VerifiedSessions:
     def put(self, ticket: str, entry: Authenticated) -> None:
         now = time.time()
         entries = self.entries
-        if now >= self._next_sweep or len(entries) >= self.max_entries:
+        if now >= self._next_sweep:
             for stale in [ticket for ticket, old in entries.items() if old.loaded_at <= now - self.ttl_s]:
                 self.drop(stale)
-            while len(entries) >= self.max_entries:
-                self.drop(next(iter(entries)))
             self._next_sweep = now + self.ttl_s
+        while len(entries) >= self.max_entries:  # not a sweep per put once full: that is O(n) each
+            self.drop(next(iter(entries)))
         entries.pop(ticket, None)  # re-inserted: the order is the order of the latest store
         entries[ticket] = entry
         self._by_session[_digest(entry.record.sid)] = ticket

@@ -4,8 +4,9 @@ A plain dict of ``(expires_at, version, value)`` tuples. It is the cheapest shap
 (about 110 bytes of bookkeeping per entry, against about 250 for a cachetools ``TLRUCache`` with
 its heap and per-key link objects), which is what keeps a signed-in user under 1 KiB
 (docs/benchmarks.md, memory). Expired entries are dropped when read, and all of them in a sweep
-run by a write at most every ``_SWEEP_EVERY_S``; past ``max_entries`` the entry written longest
-ago is evicted first (a dict keeps insertion order, and a write re-inserts its key).
+run by a write every ``_SWEEP_EVERY_S`` (every second while the store is full); past
+``max_entries`` the entry written longest ago is evicted first (a dict keeps insertion order, and a
+write re-inserts its key).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.stores import Store, Versioned
 
 # A sweep walks every entry; expired ones cost only memory until then (reads never see them).
 _SWEEP_EVERY_S = 10.0
+_FULL_SWEEP_EVERY_S = 1.0
 
 _Entry = tuple[float, int, bytes]  # expires_at (monotonic), version, value
 
@@ -29,7 +31,7 @@ class MemoryStore(Store):
     def __init__(self, *, max_entries: int = 200_000) -> None:
         self._data: dict[str, _Entry] = {}
         self._max_entries = max_entries
-        self._next_sweep = 0.0
+        self._swept_at = float("-inf")
 
     def _live(self, key: str) -> _Entry | None:
         entry = self._data.get(key)
@@ -42,12 +44,16 @@ class MemoryStore(Store):
         now = time.monotonic()
         data = self._data
         data.pop(key, None)  # re-inserted below: the newest write goes to the end of the order
-        if now >= self._next_sweep or len(data) >= self._max_entries:
+        since_sweep = now - self._swept_at
+        full = len(data) >= self._max_entries
+        # A full store sweeps before it evicts a live entry (a session: a user logged out), but at
+        # most once a second: a sweep per write would make each write O(n) while it stays full.
+        if since_sweep >= _SWEEP_EVERY_S or (full and since_sweep >= _FULL_SWEEP_EVERY_S):
             for stale in [k for k, entry in data.items() if entry[0] <= now]:
                 del data[stale]
-            while len(data) >= self._max_entries:
-                del data[next(iter(data))]
-            self._next_sweep = now + _SWEEP_EVERY_S
+            self._swept_at = now
+        while len(data) >= self._max_entries:
+            del data[next(iter(data))]
         data[key] = (now + ttl_s, version, value)
 
     async def get(self, key: str) -> bytes | None:
