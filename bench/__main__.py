@@ -53,7 +53,16 @@ def render(rows: list[Row], info: dict[str, str]) -> str:
     return f"Machine: {head}\n\n" + "\n".join(lines) + "\n"
 
 
+def _require_bench_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in ("itsdangerous",) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"bench needs {', '.join(missing)}: pip install -e '.[dev,bench]' (bench/run does it)")
+
+
 async def run(options: Options, names: list[str]) -> tuple[int, str, dict[str, object]]:
+    _require_bench_extra()
     info = machine()
     log(f"machine: {info}")
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
