@@ -122,6 +122,10 @@ class Authenticator:
         sessions.store.subscribe(SESSION_ENDED, self._verified.drop_session)
         sessions.store.subscribe(TOKENS_REPLACED, self._verified.drop_token_key)
 
+    @property
+    def cache_size(self) -> int:
+        return len(self._entries)
+
     def cached(self, ticket: str) -> Authenticated | None:
         """The cached entry while it needs no renewal: the hot path, without an await."""
         entry = self._entries.get(ticket)

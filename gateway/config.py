@@ -197,6 +197,21 @@ class Access(_Section):
         return values
 
 
+class Metrics(_Section):
+    # GET <prefix>/metrics in the Prometheus text format; counts only, no user or path in it.
+    enabled: bool = True
+    # When set, a scrape must send ``Authorization: Bearer <token>`` (the endpoint is on the app's
+    # public origin; without a token, block it at the proxy if the counts are not for everyone).
+    bearer_token: SecretStr | None = None
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("use at least 16 characters (or null for no token)")
+        return value
+
+
 class GatewayConfig(BaseSettings):
     """The whole configuration. Build it with ``load_config`` (YAML) or directly in code."""
 
@@ -213,6 +228,7 @@ class GatewayConfig(BaseSettings):
     tokens: Tokens = Field(default_factory=Tokens)
     identity: Identity = Field(default_factory=Identity)
     access: Access = Field(default_factory=Access)
+    metrics: Metrics = Field(default_factory=Metrics)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     _provider_settings: dict[str, ProviderSettings] = PrivateAttr(default_factory=dict)

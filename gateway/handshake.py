@@ -8,11 +8,13 @@ it to ``/exchange/<provider>``. Both paths end in ``complete_login``: the token 
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import html
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlencode
@@ -23,6 +25,7 @@ from starlette.routing import Mount, Router
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
+from gateway.metrics import AUTHENTICATED, DENIED, LOGIN_REQUIRED, PUBLIC
 from gateway.pages import error_response, gateway_error_response, message_page, page, wants_html
 from gateway.providers import Grant, LoginContext, Provider
 from gateway.runtime import Runtime
@@ -71,6 +74,7 @@ class Handshake:
             ("GET", "jwks.json"): self.jwks,
             ("GET", "healthz"): self.healthz,
             ("GET", "readyz"): self.readyz,
+            ("GET", "metrics"): self.metrics,
             ("GET", "static"): self.static,
         }
         self._scripts = {"handshake.js": (_STATIC / "handshake.js").read_bytes()}
@@ -265,8 +269,23 @@ class Handshake:
         response.delete_cookie(self.binding_cookie, path=self.prefix)
         return response
 
+    @contextlib.contextmanager
+    def _login_attempt(self, provider: Provider, flow: str) -> Iterator[None]:
+        """Counts a sign-in attempt by its result: ``ok`` or the error code that ended it."""
+        try:
+            yield
+        except Exception as exc:
+            code = exc.code if isinstance(exc, GatewayError) else "internal_error"
+            self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, code)
+            raise
+        self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, "ok")
+
     async def exchange(self, request: Request, rest: str) -> Response:
         provider = self._provider(rest)
+        with self._login_attempt(provider, "client"):
+            return await self._exchange(request, provider)
+
+    async def _exchange(self, request: Request, provider: Provider) -> Response:
         self._require_same_origin(request)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise GatewayError("Send the code as JSON.", code="unsupported_media_type", status_code=415)
@@ -293,27 +312,28 @@ class Handshake:
         provider = self._provider(rest)
         next_path: str | None = None
         try:
-            result = provider.parse_callback(dict(request.query_params))
-            if result.error == "approval_pending" and not result.state:
-                # Some providers come back from a pending approval without any state; nothing
-                # is signed in either way, so say what happens next.
-                raise LoginPending(result.error_description or _PENDING_MESSAGE)
-            pending = await self._take_pending(request, result.state, provider)
-            next_path = pending.next_path
-            if result.error:
-                if result.error == "access_denied":
-                    raise LoginDenied("You declined the authorization, so you are not signed in.")
-                if result.error == "approval_pending":
+            with self._login_attempt(provider, "browser"):
+                result = provider.parse_callback(dict(request.query_params))
+                if result.error == "approval_pending" and not result.state:
+                    # Some providers come back from a pending approval without any state; nothing
+                    # is signed in either way, so say what happens next.
                     raise LoginPending(result.error_description or _PENDING_MESSAGE)
-                raise ProviderError(f"The provider reported an error ({result.error}).", code="provider_error")
-            if not result.code:
-                raise BadRequest("The provider sent no authorization code.", code="code_missing")
-            grant = await provider.redeem(
-                result.code, flow="browser", redirect_uri=self.config.redirect_uri(provider.name),
-                code_verifier=pending.code_verifier, client_context=result.context,
-            )
-            redirect = RedirectResponse(pending.next_path, status_code=302, headers={"cache-control": "no-store"})
-            return await self._complete_login(request, provider, grant, redirect)
+                pending = await self._take_pending(request, result.state, provider)
+                next_path = pending.next_path
+                if result.error:
+                    if result.error == "access_denied":
+                        raise LoginDenied("You declined the authorization, so you are not signed in.")
+                    if result.error == "approval_pending":
+                        raise LoginPending(result.error_description or _PENDING_MESSAGE)
+                    raise ProviderError(f"The provider reported an error ({result.error}).", code="provider_error")
+                if not result.code:
+                    raise BadRequest("The provider sent no authorization code.", code="code_missing")
+                grant = await provider.redeem(
+                    result.code, flow="browser", redirect_uri=self.config.redirect_uri(provider.name),
+                    code_verifier=pending.code_verifier, client_context=result.context,
+                )
+                redirect = RedirectResponse(pending.next_path, status_code=302, headers={"cache-control": "no-store"})
+                return await self._complete_login(request, provider, grant, redirect)
         except (LoginDenied, LoginPending, ReauthRequired, BadRequest, ProviderError) as exc:
             return self._error(request, exc, provider=provider.name, next_path=next_path)
 
@@ -344,6 +364,7 @@ class Handshake:
         ticket = request.cookies.get(self.config.session.cookie_name)
         if ticket:
             await self._end_session(ticket)
+        self.runtime.metrics.inc("gateway_logouts_total")
         response: Response
         if wants_html(request.headers):
             response = message_page("Signed out", "You are signed out.", status_code=200, code="signed_out",
@@ -367,16 +388,25 @@ class Handshake:
 
     async def auth(self, request: Request, rest: str) -> Response:
         """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth): 200 + identity, or 401."""
+        counts = self.runtime.metrics.forward_auth
         original = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri") or "/"
         if self.runtime.access.is_public(unquote(original.split("?", 1)[0])):
+            counts[(PUBLIC,)] += 1
             return PlainTextResponse("", headers={"cache-control": "no-store"})
         ticket = request.cookies.get(self.config.session.cookie_name)
-        authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+        try:
+            authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+        except GatewayError:
+            counts[(DENIED,)] += 1
+            raise
         if authenticated is None:
+            counts[(LOGIN_REQUIRED,)] += 1
             return JSONResponse({"error": "login_required", "message": "You are not signed in.",
                                  "login_url": self.login_url(safe_next(original))}, status_code=401)
         if not self.runtime.access.tenant_allowed(authenticated.identity.tenant):
+            counts[(DENIED,)] += 1
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
+        counts[(AUTHENTICATED,)] += 1
         response = PlainTextResponse("", headers={"cache-control": "no-store"})
         for key, value in authenticated.headers:
             response.headers.append(key.decode("latin-1"), value.decode("latin-1"))
@@ -395,6 +425,19 @@ class Handshake:
             return JSONResponse({"status": "unavailable", "error": exc.code, "message": exc.message},
                                 status_code=503, headers={"retry-after": "5"})
         return JSONResponse({"status": "ready"})
+
+    async def metrics(self, request: Request, rest: str) -> Response:
+        settings = self.config.metrics
+        if not settings.enabled:
+            return error_response(request.scope, 404, "not_found", "There is no such gateway endpoint.")
+        if settings.bearer_token is not None:
+            expected = f"Bearer {settings.bearer_token.get_secret_value()}".encode()
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+                return error_response(request.scope, 401, "metrics_unauthorized",
+                                      "The metrics need the bearer token set in metrics.bearer_token.",
+                                      headers={"www-authenticate": 'Bearer realm="gateway metrics"'})
+        return PlainTextResponse(self.runtime.metrics.render(), headers={"cache-control": "no-store"},
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def static(self, request: Request, rest: str) -> Response:
         script = self._scripts.get(rest)

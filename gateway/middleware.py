@@ -30,6 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.handshake import Handshake
 from gateway.identity import Headers, strip_headers
+from gateway.metrics import AUTHENTICATED, DENIED, LOGIN_REQUIRED, PUBLIC
 from gateway.pages import error_response, gateway_error_response
 from gateway.runtime import Runtime
 from gateway.stores import Store
@@ -43,6 +44,8 @@ _AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
 
 # What ``str.strip()`` removes from a latin-1 cookie part, as bytes (ASCII whitespace plus the
 # separators and \x85, \xa0 that latin-1 text counts as whitespace).
+# Label values of the request counters (gateway/metrics.py), as the keys the hot path updates.
+_AUTHENTICATED, _PUBLIC, _LOGIN_REQUIRED, _DENIED = (AUTHENTICATED,), (PUBLIC,), (LOGIN_REQUIRED,), (DENIED,)
 _COOKIE_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
 
 
@@ -112,6 +115,8 @@ class AuthGateway:
         self._authenticate = self.runtime.authenticator.authenticate
         self._cached = self.runtime.authenticator.cached
         self._access = self.runtime.access
+        self._requests = self.runtime.metrics.requests
+        self._forward_auths = self.runtime.metrics.forward_auth
 
     def _inbound(self, raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, Headers]:
         """One pass over the client's headers: identity headers removed (always), the gateway's
@@ -165,6 +170,7 @@ class AuthGateway:
         raw_ticket, headers = self._inbound(scope["headers"])
         scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change
         if self._access.has_public_paths and self._access.is_public(path):
+            self._requests[_PUBLIC] += 1
             await self.app(scope, receive, send)
             return
         try:
@@ -174,22 +180,27 @@ class AuthGateway:
             else:
                 authenticated = None
         except GatewayError as exc:
+            self._requests[_DENIED] += 1
             await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
         except Exception:
             log.exception("unexpected error while authenticating %s", scope["path"])
+            self._requests[_DENIED] += 1
             response = error_response(scope, 500, "internal_error",
                                       "Something went wrong in the sign-in gateway. Please try again.")
             await self._deny(scope, receive, send, response)
             return
         if authenticated is None:
+            self._requests[_LOGIN_REQUIRED] += 1
             await self._login_required(scope, receive, send)
             return
         if not self._access.tenant_allowed(authenticated.identity.tenant):
+            self._requests[_DENIED] += 1
             response = error_response(scope, 403, "tenant_not_allowed",
                                       "Your organisation is not allowed to use this app.")
             await self._deny(scope, receive, send, response)
             return
+        self._requests[_AUTHENTICATED] += 1
         headers.extend(authenticated.headers)  # ``headers`` is our own list, already in the scope
         await self.app(scope, receive, send)
 
@@ -220,6 +231,7 @@ class AuthGateway:
             return False
         if authenticated is None or not self._access.tenant_allowed(authenticated.identity.tenant):
             return False
+        self._forward_auths[_AUTHENTICATED] += 1
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_AUTH_OK_HEADERS, *authenticated.headers]})
         await send({"type": "http.response.body", "body": b""})

@@ -14,6 +14,7 @@ from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
 from gateway.identity import IdentitySigner, derive_signing_key, load_signing_key, spoofable_names
+from gateway.metrics import Metrics
 from gateway.providers import Provider, ProviderContext, load_plugin
 from gateway.sessions import CookieCodec, SessionStore
 from gateway.stores import Store
@@ -46,6 +47,7 @@ class Runtime:
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.config = config
+        self.metrics = Metrics()
         self.store = store if store is not None else make_store(config)
         self._owns_http = http_client is None
         self.http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
@@ -68,7 +70,7 @@ class Runtime:
         self.sessions = SessionStore(self.store, CookieCodec(secrets), max_age_s=config.session.max_age_s)
         self.tokens = TokenManager(
             self.store, self.providers, refresh_margin_s=config.tokens.refresh_margin_s,
-            lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s,
+            lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s, metrics=self.metrics,
         )
         key_file = config.identity.signing_key_file
         key = load_signing_key(key_file) if key_file else derive_signing_key(secrets[0])
@@ -76,6 +78,10 @@ class Runtime:
             key, issuer=config.public_url, audience=config.identity.jwt_audience, ttl_s=config.identity.jwt_ttl_s
         )
         self.authenticator = Authenticator(config, self.sessions, self.tokens, self.signer)
+        self.metrics.gauge("gateway_session_cache_entries", lambda: self.authenticator.cache_size)
+        if isinstance(self.store, MemoryStore):
+            memory_store = self.store
+            self.metrics.gauge("gateway_store_entries", lambda: len(memory_store))
         self.spoofable = spoofable_names(config.identity.headers)
         self.access = AccessRules(config.access)
 

@@ -38,6 +38,7 @@ from typing import Any
 from cachetools import TTLCache
 
 from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
+from gateway.metrics import Metrics
 from gateway.providers import Provider, TokenSet
 from gateway.stores import LockTimeout, Store
 
@@ -80,6 +81,7 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         lock_lease_s: float = 10.0,
         lock_wait_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -87,6 +89,7 @@ class TokenManager:
         self.clock = clock
         self.lock_lease_s = lock_lease_s
         self.lock_wait_s = lock_wait_s
+        self.metrics = metrics if metrics is not None else Metrics()
         self._inflight: dict[str, asyncio.Task[TokenSet]] = {}
         # Back-off after a transient failure; bounded, and forgotten once long past.
         self._not_before: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=3600)
@@ -188,6 +191,7 @@ class TokenManager:
         try:
             fresh = await provider.refresh(tokens)
         except ReauthRequired:
+            self.metrics.inc("gateway_token_refreshes_total", provider_name, "reauth_required")
             # Another writer (a new login, another replica) may have rotated the record already.
             again = await self.store.get_versioned(key)
             if again is not None and again.version != current.version:
@@ -196,6 +200,7 @@ class TokenManager:
             log.info("token record ended by the provider", extra={"provider": provider_name})
             raise
         except ProviderUnavailable as exc:
+            self.metrics.inc("gateway_token_refreshes_total", provider_name, "unavailable")
             not_before = self.clock() + exc.retry_after_s
             self._not_before[key] = not_before
             with contextlib.suppress(StoreUnavailable):  # the local back-off still holds
@@ -205,6 +210,10 @@ class TokenManager:
                             extra={"provider": provider_name, "code": exc.code})
                 return tokens
             raise
+        except Exception:  # misconfiguration, a bug: counted, then answered as always
+            self.metrics.inc("gateway_token_refreshes_total", provider_name, "error")
+            raise
+        self.metrics.inc("gateway_token_refreshes_total", provider_name, "ok")
         written = await self._write(key, provider_name, fresh, current.version)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.

@@ -1,0 +1,109 @@
+"""``<prefix>/metrics``: the Prometheus exposition, what each counter counts, who may read it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from gateway.metrics import Metrics
+from tests.conftest import HTML, GatewayStarter, ServedLark, browser_login
+
+SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+
+
+def samples(text: str) -> dict[str, float]:
+    """``{'name{labels}': value}`` of an exposition; every line is a comment or a valid sample."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ \S", line), line
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        found[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return found
+
+
+def test_every_metric_is_declared_with_help_and_type_even_before_anything_happened() -> None:
+    metrics = Metrics()
+    text = metrics.render()
+    for name in ("gateway_requests_total", "gateway_forward_auth_total", "gateway_logins_total",
+                 "gateway_token_refreshes_total", "gateway_logouts_total"):
+        assert f"# HELP {name} " in text and f"# TYPE {name} counter" in text
+    assert samples(text)['gateway_requests_total{result="authenticated"}'] == 0
+
+
+def test_label_values_are_escaped_and_counts_add_up() -> None:
+    metrics = Metrics()
+    metrics.inc("gateway_logins_total", 'we"ird\\name', "client", "ok")
+    metrics.inc("gateway_logins_total", 'we"ird\\name', "client", "ok", amount=2)
+    metrics.inc("gateway_logouts_total")
+    metrics.gauge("gateway_store_entries", lambda: 7)
+    metrics.gauge("gateway_session_cache_entries", lambda: None)  # None: not exposed
+    found = samples(metrics.render())
+    assert found['gateway_logins_total{provider="we\\"ird\\\\name",flow="client",result="ok"}'] == 3
+    assert found["gateway_logouts_total"] == 1
+    assert found["gateway_store_entries"] == 7
+    assert "gateway_session_cache_entries" not in found
+
+
+async def test_the_counters_follow_what_the_gateway_did(start_gateway: GatewayStarter, lark: ServedLark) -> None:
+    lark.sandbox.access_ttl_s = 4  # a refresh is due 2 s after the login
+    async with start_gateway(access={"public_paths": ["/public/*"]}) as running, running.client() as client:
+        assert (await client.get("/x", headers=HTML)).status_code == 302  # no session yet
+        await browser_login(client, "/x")  # the redirect to the login, then the app: authenticated
+        await client.get("/public/logo.png")
+        await client.get("/_gateway/callback/lark?code=forged&state=nope")  # a login that fails
+        auth = await client.get("/_gateway/auth", headers={"x-original-uri": "/y"})
+        assert auth.status_code == 200
+        await asyncio.sleep(2.2)
+        assert (await client.get("/after-refresh")).status_code == 200
+        logout = await client.post("/_gateway/logout", headers={"origin": running.url})
+        assert logout.status_code == 200
+        anonymous = await client.get("/_gateway/auth", headers={"x-original-uri": "/y"})
+        assert anonymous.status_code == 401
+        scrape = await client.get("/_gateway/metrics")
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
+    found = samples(scrape.text)
+    assert found['gateway_requests_total{result="login_required"}'] == 2  # /x before and during the login
+    assert found['gateway_requests_total{result="authenticated"}'] == 2  # /x after it, /after-refresh
+    assert found['gateway_requests_total{result="public"}'] == 1
+    assert found['gateway_logins_total{provider="lark",flow="browser",result="ok"}'] == 1
+    assert found['gateway_logins_total{provider="lark",flow="browser",result="state_invalid"}'] == 1
+    assert found['gateway_forward_auth_total{result="authenticated"}'] == 1
+    assert found['gateway_forward_auth_total{result="login_required"}'] == 1
+    assert found['gateway_token_refreshes_total{provider="lark",result="ok"}'] == 1
+    assert found["gateway_logouts_total"] == 1
+    assert found["gateway_store_entries"] >= 1
+    assert "gateway_session_cache_entries" in found
+    for line in scrape.text.splitlines():  # counts only: no user, cookie or token in it
+        assert "ou_" not in line and "gw_session" not in line
+
+
+async def test_a_bearer_token_guards_the_metrics(start_gateway: GatewayStarter) -> None:
+    token = "s3cret-metrics-token-0123456789"
+    async with start_gateway(metrics={"bearer_token": token}) as running, running.client() as client:
+        missing = await client.get("/_gateway/metrics", headers={"accept": "application/json"})
+        wrong = await client.get("/_gateway/metrics", headers={"authorization": "Bearer nope"})
+        right = await client.get("/_gateway/metrics", headers={"authorization": f"Bearer {token}"})
+    assert missing.status_code == 401 and missing.json()["error"] == "metrics_unauthorized"
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert token not in missing.text
+    assert wrong.status_code == 401
+    assert right.status_code == 200 and "# TYPE gateway_requests_total counter" in right.text
+
+
+async def test_metrics_can_be_switched_off(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(metrics={"enabled": False}) as running, running.client() as client:
+        answer = await client.get("/_gateway/metrics", headers={"accept": "application/json"})
+    assert answer.status_code == 404 and answer.json()["error"] == "not_found"
+
+
+def test_a_short_bearer_token_is_a_config_error(make_config: object) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        make_config(metrics={"bearer_token": "short"})  # type: ignore[operator]
