@@ -32,7 +32,8 @@ class AccessRules:
     def __init__(self, access: Access) -> None:
         patterns = [translate(pattern) for pattern in access.public_paths]
         self._public = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-        self._tenants = frozenset(access.allow_tenants)
+        #: ``access.allow_tenants``; empty: every tenant is allowed.
+        self.allowed_tenants = frozenset(access.allow_tenants)
         #: False when no path is public: the middleware skips ``is_public`` altogether.
         self.has_public_paths = self._public is not None
 
@@ -48,5 +49,5 @@ class AccessRules:
         return self._public.match(normalize_path(path)) is not None
 
     def tenant_allowed(self, tenant: str) -> bool:
-        tenants = self._tenants
+        tenants = self.allowed_tenants
         return not tenants or tenant in tenants

@@ -42,10 +42,10 @@ log = logging.getLogger("gateway")
 _AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
                     (b"content-type", b"text/plain; charset=utf-8"))
 
-# What ``str.strip()`` removes from a latin-1 cookie part, as bytes (ASCII whitespace plus the
-# separators and \x85, \xa0 that latin-1 text counts as whitespace).
 # Label values of the request counters (gateway/metrics.py), as the keys the hot path updates.
 _AUTHENTICATED, _PUBLIC, _LOGIN_REQUIRED, _DENIED = (AUTHENTICATED,), (PUBLIC,), (LOGIN_REQUIRED,), (DENIED,)
+# What ``str.strip()`` removes from a latin-1 cookie part, as bytes (ASCII whitespace plus the
+# separators and \x85, \xa0 that latin-1 text counts as whitespace).
 _COOKIE_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
 
 
@@ -115,6 +115,7 @@ class AuthGateway:
         self._authenticate = self.runtime.authenticator.authenticate
         self._cached = self.runtime.authenticator.cached
         self._access = self.runtime.access
+        self._allowed_tenants = self._access.allowed_tenants
         self._requests = self.runtime.metrics.requests
         self._forward_auths = self.runtime.metrics.forward_auth
 
@@ -130,23 +131,24 @@ class AuthGateway:
             key = item[0]
             if key == b"cookie":
                 value = item[1]
+                # (``59 in value`` and ``value.find``: a bytes needle with ``in`` costs ~8x more.)
+                if value.startswith(prefix) and 59 not in value:  # 59: b";"
+                    # The usual case: the session cookie alone in the header.
+                    if ticket is None:
+                        ticket = value[len(prefix):].strip(_COOKIE_SPACE)
+                    continue
                 for marker in markers:
-                    if marker in value:
+                    if value.find(marker) >= 0:
                         break
                 else:
                     result.append(item)  # none of ours: kept whole
                     continue
-                if value.startswith(prefix) and b";" not in value:
-                    # The usual case: the session cookie alone in the header.
-                    if ticket is None:
-                        ticket = value[len(prefix):].strip(_COOKIE_SPACE)
-                else:
-                    found: dict[bytes, bytes] = {}
-                    kept = _take_cookies(value, self._cookie_names, found)
-                    if kept:
-                        result.append((b"cookie", kept))
-                    if ticket is None:
-                        ticket = found.get(self._cookie_bytes)
+                found: dict[bytes, bytes] = {}
+                kept = _take_cookies(value, self._cookie_names, found)
+                if kept:
+                    result.append((b"cookie", kept))
+                if ticket is None:
+                    ticket = found.get(self._cookie_bytes)
             elif key.lower() not in spoofable:
                 result.append(item)
         return ticket, result
@@ -159,7 +161,9 @@ class AuthGateway:
             else:
                 await self.app(scope, receive, send)
             return
-        path = normalize_path(scope["path"])
+        path = scope["path"]
+        if "//" in path or "/." in path or path[:1] != "/":  # else already normal (the usual case)
+            path = normalize_path(path)
         if path == self._prefix or path.startswith(self._prefix_slash):
             if path == self._auth_path and kind == "http" and await self._forward_auth(scope, send):
                 return
@@ -194,7 +198,7 @@ class AuthGateway:
             self._requests[_LOGIN_REQUIRED] += 1
             await self._login_required(scope, receive, send)
             return
-        if not self._access.tenant_allowed(authenticated.identity.tenant):
+        if self._allowed_tenants and authenticated.identity.tenant not in self._allowed_tenants:
             self._requests[_DENIED] += 1
             response = error_response(scope, 403, "tenant_not_allowed",
                                       "Your organisation is not allowed to use this app.")
