@@ -4,6 +4,11 @@ Roles:
 
 - ``bare``: a minimal Starlette app (``/`` answers ``hello``; ``/whoami`` echoes X-Auth-User);
 - ``gateway``: the same app wrapped in ``AuthGateway`` (``--config``);
+- ``floor``: the same app behind the least any authenticating middleware does on the common request
+  (a valid session cached in-process): the identity headers stripped, the lone session cookie taken
+  out, one dict lookup, the identity headers added; written inline, nothing else (``floor_app``).
+  Anything else goes to an ``AuthGateway`` behind it (``--config``). Not a product: it places the
+  gateway between the bare app and what this machine allows a Python middleware at all;
 - ``handrolled``: the same app behind what users write themselves: Starlette's ``SessionMiddleware``
   (itsdangerous-signed cookie) and a session check in the endpoint; ``/login`` sets the session;
 - ``raw``: a raw ASGI app answering ``hello`` to any path (the sidecar's upstream, and the
@@ -116,15 +121,47 @@ def make_app(role: str | None = None, config_path: str | None = None, upstream: 
     if config_path is None:
         raise SystemExit(f"{role} needs --config")
     config = load_config(config_path)
-    if role == "gateway":
+    if role in ("gateway", "floor"):
         from gateway.middleware import AuthGateway
 
-        return AuthGateway(bare_app(), config)
+        gateway = AuthGateway(bare_app(), config)
+        return gateway if role == "gateway" else floor_app(bare_app(), gateway)
     if role == "sidecar":
         from gateway.cli import build_sidecar
 
         return build_sidecar(config)
     raise SystemExit(f"unknown role {role!r}")
+
+
+def floor_app(app: Any, gateway: Any) -> Any:
+    """``app`` behind the minimum of the gateway's per-request work, inlined (see ``floor`` above)."""
+    import time
+
+    cached = gateway.runtime.authenticator.cached
+    spoofable = gateway.runtime.spoofable
+    prefix = gateway.config.session.cookie_name.encode() + b"="
+
+    async def floor(scope: Any, receive: Any, send: Any) -> None:
+        path = scope["path"] if scope["type"] == "http" else "/_gateway"
+        if "//" in path or "/." in path or path.startswith("/_gateway"):
+            await gateway(scope, receive, send)
+            return
+        ticket = None
+        headers = []
+        for item in scope["headers"]:
+            key = item[0]
+            if key == b"cookie" and item[1].startswith(prefix) and 59 not in item[1]:
+                ticket = item[1][len(prefix):]
+            elif key.lower() not in spoofable:
+                headers.append(item)
+        entry = cached(ticket.decode("latin-1")) if ticket else None
+        if entry is None or time.time() >= entry.renew_at:
+            await gateway(scope, receive, send)
+            return
+        headers.extend(entry.headers)
+        await app({**scope, "headers": headers}, receive, send)
+
+    return floor
 
 
 def granian_factory() -> Any:

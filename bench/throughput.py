@@ -87,8 +87,14 @@ async def middleware(ctx: Context) -> list[Row]:
         gateway = await stack.enter_async_context(
             _server(ctx, "mw-gateway", "gateway", config=config, ready="/_gateway/healthz"))
         handrolled = await stack.enter_async_context(_server(ctx, "mw-handrolled", "handrolled", ready="/login"))
+        floor_config = lark.write_config(ctx.workdir / "middleware-floor.yaml", free_port())
+        floor = await stack.enter_async_context(
+            _server(ctx, "mw-floor", "floor", config=floor_config, ready="/_gateway/healthz"))
         ticket = await login(gateway, "/whoami")
         gateway_headers = {"Cookie": f"{COOKIE}={ticket}"}
+        floor_headers = {"Cookie": f"{COOKIE}={await login(floor, '/whoami')}"}
+        await check(floor + "/whoami", headers=floor_headers, body=lark.sandbox.current_user)
+        await check(floor + "/", status=401)
         others: Targets = {}
         for label, tree in ctx.options.compare.items():
             other_config = lark.write_config(ctx.workdir / f"middleware-{label}.yaml", free_port())
@@ -109,6 +115,7 @@ async def middleware(ctx: Context) -> list[Row]:
             "bare": (bare + "/", gateway_headers),
             "gateway": (gateway + "/", gateway_headers),
             "handrolled": (handrolled + "/", handrolled_headers),
+            "floor": (floor + "/", floor_headers),
             **others,
         })
     ctx.raw["middleware"] = series.as_dict()
@@ -122,10 +129,15 @@ async def middleware(ctx: Context) -> list[Row]:
         Row("middleware", "bare Starlette app on uvicorn, req/s", series.spread("bare").fmt(0)),
         Row.ratio("middleware", "AuthGateway / bare, req/s", series.ratio("gateway", "bare"), 0.90),
         Row.ratio("middleware", "SessionMiddleware+check / bare, req/s", series.ratio("handrolled", "bare")),
+        Row.ratio("middleware", "floor (the same job inlined, bench/apps.py) / bare, req/s",
+                  series.ratio("floor", "bare")),
+        Row.ratio("middleware", "AuthGateway / floor, req/s", series.ratio("gateway", "floor")),
         Row.ratio("middleware", "AuthGateway / SessionMiddleware+check, req/s",
                   series.ratio("gateway", "handrolled"), 1.00, "target: ahead of the hand-rolled alternative"),
-        Row("middleware", "server CPU µs per request: bare · gateway · hand-rolled",
-            " · ".join(f"{series.spread(n, 'cpu_us').median:.1f}" for n in ("bare", "gateway", "handrolled"))),
+        Row("middleware", "server CPU µs per request: bare · gateway · hand-rolled · floor",
+            " · ".join(f"{series.spread(n, 'cpu_us').median:.1f}"
+                       for n in ("bare", "gateway", "handrolled", "floor"))),
+        Row.ratio("middleware", "bare CPU / floor CPU per request", _cpu_ratio(series, "bare", "floor")),
         Row.ratio("middleware", "bare CPU / AuthGateway CPU per request (the throughput ratio of a CPU-bound "
                   "server; steadier under load)", _cpu_ratio(series, "bare", "gateway"), 0.90),
         *[Row.ratio("middleware", f"bare CPU / AuthGateway [{label}] CPU per request",
