@@ -29,6 +29,20 @@ BROWSER_UA = (
 HTML = {"accept": "text/html,application/xhtml+xml"}
 
 
+class Clock:
+    """A clock tests move instead of sleeping (``clock.now += 60`` or ``clock.advance(60)``): pass it
+    where the code takes a ``clock``, or monkeypatch ``time.time`` / ``time.monotonic`` with it."""
+
+    def __init__(self, now: float = 1_750_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class ServedLark:
     sandbox: LarkSandbox

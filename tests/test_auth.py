@@ -13,19 +13,12 @@ from gateway.auth import Authenticated, _digest, _VerifiedSessions
 from gateway.identity import Identity
 from gateway.providers import TokenSet
 from gateway.sessions import SessionRecord
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
-    clock = _Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock(1_700_000_000.0)
     monkeypatch.setattr(auth_module.time, "time", clock)
     return clock
 
@@ -38,7 +31,7 @@ def _entry(sid: str, user: str, loaded_at: float) -> Authenticated:
                          renew_at=loaded_at + 10, loaded_at=loaded_at)
 
 
-def test_entries_older_than_the_ttl_are_swept_with_their_index_entries(clock: _Clock) -> None:
+def test_entries_older_than_the_ttl_are_swept_with_their_index_entries(clock: Clock) -> None:
     cache = _VerifiedSessions(ttl_s=10)
     cache.put("cookie-1", _entry("s1", "u1", clock.now))
     clock.now += 5
@@ -50,7 +43,7 @@ def test_entries_older_than_the_ttl_are_swept_with_their_index_entries(clock: _C
     assert _digest("tok:lark:t:u1") not in cache._by_token_key
 
 
-def test_past_the_bound_the_entry_stored_longest_ago_goes_first(clock: _Clock) -> None:
+def test_past_the_bound_the_entry_stored_longest_ago_goes_first(clock: Clock) -> None:
     cache = _VerifiedSessions(ttl_s=60, max_entries=2)
     cache.put("cookie-1", _entry("s1", "u1", clock.now))
     cache.put("cookie-2", _entry("s2", "u2", clock.now))
@@ -60,7 +53,7 @@ def test_past_the_bound_the_entry_stored_longest_ago_goes_first(clock: _Clock) -
     assert set(cache._by_session) == {_digest("s1"), _digest("s3")}
 
 
-def test_a_broadcast_drops_the_session_or_every_session_of_the_token_record(clock: _Clock) -> None:
+def test_a_broadcast_drops_the_session_or_every_session_of_the_token_record(clock: Clock) -> None:
     cache = _VerifiedSessions(ttl_s=60)
     cache.put("phone", _entry("s1", "u1", clock.now))
     cache.put("laptop", _entry("s2", "u1", clock.now))  # same user: same token record

@@ -52,19 +52,12 @@ from plugins.dingtalk.sandbox import (
     SANDBOX_SUITE_SECRET,
     DingTalkSandbox,
 )
+from tests.conftest import Clock
 
 BASE_URLS = {"api": "http://api.dingtalk.test", "oapi": "http://oapi.dingtalk.test",
              "login": "http://login.dingtalk.test"}
 REDIRECT_URI = "https://app.example.com/_gateway/callback/dingtalk"
 ZHANG, LISI, ALICE, ZHANG_OTHER = DEFAULT_USERS
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ClockedStore(Store):

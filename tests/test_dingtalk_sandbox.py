@@ -34,17 +34,10 @@ from plugins.dingtalk.sandbox import (
     SANDBOX_SUITE_SECRET,
     DingTalkSandbox,
 )
+from tests.conftest import Clock
 
 ZHANG, LISI, ALICE, ZHANG_OTHER = DEFAULT_USERS
 REDIRECT = "https://app.example.com/_gateway/callback/dingtalk"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -36,21 +36,12 @@ from gateway.sandbox import serve_apps
 from gateway.stores.memory import MemoryStore
 from plugins.lark.provider import LarkProvider, LarkSettings, classify_answer
 from plugins.lark.sandbox import DEFAULT_USERS, SANDBOX_APP_SECRET, LarkSandbox
+from tests.conftest import Clock
 
 BASE_URLS = {"open": "http://open.lark.test", "accounts": "http://accounts.lark.test"}
 REDIRECT_URI = "https://app.example.com/_gateway/callback/lark"
 ZHANG = DEFAULT_USERS[0]  # 张三, first tenant
 ALICE = DEFAULT_USERS[2]  # second tenant
-
-
-class Clock:
-    """The sandbox's clock; tests move it forward instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

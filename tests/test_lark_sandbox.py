@@ -32,20 +32,10 @@ from gateway.sandbox import serve_apps
 from gateway.stores.memory import MemoryStore
 from plugins.lark.provider import LarkProvider, LarkSettings
 from plugins.lark.sandbox import DEFAULT_USERS, LarkSandbox
+from tests.conftest import Clock
 
 REDIRECT_URI = "https://app.example.com/_gateway/callback/lark"
 ZHANG = DEFAULT_USERS[0]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass

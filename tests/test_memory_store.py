@@ -7,24 +7,17 @@ import pytest
 
 from gateway.stores import memory as memory_module
 from gateway.stores.memory import MemoryStore
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
-    clock = _Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock(1000.0)
     monkeypatch.setattr(memory_module.time, "monotonic", clock)
     return clock
 
 
-async def test_the_entry_written_longest_ago_is_evicted_first(clock: _Clock) -> None:
+async def test_the_entry_written_longest_ago_is_evicted_first(clock: Clock) -> None:
     store = MemoryStore(max_entries=3)
     for name in ("a", "b", "c"):
         await store.set(name, name.encode(), 60)
@@ -35,7 +28,7 @@ async def test_the_entry_written_longest_ago_is_evicted_first(clock: _Clock) -> 
     assert [await store.get(name) for name in ("a", "c", "d")] == [b"a2", b"c", b"d"]
 
 
-async def test_expired_entries_are_swept_by_a_later_write(clock: _Clock) -> None:
+async def test_expired_entries_are_swept_by_a_later_write(clock: Clock) -> None:
     store = MemoryStore()
     for index in range(50):
         await store.set(f"short-{index}", b"x", 5)
@@ -48,7 +41,7 @@ async def test_expired_entries_are_swept_by_a_later_write(clock: _Clock) -> None
     assert await store.get("long") == b"y"
 
 
-async def test_a_full_store_drops_expired_entries_before_live_ones(clock: _Clock) -> None:
+async def test_a_full_store_drops_expired_entries_before_live_ones(clock: Clock) -> None:
     store = MemoryStore(max_entries=3)
     await store.set("live", b"1", 3600)
     await store.set("soon", b"2", 1)
@@ -58,7 +51,7 @@ async def test_a_full_store_drops_expired_entries_before_live_ones(clock: _Clock
     assert [await store.get(name) for name in ("live", "soon", "later", "new")] == [b"1", None, b"3", b"4"]
 
 
-async def test_an_expired_entry_has_no_version_left(clock: _Clock) -> None:
+async def test_an_expired_entry_has_no_version_left(clock: Clock) -> None:
     store = MemoryStore()
     assert await store.set_versioned("k", b"v", 1) == 1
     clock.now += 1

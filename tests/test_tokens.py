@@ -13,16 +13,9 @@ from gateway.errors import ProviderUnavailable, ReauthRequired
 from gateway.providers import Provider, ProviderContext, ProviderSettings, TokenSet
 from gateway.stores.memory import MemoryStore
 from gateway.tokens import TokenManager, token_key
+from tests.conftest import Clock
 
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 Outcome = str | BaseException  # "ok" or an exception to raise
@@ -73,7 +66,7 @@ def tokens(name: str, *, issued_at: float, lifetime_s: float) -> TokenSet:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture

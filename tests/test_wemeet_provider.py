@@ -34,21 +34,12 @@ from gateway.sandbox import available_sandboxes, serve_apps
 from gateway.stores.memory import MemoryStore
 from plugins.wemeet.provider import WeMeetProvider, WeMeetSettings, classify_api, classify_webapi
 from plugins.wemeet.sandbox import DEFAULT_USERS, SANDBOX_SECRET, WeMeetSandbox
+from tests.conftest import Clock
 
 BASE_URLS = {"web": "http://meeting.wemeet.test", "api": "http://api.wemeet.test"}
 REDIRECT_URI = "https://app.example.com/_gateway/callback/wemeet"
 ZHANG, LI_SI, WANG, PAT, ZHAO = DEFAULT_USERS  # 张三 (authorized), Li Si, 王五 (pending), personal, no profile scope
 SIX_HOURS, THIRTY_DAYS = 6 * 3600, 30 * 86400
-
-
-class Clock:
-    """The sandbox's and the provider's clock; tests move it instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

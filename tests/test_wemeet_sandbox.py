@@ -31,6 +31,7 @@ from gateway.sandbox import serve_apps
 from gateway.stores.memory import MemoryStore
 from plugins.wemeet.provider import WeMeetProvider, WeMeetSettings
 from plugins.wemeet.sandbox import _FAKE_JSSDK, DEFAULT_USERS, WeMeetSandbox, WeMeetUser
+from tests.conftest import Clock
 from tests.test_wemeet_provider import es5_violations
 
 REDIRECT_URI = "https://app.example.com/_gateway/callback/wemeet"
@@ -39,17 +40,6 @@ TOKEN_PATH = "/wemeet-webapi/v2/oauth2/oauth/access_token"
 REFRESH_PATH = "/wemeet-webapi/v2/oauth2/oauth/refresh_token"
 USER_INFO_PATH = "/wemeet-webapi/v2/oauth2/oauth/user_info"
 PROFILE_PATH = "/v1/users/info/basic"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
