@@ -50,6 +50,11 @@ _PENDING_MESSAGE = (
 )
 Handler = Callable[[Request, str], Awaitable[Response]]
 
+#: The forward-auth 200 before the identity headers. The middleware answers the common case itself
+#: (a cached valid session, ``AuthGateway._forward_auth``) with these same bytes.
+AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
+                   (b"content-type", b"text/plain; charset=utf-8"))
+
 
 class BadRequest(GatewayError):
     status_code = 400
@@ -407,9 +412,8 @@ class Handshake:
             counts[(DENIED,)] += 1
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
         counts[(AUTHENTICATED,)] += 1
-        response = PlainTextResponse("", headers={"cache-control": "no-store"})
-        for key, value in authenticated.headers:
-            response.headers.append(key.decode("latin-1"), value.decode("latin-1"))
+        response = Response(b"")
+        response.raw_headers = [*AUTH_OK_HEADERS, *authenticated.headers]
         return response
 
     async def jwks(self, request: Request, rest: str) -> Response:

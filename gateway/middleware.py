@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.access import normalize_path
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
-from gateway.handshake import Handshake
+from gateway.handshake import AUTH_OK_HEADERS, Handshake
 from gateway.identity import Headers, strip_headers
 from gateway.metrics import AUTHENTICATED, DENIED, LOGIN_REQUIRED, PUBLIC
 from gateway.pages import error_response, gateway_error_response
@@ -37,10 +37,6 @@ from gateway.stores import Store
 
 log = logging.getLogger("gateway")
 
-
-# The forward-auth 200 as the handshake's ``auth`` endpoint sends it, before the identity headers.
-_AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
-                    (b"content-type", b"text/plain; charset=utf-8"))
 
 # Label values of the request counters (gateway/metrics.py), as the keys the hot path updates.
 _AUTHENTICATED, _PUBLIC, _LOGIN_REQUIRED, _DENIED = (AUTHENTICATED,), (PUBLIC,), (LOGIN_REQUIRED,), (DENIED,)
@@ -237,7 +233,7 @@ class AuthGateway:
             return False
         self._forward_auths[_AUTHENTICATED] += 1
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [*_AUTH_OK_HEADERS, *authenticated.headers]})
+                    "headers": [*AUTH_OK_HEADERS, *authenticated.headers]})
         await send({"type": "http.response.body", "body": b""})
         return True
 
