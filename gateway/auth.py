@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from itertools import islice
 
 from gateway.config import GatewayConfig
 from gateway.errors import ReauthRequired, StoreUnavailable
@@ -34,6 +35,10 @@ SESSION_ENDED = "session-ended"
 #: The store topic that tells every replica a user's token record was replaced by a new login
 #: (the message: ``_digest(token_key)``): the provider has just killed the tokens they cached.
 TOKENS_REPLACED = "tokens-replaced"
+
+
+# How many stale entries one ``put`` sweeps at most (the rest on the next ones).
+_SWEEP_BATCH = 1000
 
 
 def _digest(sid: str) -> str:
@@ -53,54 +58,73 @@ class Authenticated:
 
 class _VerifiedSessions:
     """The cache of verified sessions by cookie, with the two indexes the broadcasts need
-    (session digest → cookie, token-record digest → cookies).
+    (session digest → cookies, token-record digest → cookies).
 
     A plain dict, not a cachetools cache: the lookup is on every request, and a dict ``get`` is a
     third of what ``TTLCache.get`` costs there (docs/benchmarks.md, middleware). Entries older than
-    ``ttl_s`` are of no use (the next request reloads the record), so a ``put`` sweeps them out at
-    most once per ``ttl_s``; past ``max_entries`` the entry stored longest ago goes first.
+    ``ttl_s`` are of no use (the next request reloads the record): a ``put`` sweeps them from the
+    front (the oldest stored), a batch at a time so the event loop never stalls on a large cache,
+    at most once per ``ttl_s`` unless a batch was full. Past ``max_entries`` the entries stored
+    longest ago go first, a hundredth of the cache at a time (one by one, each eviction would walk
+    the slots the previous ones left at the front of the dict).
     """
 
     def __init__(self, *, ttl_s: float, max_entries: int = 100_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.entries: dict[str, Authenticated] = {}
-        self._by_session: dict[str, str] = {}
+        #: Bumped by every broadcast: a renewal that started before one does not cache its result
+        #: (the session may have ended while it was loading).
+        self.generation = 0
+        self._digests: dict[str, tuple[str, str]] = {}  # cookie → (session digest, token-record digest)
+        self._by_session: dict[str, set[str]] = {}  # one session can be presented as several cookie strings
         self._by_token_key: dict[str, set[str]] = {}
         self._next_sweep = 0.0
 
-    def put(self, ticket: str, entry: Authenticated) -> None:
+    def put(self, ticket: str, entry: Authenticated, *, generation: int | None = None) -> None:
+        if generation is not None and generation != self.generation:
+            return
+        self.drop(ticket)  # re-inserted below: the order is the order of the latest store
         now = time.time()
         entries = self.entries
         if now >= self._next_sweep:
-            for stale in [ticket for ticket, old in entries.items() if old.loaded_at <= now - self.ttl_s]:
-                self.drop(stale)
-            self._next_sweep = now + self.ttl_s
-        while len(entries) >= self.max_entries:  # not a sweep per put once full: that is O(n) each
-            self.drop(next(iter(entries)))
-        entries.pop(ticket, None)  # re-inserted: the order is the order of the latest store
+            stale_before = now - self.ttl_s
+            stale: list[str] = []
+            for old_ticket, old in entries.items():
+                if old.loaded_at > stale_before or len(stale) >= _SWEEP_BATCH:
+                    break
+                stale.append(old_ticket)
+            for old_ticket in stale:
+                self.drop(old_ticket)
+            self._next_sweep = now if len(stale) >= _SWEEP_BATCH else now + self.ttl_s
+        if len(entries) >= self.max_entries:
+            for old_ticket in list(islice(entries, max(1, self.max_entries // 100))):
+                self.drop(old_ticket)
+        digests = (_digest(entry.record.sid), _digest(entry.record.token_key))
         entries[ticket] = entry
-        self._by_session[_digest(entry.record.sid)] = ticket
-        self._by_token_key.setdefault(_digest(entry.record.token_key), set()).add(ticket)
+        self._digests[ticket] = digests
+        self._by_session.setdefault(digests[0], set()).add(ticket)
+        self._by_token_key.setdefault(digests[1], set()).add(ticket)
 
     def drop(self, ticket: str) -> None:
-        entry = self.entries.pop(ticket, None)
-        if entry is None:
+        self.entries.pop(ticket, None)
+        digests = self._digests.pop(ticket, None)
+        if digests is None:
             return
-        self._by_session.pop(_digest(entry.record.sid), None)
-        token_digest = _digest(entry.record.token_key)
-        tickets = self._by_token_key.get(token_digest)
-        if tickets is not None:
-            tickets.discard(ticket)
-            if not tickets:
-                del self._by_token_key[token_digest]
+        for index, digest in ((self._by_session, digests[0]), (self._by_token_key, digests[1])):
+            tickets = index.get(digest)
+            if tickets is not None:
+                tickets.discard(ticket)
+                if not tickets:
+                    del index[digest]
 
     def drop_session(self, session_digest: str) -> None:
-        ticket = self._by_session.get(session_digest)
-        if ticket is not None:
+        self.generation += 1
+        for ticket in list(self._by_session.get(session_digest, ())):
             self.drop(ticket)
 
     def drop_token_key(self, token_digest: str) -> None:
+        self.generation += 1
         for ticket in list(self._by_token_key.get(token_digest, ())):
             self.drop(ticket)
 
@@ -153,6 +177,7 @@ class Authenticator:
             task.exception()  # retrieved: every waiter may have gone away (client disconnects)
 
     async def _renew(self, ticket: str, entry: Authenticated | None) -> Authenticated | None:
+        generation = self._verified.generation
         now = time.time()
         if entry is None or now - entry.loaded_at >= self._cache_ttl_s:
             record = await self.sessions.load(ticket)
@@ -171,7 +196,7 @@ class Authenticator:
             return None
         fresh = self._build(record, tokens, loaded_at)
         if self._cache_ttl_s > 0:
-            self._verified.put(ticket, fresh)
+            self._verified.put(ticket, fresh, generation=generation)
         return fresh
 
     def _build(self, record: SessionRecord, tokens: TokenSet, loaded_at: float) -> Authenticated:

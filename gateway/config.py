@@ -207,8 +207,13 @@ class Metrics(_Section):
     @field_validator("bearer_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
+        if value is None:
+            return value
+        token = value.get_secret_value()
+        if len(token) < 16:
             raise ValueError("use at least 16 characters (or null for no token)")
+        if not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ValueError("use printable ASCII without spaces (it travels in an HTTP header)")
         return value
 
 

@@ -25,7 +25,7 @@ from starlette.routing import Mount, Router
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
-from gateway.metrics import AUTHENTICATED, DENIED, LOGIN_REQUIRED, PUBLIC
+from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response, message_page, page, wants_html
 from gateway.providers import Grant, LoginContext, Provider
 from gateway.runtime import Runtime
@@ -354,12 +354,14 @@ class Handshake:
             raise GatewayError("This request must come from the app's own pages.", code="cross_origin",
                                status_code=403)
 
-    async def _end_session(self, ticket: str) -> None:
+    async def _end_session(self, ticket: str) -> bool:
+        """End the session behind ``ticket`` everywhere; whether there was one."""
         record = await self.runtime.sessions.load(ticket)
         if record is not None:
             await self.runtime.sessions.end(record.sid)
             await self.runtime.authenticator.session_ended(record.sid)  # every replica's cache
         self.runtime.authenticator.forget(ticket)
+        return record is not None
 
     async def logout(self, request: Request, rest: str) -> Response:
         origin = request.headers.get("origin")
@@ -367,9 +369,8 @@ class Handshake:
             raise GatewayError("Sign out from the app's own pages.", code="cross_origin", status_code=403)
         self._require_same_origin(request)
         ticket = request.cookies.get(self.config.session.cookie_name)
-        if ticket:
-            await self._end_session(ticket)
-        self.runtime.metrics.inc("gateway_logouts_total")
+        if ticket and await self._end_session(ticket):
+            self.runtime.metrics.inc("gateway_logouts_total")
         response: Response
         if wants_html(request.headers):
             response = message_page("Signed out", "You are signed out.", status_code=200, code="signed_out",
@@ -401,8 +402,11 @@ class Handshake:
         ticket = request.cookies.get(self.config.session.cookie_name)
         try:
             authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
-        except GatewayError:
-            counts[(DENIED,)] += 1
+        except GatewayError as exc:
+            counts[Metrics.failure(exc.status_code)] += 1
+            raise
+        except Exception:
+            counts[(ERROR,)] += 1
             raise
         if authenticated is None:
             counts[(LOGIN_REQUIRED,)] += 1
@@ -435,8 +439,10 @@ class Handshake:
         if not settings.enabled:
             return error_response(request.scope, 404, "not_found", "There is no such gateway endpoint.")
         if settings.bearer_token is not None:
-            expected = f"Bearer {settings.bearer_token.get_secret_value()}".encode()
-            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+            expected = settings.bearer_token.get_secret_value().encode()
+            # compare_digest on bytes: constant time, and no error on a non-ASCII header value.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
                 return error_response(request.scope, 401, "metrics_unauthorized",
                                       "The metrics need the bearer token set in metrics.bearer_token.",
                                       headers={"www-authenticate": 'Bearer realm="gateway metrics"'})

@@ -20,7 +20,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gateway_forward_auth_total": (
         "counter", "Forward-auth checks (GET <prefix>/auth), by answer.", ("result",)),
     "gateway_logins_total": (
-        "counter", "Completed sign-in attempts, by provider, flow and result (ok or the error code).",
+        "counter", "Sign-in attempts that reached the code exchange or the OAuth callback, by provider, "
+        "flow and result (ok or the error code).",
         ("provider", "flow", "result")),
     "gateway_token_refreshes_total": (
         "counter", "User-token refreshes sent to the provider, by result.", ("provider", "result")),
@@ -30,8 +31,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gateway_store_entries": ("gauge", "Entries in the memory store (absent on Redis).", ()),
 }
 
-#: The results of ``gateway_requests_total`` and ``gateway_forward_auth_total``.
-AUTHENTICATED, PUBLIC, LOGIN_REQUIRED, DENIED = "authenticated", "public", "login_required", "denied"
+#: The results of ``gateway_requests_total`` and ``gateway_forward_auth_total``: ``denied`` is a
+#: 4xx (tenant not allowed, session refused), ``error`` a 5xx (store or provider unreachable, a bug).
+AUTHENTICATED, PUBLIC, LOGIN_REQUIRED, DENIED, ERROR = "authenticated", "public", "login_required", "denied", "error"
 
 
 class Metrics:
@@ -43,7 +45,7 @@ class Metrics:
         # The hot path's counters, bound once: ``requests[result] += 1``.
         self.requests: dict[tuple[str, ...], float] = self._values["gateway_requests_total"]
         self.forward_auth: dict[tuple[str, ...], float] = self._values["gateway_forward_auth_total"]
-        for result in (AUTHENTICATED, PUBLIC, LOGIN_REQUIRED, DENIED):
+        for result in (AUTHENTICATED, PUBLIC, LOGIN_REQUIRED, DENIED, ERROR):
             self.requests[(result,)] = 0
             self.forward_auth[(result,)] = 0
 
@@ -51,6 +53,11 @@ class Metrics:
         """Add ``amount`` to the counter ``name`` with these label values (in declared order)."""
         values = self._values[name]
         values[labels] = values.get(labels, 0) + amount
+
+    @staticmethod
+    def failure(status_code: int) -> tuple[str]:
+        """The request-counter key of an answer that was not a success: ``denied`` or ``error``."""
+        return (ERROR,) if status_code >= 500 else (DENIED,)
 
     def value(self, name: str, *labels: str) -> float:
         return self._values[name].get(labels, 0)

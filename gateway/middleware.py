@@ -30,7 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.handshake import AUTH_OK_HEADERS, Handshake
 from gateway.identity import Headers, strip_headers
-from gateway.metrics import AUTHENTICATED, DENIED, LOGIN_REQUIRED, PUBLIC
+from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
 from gateway.runtime import Runtime
 from gateway.stores import Store
@@ -39,7 +39,8 @@ log = logging.getLogger("gateway")
 
 
 # Label values of the request counters (gateway/metrics.py), as the keys the hot path updates.
-_AUTHENTICATED, _PUBLIC, _LOGIN_REQUIRED, _DENIED = (AUTHENTICATED,), (PUBLIC,), (LOGIN_REQUIRED,), (DENIED,)
+_AUTHENTICATED, _PUBLIC, _LOGIN_REQUIRED = (AUTHENTICATED,), (PUBLIC,), (LOGIN_REQUIRED,)
+_DENIED, _ERROR = (DENIED,), (ERROR,)
 # What ``str.strip()`` removes from a latin-1 cookie part, as bytes (ASCII whitespace plus the
 # separators and \x85, \xa0 that latin-1 text counts as whitespace).
 _COOKIE_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
@@ -180,12 +181,12 @@ class AuthGateway:
             else:
                 authenticated = None
         except GatewayError as exc:
-            self._requests[_DENIED] += 1
+            self._requests[Metrics.failure(exc.status_code)] += 1
             await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
         except Exception:
             log.exception("unexpected error while authenticating %s", scope["path"])
-            self._requests[_DENIED] += 1
+            self._requests[_ERROR] += 1
             response = error_response(scope, 500, "internal_error",
                                       "Something went wrong in the sign-in gateway. Please try again.")
             await self._deny(scope, receive, send, response)

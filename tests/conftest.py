@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import pytest_asyncio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,6 +20,10 @@ from starlette.websockets import WebSocket
 from gateway.config import GatewayConfig
 from gateway.sandbox import serve_apps
 from plugins.lark.sandbox import LarkSandbox
+
+if TYPE_CHECKING:  # Playwright is loaded only by the tests that drive a browser
+    from playwright.async_api import Browser, Page
+    from playwright.async_api import Request as PageRequest
 
 FEISHU_UA = (
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -164,8 +170,6 @@ GatewayStarter = Callable[..., Any]
 @pytest.fixture
 async def start_gateway(make_config: ConfigFactory) -> AsyncIterator[GatewayStarter]:
     """``async with start_gateway(**config_sections) as running``: AuthGateway(echo_app) on a real port."""
-    import contextlib
-
     from gateway.middleware import AuthGateway
 
     @contextlib.asynccontextmanager
@@ -205,8 +209,8 @@ def _executable(variable: str, default: str, what: str) -> str:
     return path
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+@contextlib.asynccontextmanager
+async def _chromium() -> AsyncIterator[Browser]:
     """Headless Chromium (the system's, never a downloaded one) driven by Playwright."""
     from playwright.async_api import async_playwright
 
@@ -218,6 +222,77 @@ async def browser() -> AsyncIterator[Any]:
             yield chromium
         finally:
             await chromium.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A Chromium of the test's own: nothing a test leaves open can reach the next one."""
+    async with _chromium() as chromium:
+        yield chromium
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def _module_chromium() -> AsyncIterator[Browser]:
+    async with _chromium() as chromium:
+        yield chromium
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def module_browser(_module_chromium: Browser) -> AsyncIterator[Browser]:
+    """One Chromium for the whole module, the contexts a test opened closed after it.
+
+    A launch costs over half a second, paid once instead of per test where a module has many
+    browser tests (the DingTalk ones). Playwright's objects belong to the event loop that made
+    them, so only for a module whose tests all run on its loop:
+    ``pytestmark = pytest.mark.asyncio(loop_scope="module")``.
+    """
+    yield _module_chromium
+    for context in _module_chromium.contexts:
+        await context.close()
+
+
+# The simulated clients' JSAPI calls reach the test through this page function: a simulator's
+# init script calls ``window.recordClientCall(api, args)`` (``args`` without the callbacks).
+CLIENT_RECORDER = "recordClientCall"
+
+
+@dataclass
+class SimulatedClient:
+    """One browser context standing for a client's webview (Feishu, Tencent Meeting, DingTalk), and
+    what its page did, for the test to assert on."""
+
+    page: Page
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (JSAPI, non-function arguments)
+    exchanges: list[dict[str, Any]] = field(default_factory=list)  # bodies POSTed to /_gateway/exchange/*
+    errors: list[str] = field(default_factory=list)  # uncaught script errors
+
+    def called(self, api: str) -> list[dict[str, Any]]:
+        """The arguments of each call to ``api``, in order."""
+        return [args for name, args in self.calls if name == api]
+
+    def names(self) -> list[str]:
+        """The JSAPIs called, in order."""
+        return [name for name, _ in self.calls]
+
+
+async def open_simulated_client(browser: Browser, *, user_agent: str, init_script: str | None) -> SimulatedClient:
+    """A fresh context with the client's ``user_agent``; ``init_script`` (run before every page's
+    own scripts) defines the client's JSAPI globals, None leaves them out as a page whose SDK did
+    not load. The page starts blank: the test navigates it."""
+    context = await browser.new_context(user_agent=user_agent)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    await context.expose_function(CLIENT_RECORDER, lambda api, args: calls.append((api, args)))
+    if init_script is not None:
+        await context.add_init_script(script=init_script)
+    client = SimulatedClient(await context.new_page(), calls)
+    client.page.on("pageerror", lambda error: client.errors.append(str(error)))
+
+    def on_request(request: PageRequest) -> None:
+        if request.method == "POST" and "/_gateway/exchange/" in request.url:
+            client.exchanges.append(request.post_data_json)
+
+    client.page.on("request", on_request)
+    return client
 
 
 NGINX_MAIN = """\
@@ -243,7 +318,6 @@ def start_nginx(tmp_path: Any) -> NginxStarter:
     """``async with start_nginx(site_conf, port) as url``: a real nginx in the foreground, every
     path under ``tmp_path``, serving ``site_conf`` (an http-level snippet listening on ``port``)."""
     import asyncio
-    import contextlib
     import os
     import time
 

@@ -66,3 +66,45 @@ def test_a_broadcast_drops_the_session_or_every_session_of_the_token_record(cloc
     cache.drop_session(_digest("unknown"))
     cache.drop_token_key(_digest("unknown"))
     assert list(cache.entries) == ["other"]
+
+
+def test_every_cookie_string_of_a_session_is_dropped_when_it_ends(clock: Clock) -> None:
+    # One session can reach the cache under two strings (pyjwt also accepts a padded ticket):
+    # dropping one of them must not unlink the other from the logout broadcast.
+    cache = _VerifiedSessions(ttl_s=60)
+    cache.put("ticket", _entry("s1", "u1", clock.now))
+    cache.put("ticket=", _entry("s1", "u1", clock.now))
+    cache.drop("ticket")
+    cache.drop_session(_digest("s1"))
+    assert cache.entries == {}
+
+
+def test_a_renewal_that_raced_a_broadcast_is_not_cached(clock: Clock) -> None:
+    cache = _VerifiedSessions(ttl_s=60)
+    started = cache.generation
+    cache.drop_session(_digest("s1"))  # the session ended while the renewal was loading it
+    cache.put("cookie-1", _entry("s1", "u1", clock.now), generation=started)
+    assert cache.entries == {}
+    cache.put("cookie-1", _entry("s1", "u1", clock.now), generation=cache.generation)
+    assert list(cache.entries) == ["cookie-1"]
+
+
+def test_renewing_a_cached_cookie_in_a_full_cache_evicts_nothing(clock: Clock) -> None:
+    cache = _VerifiedSessions(ttl_s=60, max_entries=2)
+    cache.put("cookie-1", _entry("s1", "u1", clock.now))
+    cache.put("cookie-2", _entry("s2", "u2", clock.now))
+    cache.put("cookie-1", _entry("s1", "u1", clock.now))
+    assert list(cache.entries) == ["cookie-2", "cookie-1"]
+
+
+def test_a_sweep_goes_a_batch_at_a_time(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth_module, "_SWEEP_BATCH", 3)
+    cache = _VerifiedSessions(ttl_s=10)
+    for index in range(7):
+        cache.put(f"old-{index}", _entry(f"s{index}", f"u{index}", clock.now))
+    clock.now += 11
+    cache.put("new-1", _entry("n1", "v1", clock.now))
+    assert len(cache.entries) == 5  # 3 swept; the next put goes on at once
+    cache.put("new-2", _entry("n2", "v2", clock.now))
+    cache.put("new-3", _entry("n3", "v3", clock.now))
+    assert sorted(cache.entries) == ["new-1", "new-2", "new-3"]

@@ -18,14 +18,16 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from playwright.async_api import Browser, Page
 
 from gateway.config import GatewayConfig
-from gateway.demo import SimulatedClient, demo_app, demo_config
+from gateway.demo import SimulatedClient as DemoClient  # the demo's User-Agent app, not conftest's
+from gateway.demo import demo_app, demo_config
 from gateway.identity import IdentitySigner
 from gateway.middleware import AuthGateway
 from gateway.sandbox import available_sandboxes, serve_apps
@@ -37,10 +39,10 @@ from plugins.dingtalk.sandbox import (
     SANDBOX_SUITE_KEY,
     DingTalkSandbox,
 )
-from tests.conftest import CHROMIUM_ARGS, echo_app, free_port
+from tests.conftest import SimulatedClient, echo_app, free_port, open_simulated_client
 
-# One Chromium for the module (its start costs about a second): every test, and the fixtures
-# that serve the emulator and the gateway, run on the module's event loop.
+# One Chromium for the module (conftest's ``module_browser``): every test, and the fixtures that
+# serve the emulator and the gateway, run on the module's event loop.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ZHANG, LISI, ALICE, ZHANG_OTHER = DEFAULT_USERS
@@ -75,7 +77,7 @@ FAKE_DD = r"""
     for (var key in options) {
       if (typeof options[key] !== "function") { copy[key] = options[key]; }
     }
-    if (window.ddCall) { window.ddCall(name, copy); }
+    if (window.recordClientCall) { window.recordClientCall(name, copy); }
   }
   function answerFor(query) {
     var type = /(?:^|&)type=(\d)/.exec(query)[1];
@@ -154,66 +156,30 @@ def start(dingtalk: Served) -> Starter:
     return run
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def chromium() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                                   args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+ClientFactory = Callable[..., Awaitable[SimulatedClient]]
 
 
-@dataclass
-class Client:
-    """One simulated DingTalk client (a browser context) and the JSAPI calls its page made."""
-
-    page: Any
-    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-
-ClientFactory = Callable[..., Awaitable[Client]]
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def new_client(chromium: Any) -> AsyncIterator[ClientFactory]:
+@pytest.fixture
+def new_client(module_browser: Browser) -> ClientFactory:
     """``await new_client(spec, user_agent)``: a fresh browser context simulating one DingTalk client
-    (``spec`` None: no ``dd`` at all); closed after the test."""
-    contexts: list[Any] = []
+    (``spec`` None: no ``dd`` at all); ``module_browser`` closes it after the test."""
 
-    async def make(spec: dict[str, Any] | None, user_agent: str = ANDROID_UA) -> Client:
-        context = await chromium.new_context(user_agent=user_agent)
-        contexts.append(context)
-        client = Client(await context.new_page())
+    async def make(spec: dict[str, Any] | None, user_agent: str = ANDROID_UA) -> SimulatedClient:
+        env = {"platform": "android", "version": "7.8.1", "appType": "WEB"}
+        script = None if spec is None else FAKE_DD.replace("__SPEC__", json.dumps({"env": env, **spec}))
+        return await open_simulated_client(module_browser, user_agent=user_agent, init_script=script)
 
-        def record(name: str, options: dict[str, Any]) -> None:
-            client.calls.append((name, options))
-
-        await context.expose_function("ddCall", record)
-        if spec is not None:
-            env = {"platform": "android", "version": "7.8.1", "appType": "WEB"}
-            await context.add_init_script(FAKE_DD.replace("__SPEC__", json.dumps({"env": env, **spec})))
-        return client
-
-    yield make
-    for context in contexts:
-        await context.close()
+    return make
 
 
-async def wait_for_app(page: Any, path: str) -> dict[str, str]:
+async def wait_for_app(page: Page, path: str) -> dict[str, str]:
     """The upstream echo's view of the identity headers, once the page reached ``path``."""
     await page.wait_for_url(re.compile(re.escape(path) + "$"), timeout=15000)
     answer = json.loads(await page.text_content("body") or "{}")
     return {name: value for name, value in answer["headers"] if name.startswith("x-auth-")}
 
 
-async def wait_for_title(page: Any, title: str) -> str:
+async def wait_for_title(page: Page, title: str) -> str:
     await page.wait_for_function(
         "title => (document.getElementById('gw-title') || {}).textContent === title", arg=title, timeout=15000
     )
@@ -361,7 +327,7 @@ async def test_admin_consent_then_the_free_login_code(
 # -- the demo ---------------------------------------------------------------------------------
 
 
-async def test_the_demo_signs_in_through_the_fake_dingtalk_open_js(chromium: Any) -> None:
+async def test_the_demo_signs_in_through_the_fake_dingtalk_open_js(module_browser: Browser) -> None:
     assert available_sandboxes()["dingtalk"] is DingTalkSandbox
     sandbox = DingTalkSandbox()
     async with serve_apps(sandbox.hosts()) as urls:
@@ -372,8 +338,8 @@ async def test_the_demo_signs_in_through_the_fake_dingtalk_open_js(chromium: Any
         gateway = AuthGateway(demo_app(holder, clients, config.path_prefix), config)
         holder["signer"] = gateway.runtime.signer
         try:
-            async with serve_apps({"demo": SimulatedClient(gateway, clients)}, port=port) as served:
-                context = await chromium.new_context()  # a plain browser: the demo adds the DingTalk UA token
+            async with serve_apps({"demo": DemoClient(gateway, clients)}, port=port) as served:
+                context = await module_browser.new_context()  # a plain browser: the demo adds the DingTalk UA token
                 try:
                     page = await context.new_page()
                     await page.goto(served["demo"] + "/demo/client/dingtalk")

@@ -20,15 +20,17 @@ from urllib.parse import unquote
 import httpx
 import pytest
 import pytest_asyncio
+from playwright.async_api import Browser, Page
 
 from gateway.config import GatewayConfig
 from gateway.middleware import AuthGateway
 from gateway.sandbox import serve_apps
 from plugins.dingtalk.provider import DingTalkProvider
 from plugins.dingtalk.sandbox import DEFAULT_USERS, OTHER_CORP_ID, SANDBOX_CORP_ID, DingTalkSandbox
-from tests.conftest import BROWSER_UA, CHROMIUM_ARGS, HTML, echo_app, free_port, headers_of
+from tests.conftest import BROWSER_UA, HTML, echo_app, free_port, headers_of, open_simulated_client
 
-# One Chromium for the module: its tests and their fixtures share the module's event loop.
+# One Chromium for the module (conftest's ``module_browser``): its tests and their fixtures share
+# the module's event loop.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ZHANG, LISI, ALICE, ZHANG_OTHER = DEFAULT_USERS
@@ -257,45 +259,28 @@ async def test_isv_callback_refuses_forgeries(start: Starter, dingtalk: Served) 
 # -- the page, in real Chromium with the emulator's dingtalk.open.js ---------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def chromium() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                                   args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+Opener = Callable[..., Awaitable[Page]]
 
 
-Opener = Callable[..., Awaitable[Any]]
+@pytest.fixture
+def open_app(module_browser: Browser) -> Opener:
+    """``await open_app(running, path, user_agent)``: a page of a fresh DingTalk client on ``path``;
+    no simulator script, as the page loads the emulator's own ``dingtalk.open.js``."""
+
+    async def open_page(running: Running, path: str, user_agent: str = DINGTALK_UA) -> Page:
+        client = await open_simulated_client(module_browser, user_agent=user_agent, init_script=None)
+        await client.page.goto(running.url + path)
+        return client.page
+
+    return open_page
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def open_app(chromium: Any) -> AsyncIterator[Opener]:
-    """``await open_app(running, path, user_agent)``: a page of a fresh DingTalk client on ``path``."""
-    contexts: list[Any] = []
-
-    async def open_page(running: Running, path: str, user_agent: str = DINGTALK_UA) -> Any:
-        context = await chromium.new_context(user_agent=user_agent)
-        contexts.append(context)
-        page = await context.new_page()
-        await page.goto(running.url + path)
-        return page
-
-    yield open_page
-    for context in contexts:
-        await context.close()
-
-
-async def wait_for_app(page: Any, path: str) -> dict[str, Any]:
+async def wait_for_app(page: Page, path: str) -> dict[str, Any]:
     await page.wait_for_url(re.compile(re.escape(path) + "$"), timeout=15000)
     return dict(json.loads(await page.text_content("body") or "{}"))
 
 
-async def wait_for_title(page: Any, title: str) -> str:
+async def wait_for_title(page: Page, title: str) -> str:
     await page.wait_for_function(
         "title => document.getElementById('gw-title') && document.getElementById('gw-title').textContent === title",
         arg=title, timeout=15000,

@@ -14,14 +14,20 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, expect
 
-from tests.conftest import FEISHU_UA, GatewayStarter, RunningGateway, ServedLark
+from tests.conftest import (
+    FEISHU_UA,
+    GatewayStarter,
+    RunningGateway,
+    ServedLark,
+    SimulatedClient,
+    open_simulated_client,
+)
 
 TARGET = "/inbox?x=1"
 ZHANG = {"user": "ou_7dab8a3d3cdcc9da365777c7ad535d62", "tenant": "736588c9260f175d", "name": "张三"}
@@ -42,7 +48,7 @@ JSAPI_SIMULATOR = r"""
       if (typeof options[key] !== "function") { args[key] = options[key]; }
     });
     (window.__jsapiCalls = window.__jsapiCalls || []).push({ api: api, args: args });
-    if (typeof window.recordJsapiCall === "function") { window.recordJsapiCall(api, args); }
+    if (typeof window.recordClientCall === "function") { window.recordClientCall(api, args); }
   }
   function jsapi(api) {
     return function (options) {
@@ -67,36 +73,10 @@ JSAPI_SIMULATOR = r"""
 """
 
 
-@dataclass
-class Feishu:
-    """One browser context with a Feishu User-Agent, and what happened in it."""
-
-    page: Page
-    calls: list[tuple[str, dict[str, Any]]]  # (JSAPI name, its non-function arguments)
-    exchanges: list[dict[str, Any]]  # bodies POSTed to /_gateway/exchange/*
-    errors: list[str]  # uncaught script errors
-
-    def called(self, api: str) -> list[dict[str, Any]]:
-        return [args for name, args in self.calls if name == api]
-
-
-async def feishu(browser: Browser, jsapi: dict[str, Any] | None) -> Feishu:
+async def feishu(browser: Browser, jsapi: dict[str, Any] | None) -> SimulatedClient:
     """A Feishu webview; ``jsapi`` configures the simulated h5sdk/tt (None: no globals at all)."""
-    context = await browser.new_context(user_agent=FEISHU_UA)
-    calls: list[tuple[str, dict[str, Any]]] = []
-    await context.expose_function("recordJsapiCall", lambda api, args: calls.append((api, args)))
-    if jsapi is not None:
-        await context.add_init_script(script=JSAPI_SIMULATOR.replace("__SETUP__", json.dumps(jsapi)))
-    page = await context.new_page()
-    result = Feishu(page, calls, [], [])
-    page.on("pageerror", lambda error: result.errors.append(str(error)))
-
-    def on_request(request: Any) -> None:
-        if request.method == "POST" and "/_gateway/exchange/" in request.url:
-            result.exchanges.append(request.post_data_json)
-
-    page.on("request", on_request)
-    return result
+    script = None if jsapi is None else JSAPI_SIMULATOR.replace("__SETUP__", json.dumps(jsapi))
+    return await open_simulated_client(browser, user_agent=FEISHU_UA, init_script=script)
 
 
 def simulated(ready: bool = True, request_access: dict[str, Any] | None = None,
@@ -104,7 +84,7 @@ def simulated(ready: bool = True, request_access: dict[str, Any] | None = None,
     return {"ready": ready, "requestAccess": request_access, "requestAuthCode": request_auth_code}
 
 
-async def open_app(client: Feishu, running: RunningGateway, timeout_ms: float = 15_000) -> dict[str, Any]:
+async def open_app(client: SimulatedClient, running: RunningGateway, timeout_ms: float = 15_000) -> dict[str, Any]:
     """Open ``TARGET`` (sent to the login page), wait until the page lands on the app again and
     return what the echo app received."""
     page = client.page
@@ -124,7 +104,7 @@ def identity_of(echoed: dict[str, Any]) -> dict[str, str]:
             "name": unquote(headers["x-auth-name"])}
 
 
-def assert_bridge_args(client: Feishu, lark: ServedLark) -> None:
+def assert_bridge_args(client: SimulatedClient, lark: ServedLark) -> None:
     """requestAccess gets appID (capital ID), scopeList and state; requestAuthCode gets appId."""
     for args in client.called("requestAccess"):
         assert set(args) == {"appID", "scopeList", "state"}
@@ -263,7 +243,7 @@ async def used_code(lark: ServedLark) -> str:
     return code
 
 
-async def fail_with_a_used_code(client: Feishu, running: RunningGateway) -> None:
+async def fail_with_a_used_code(client: SimulatedClient, running: RunningGateway) -> None:
     await client.page.goto(running.url + TARGET, wait_until="commit")
     await expect(client.page.locator("#gw-title")).to_have_text("Sign-in did not complete", timeout=10_000)
 

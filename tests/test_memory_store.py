@@ -58,3 +58,13 @@ async def test_an_expired_entry_has_no_version_left(clock: Clock) -> None:
     assert await store.get_versioned("k") is None
     assert await store.set_versioned("k", b"v", 1, expected_version=1) is None
     assert await store.set_versioned("k", b"w", 1, expected_version=0) == 1
+
+
+async def test_a_full_store_evicts_a_hundredth_of_it_at_once(clock: Clock) -> None:
+    store = MemoryStore(max_entries=200)
+    for index in range(200):
+        await store.set(f"k{index}", b"v", 3600)
+    await store.set("new", b"v", 3600)
+    assert len(store) == 199  # k0 and k1 went together; the next writes need no eviction
+    assert await store.get("k0") is None and await store.get("k1") is None
+    assert await store.get("k2") == b"v" and await store.get("new") == b"v"

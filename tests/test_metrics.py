@@ -64,6 +64,8 @@ async def test_the_counters_follow_what_the_gateway_did(start_gateway: GatewaySt
         assert logout.status_code == 200
         anonymous = await client.get("/_gateway/auth", headers={"x-original-uri": "/y"})
         assert anonymous.status_code == 401
+        again = await client.post("/_gateway/logout", headers={"origin": running.url})  # nothing to end
+        assert again.status_code == 200
         scrape = await client.get("/_gateway/metrics")
     assert scrape.status_code == 200
     assert scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -89,11 +91,16 @@ async def test_a_bearer_token_guards_the_metrics(start_gateway: GatewayStarter) 
         missing = await client.get("/_gateway/metrics", headers={"accept": "application/json"})
         wrong = await client.get("/_gateway/metrics", headers={"authorization": "Bearer nope"})
         right = await client.get("/_gateway/metrics", headers={"authorization": f"Bearer {token}"})
+        lower_scheme = await client.get("/_gateway/metrics", headers={"authorization": f"bearer {token}"})
+        not_ascii = await client.get("/_gateway/metrics",
+                                     headers={"authorization": "Bearer s3cret-métrics".encode()})
     assert missing.status_code == 401 and missing.json()["error"] == "metrics_unauthorized"
     assert missing.headers["www-authenticate"].startswith("Bearer")
     assert token not in missing.text
     assert wrong.status_code == 401
     assert right.status_code == 200 and "# TYPE gateway_requests_total counter" in right.text
+    assert lower_scheme.status_code == 200  # the scheme is case-insensitive (RFC 9110)
+    assert not_ascii.status_code == 401  # a non-ASCII header is refused, not a 500
 
 
 async def test_metrics_can_be_switched_off(start_gateway: GatewayStarter) -> None:
@@ -107,3 +114,5 @@ def test_a_short_bearer_token_is_a_config_error(make_config: object) -> None:
 
     with pytest.raises(ValidationError, match="at least 16 characters"):
         make_config(metrics={"bearer_token": "short"})  # type: ignore[operator]
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        make_config(metrics={"bearer_token": "long enough but with spaces"})  # type: ignore[operator]

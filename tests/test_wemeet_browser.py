@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, expect
 
 from plugins.wemeet.sandbox import DEFAULT_USERS
 from tests import test_wemeet_e2e as e2e
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, SimulatedClient, open_simulated_client
 from tests.test_wemeet_e2e import WEMEET_UA, ServedWeMeet, Starter
 
 # The gateway and emulator fixtures of the end-to-end tests, shared (not redefined) here.
@@ -44,7 +43,7 @@ WEMEET_SIMULATOR = r"""
     Object.keys(options || {}).forEach(function (key) {
       if (typeof options[key] !== "function") { args[key] = options[key]; }
     });
-    if (typeof window.recordWemeetCall === "function") { window.recordWemeetCall(api, args); }
+    if (typeof window.recordClientCall === "function") { window.recordClientCall(api, args); }
   }
   var permission = {};
   if (setup.agent) {
@@ -77,36 +76,10 @@ WEMEET_SIMULATOR = r"""
 """
 
 
-@dataclass
-class Client:
-    """One browser context with the Tencent Meeting User-Agent, and what happened in it."""
-
-    page: Page
-    calls: list[tuple[str, dict[str, Any]]]
-    exchanges: list[dict[str, Any]]
-    errors: list[str]
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-
-async def open_client(browser: Browser, setup: dict[str, Any] | None) -> Client:
+async def open_client(browser: Browser, setup: dict[str, Any] | None) -> SimulatedClient:
     """A Tencent Meeting webview; ``setup`` configures the simulated ``wemeet`` (None: no global)."""
-    context = await browser.new_context(user_agent=WEMEET_UA)
-    calls: list[tuple[str, dict[str, Any]]] = []
-    await context.expose_function("recordWemeetCall", lambda api, args: calls.append((api, args)))
-    if setup is not None:
-        await context.add_init_script(script=WEMEET_SIMULATOR.replace("__SETUP__", json.dumps(setup)))
-    page = await context.new_page()
-    client = Client(page, calls, [], [])
-    page.on("pageerror", lambda error: client.errors.append(str(error)))
-
-    def on_request(request: Any) -> None:
-        if request.method == "POST" and "/_gateway/exchange/" in request.url:
-            client.exchanges.append(request.post_data_json)
-
-    page.on("request", on_request)
-    return client
+    script = None if setup is None else WEMEET_SIMULATOR.replace("__SETUP__", json.dumps(setup))
+    return await open_simulated_client(browser, user_agent=WEMEET_UA, init_script=script)
 
 
 def simulated(agent: dict[str, Any] | None = None, authorize: dict[str, Any] | None = None,
@@ -114,7 +87,9 @@ def simulated(agent: dict[str, Any] | None = None, authorize: dict[str, Any] | N
     return {"agent": agent, "authorize": authorize, "requestAuth": request_auth}
 
 
-async def open_app(client: Client, running: RunningGateway, timeout_ms: float = 15_000) -> dict[str, str | None]:
+async def open_app(
+    client: SimulatedClient, running: RunningGateway, timeout_ms: float = 15_000
+) -> dict[str, str | None]:
     """Open ``TARGET``, wait until the page lands on the app again; the identity it received."""
     page = client.page
     await page.goto(running.url + TARGET, wait_until="commit")
@@ -132,7 +107,7 @@ def who(user: Any) -> dict[str, str | None]:
     return {"user": user.open_id, "tenant": user.open_corp_id or None, "name": user.username}
 
 
-def assert_bridge_args(client: Client, wemeet: ServedWeMeet, running: RunningGateway) -> None:
+def assert_bridge_args(client: SimulatedClient, wemeet: ServedWeMeet, running: RunningGateway) -> None:
     for name, args in client.calls:
         if name == "requestAgentAuthCode":
             assert args == {"sdkId": wemeet.sandbox.sdk_id}

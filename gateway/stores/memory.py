@@ -5,18 +5,19 @@ A plain dict of ``(expires_at, version, value)`` tuples. It is the cheapest shap
 its heap and per-key link objects), which is what keeps a signed-in user under 1 KiB
 (docs/benchmarks.md, memory). Expired entries are dropped when read, and all of them in a sweep
 run by a write every ``_SWEEP_EVERY_S`` (every second while the store is full); past
-``max_entries`` the entry written longest ago is evicted first (a dict keeps insertion order, and a
-write re-inserts its key).
+``max_entries`` the entries written longest ago are evicted first, a hundredth of the store at a
+time (a dict keeps insertion order, and a write re-inserts its key).
 """
 
 from __future__ import annotations
 
 import time
+from itertools import islice
 
 from gateway.stores import Store, Versioned
 
 # A sweep walks every entry; expired ones cost only memory until then (reads never see them).
-_SWEEP_EVERY_S = 10.0
+_SWEEP_EVERY_S = 60.0
 _FULL_SWEEP_EVERY_S = 1.0
 
 _Entry = tuple[float, int, bytes]  # expires_at (monotonic), version, value
@@ -52,8 +53,11 @@ class MemoryStore(Store):
             for stale in [k for k, entry in data.items() if entry[0] <= now]:
                 del data[stale]
             self._swept_at = now
-        while len(data) >= self._max_entries:
-            del data[next(iter(data))]
+        if len(data) >= self._max_entries:
+            # A hundredth at a time: one by one, each eviction would walk the slots the previous
+            # ones left at the front of the dict (O(n) per write while full).
+            for old_key in list(islice(data, max(1, self._max_entries // 100))):
+                del data[old_key]
         data[key] = (now + ttl_s, version, value)
 
     async def get(self, key: str) -> bytes | None:
