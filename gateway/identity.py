@@ -23,11 +23,11 @@ from typing import Any
 from urllib.parse import quote
 
 import jwt
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.config import IdentityHeaders
+from gateway.sealing import derive_key
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -94,10 +94,7 @@ def _b64url(data: bytes) -> str:
 
 def derive_signing_key(secret: str) -> Ed25519PrivateKey:
     """An Ed25519 key derived (HKDF-SHA256) from a session secret: same secret, same key."""
-    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"gateway identity jwt v1").derive(
-        secret.encode()
-    )
-    return Ed25519PrivateKey.from_private_bytes(seed)
+    return Ed25519PrivateKey.from_private_bytes(derive_key(secret, b"gateway identity jwt v1"))
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:

@@ -16,6 +16,7 @@ from gateway.errors import ConfigError
 from gateway.identity import IdentitySigner, derive_signing_key, load_signing_key, spoofable_names
 from gateway.metrics import Metrics
 from gateway.providers import Provider, ProviderContext, load_plugin
+from gateway.sealing import Sealer
 from gateway.sessions import CookieCodec, SessionStore
 from gateway.stores import Store
 from gateway.stores.memory import MemoryStore
@@ -52,8 +53,10 @@ class Runtime:
         self._owns_http = http_client is None
         self.http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
         store_config = config.store
+        secrets = [secret.get_secret_value() for secret in config.session.secrets]
+        sealer = Sealer(secrets)  # provider tokens are sealed at rest (gateway/sealing.py)
         self.app_tokens = AppTokenCache(
-            self.store, lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s
+            self.store, lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s, sealer=sealer
         )
         self.providers: dict[str, Provider] = {}
         for name, settings in config.provider_settings().items():
@@ -66,11 +69,11 @@ class Runtime:
                 app_tokens=self.app_tokens,
             )
             self.providers[name] = load_plugin(settings.plugin)(settings, context)
-        secrets = [secret.get_secret_value() for secret in config.session.secrets]
         self.sessions = SessionStore(self.store, CookieCodec(secrets), max_age_s=config.session.max_age_s)
         self.tokens = TokenManager(
             self.store, self.providers, refresh_margin_s=config.tokens.refresh_margin_s,
             lock_lease_s=store_config.lock_lease_s, lock_wait_s=store_config.lock_wait_s, metrics=self.metrics,
+            sealer=sealer,
         )
         key_file = config.identity.signing_key_file
         key = load_signing_key(key_file) if key_file else derive_signing_key(secrets[0])

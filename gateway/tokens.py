@@ -40,6 +40,7 @@ from cachetools import TTLCache
 from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.providers import Provider, TokenSet
+from gateway.sealing import Sealer
 from gateway.stores import LockTimeout, Store
 
 log = logging.getLogger("gateway.tokens")
@@ -51,14 +52,6 @@ _WRITE_ATTEMPTS = 3
 
 def token_key(provider: str, tenant: str, user: str) -> str:
     return f"tok:{provider}:{tenant}:{user}"
-
-
-def _encode(provider: str, tokens: TokenSet) -> bytes:
-    return json.dumps({"provider": provider, "tokens": tokens.to_dict()}, separators=(",", ":")).encode()
-
-
-def _decode(data: bytes) -> TokenSet:
-    return TokenSet.from_dict(json.loads(data)["tokens"])
 
 
 _SLOW = "The sign-in provider is slow to answer; please try again shortly."
@@ -82,9 +75,12 @@ class TokenManager:
         lock_lease_s: float = 10.0,
         lock_wait_s: float = 30.0,
         metrics: Metrics | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
+        # The runtime always seals (gateway/sealing.py); None stores records as they are (tests).
+        self._sealer = sealer
         self.refresh_margin_s = refresh_margin_s
         self.clock = clock
         self.lock_lease_s = lock_lease_s
@@ -93,6 +89,22 @@ class TokenManager:
         self._inflight: dict[str, asyncio.Task[TokenSet]] = {}
         # Back-off after a transient failure; bounded, and forgotten once long past.
         self._not_before: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=3600)
+
+    def _encode(self, key: str, provider: str, tokens: TokenSet) -> bytes:
+        data = json.dumps({"provider": provider, "tokens": tokens.to_dict()}, separators=(",", ":")).encode()
+        return self._sealer.seal(key, data) if self._sealer is not None else data
+
+    def _decode(self, key: str, data: bytes) -> TokenSet | None:
+        """The record's tokens; None when it cannot be opened (sealed with a secret since removed)."""
+        if Sealer.is_sealed(data):
+            opened = self._sealer.open(key, data) if self._sealer is not None else None
+            if opened is None:
+                log.warning("a token record could not be opened (a removed session secret?); "
+                            "its user signs in again")
+                return None
+            data = opened
+        # else: written before records were sealed; sealed on its next write
+        return TokenSet.from_dict(json.loads(data)["tokens"])
 
     def needs_refresh(self, tokens: TokenSet) -> bool:
         return self.clock() >= tokens.refresh_at(self.refresh_margin_s)
@@ -110,10 +122,11 @@ class TokenManager:
         key = token_key(provider, tenant, user)
         for _ in range(5):
             current = await self.store.get_versioned(key)
-            if current is not None and _decode(current.value).issued_at > tokens.issued_at:
+            existing = self._decode(key, current.value) if current is not None else None
+            if existing is not None and existing.issued_at > tokens.issued_at:
                 break  # two logins raced: the provider killed the older grant, keep the newer one
             written = await self.store.set_versioned(
-                key, _encode(provider, tokens), self._ttl(tokens),
+                key, self._encode(key, provider, tokens), self._ttl(tokens),
                 expected_version=current.version if current is not None else 0,
             )
             if written is not None:
@@ -124,7 +137,7 @@ class TokenManager:
 
     async def load(self, key: str) -> TokenSet | None:
         data = await self.store.get(key)
-        return _decode(data) if data is not None else None
+        return self._decode(key, data) if data is not None else None
 
     async def current(self, key: str, provider: str) -> TokenSet:
         """Tokens that are fresh enough to use, refreshing them first when they are due.
@@ -178,9 +191,9 @@ class TokenManager:
     async def _refresh_locked(self, key: str, provider_name: str) -> TokenSet:
         provider = self.providers[provider_name]
         current = await self.store.get_versioned(key)
-        if current is None:
+        tokens = self._decode(key, current.value) if current is not None else None
+        if current is None or tokens is None:
             raise ReauthRequired(_ENDED, code="session_ended")
-        tokens = _decode(current.value)
         if not self.needs_refresh(tokens):
             return tokens  # someone refreshed (here or on another replica) while we waited
         shared = await self.store.get(_backoff_key(key))
@@ -194,8 +207,9 @@ class TokenManager:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "reauth_required")
             # Another writer (a new login, another replica) may have rotated the record already.
             again = await self.store.get_versioned(key)
-            if again is not None and again.version != current.version:
-                return _decode(again.value)
+            rotated = self._decode(key, again.value) if again is not None and again.version != current.version else None
+            if rotated is not None:
+                return rotated
             await self.store.delete(key)
             log.info("token record ended by the provider", extra={"provider": provider_name})
             raise
@@ -218,16 +232,17 @@ class TokenManager:
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.
             latest = await self.store.get(key)
-            if latest is None:
+            newer = self._decode(key, latest) if latest is not None else None
+            if newer is None:
                 raise ReauthRequired(_ENDED, code="session_ended")
-            return _decode(latest)
+            return newer
         self._not_before.pop(key, None)
         return fresh
 
     async def _write(self, key: str, provider_name: str, fresh: TokenSet, version: int) -> int | None:
         """Compare-and-set the rotated tokens, retrying a brief store outage: the provider has
         already killed the old refresh token, so these are the only ones that work."""
-        data, ttl = _encode(provider_name, fresh), self._ttl(fresh)
+        data, ttl = self._encode(key, provider_name, fresh), self._ttl(fresh)
         for attempt in range(_WRITE_ATTEMPTS):
             try:
                 return await self.store.set_versioned(key, data, ttl, expected_version=version)
@@ -260,19 +275,36 @@ class AppTokenCache:
         clock: Callable[[], float] = time.time,
         lock_lease_s: float = 10.0,
         lock_wait_s: float = 30.0,
+        sealer: Sealer | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.lock_lease_s = lock_lease_s
         self.lock_wait_s = lock_wait_s
+        self._sealer = sealer  # as TokenManager's: the runtime always seals
         self._inflight: dict[str, asyncio.Task[str]] = {}
+
+    async def _read(self, key: str) -> str | None:
+        data = await self.store.get(f"app:{key}")
+        if data is None:
+            return None
+        if Sealer.is_sealed(data):
+            opened = self._sealer.open(f"app:{key}", data) if self._sealer is not None else None
+            return opened.decode() if opened is not None else None  # unreadable: fetched again
+        return data.decode()  # written before app tokens were sealed (they expire within hours)
+
+    async def _write(self, key: str, token: str, ttl_s: float) -> None:
+        data = token.encode()
+        if self._sealer is not None:
+            data = self._sealer.seal(f"app:{key}", data)
+        await self.store.set(f"app:{key}", data, ttl_s)
 
     async def get(
         self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], *, early_s: float = 300
     ) -> str:
-        cached = await self.store.get(f"app:{key}")
+        cached = await self._read(key)
         if cached is not None:
-            return cached.decode()
+            return cached
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._fetch(key, fetch, early_s))
@@ -283,14 +315,14 @@ class AppTokenCache:
     async def _fetch(self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], early_s: float) -> str:
         try:
             async with self.store.lock(f"app:{key}", lease_s=self.lock_lease_s, wait_s=self.lock_wait_s):
-                cached = await self.store.get(f"app:{key}")
+                cached = await self._read(key)
                 if cached is not None:
-                    return cached.decode()  # another replica fetched it while we waited
+                    return cached  # another replica fetched it while we waited
                 token, expires_at = await fetch()
                 lifetime = expires_at - self.clock()
                 ttl = lifetime - min(early_s, lifetime / 2)
                 if ttl > 0:
-                    await self.store.set(f"app:{key}", token.encode(), ttl)
+                    await self._write(key, token, ttl)
                 return token
         except LockTimeout:
             raise ProviderUnavailable(_SLOW, code="provider_slow", retry_after_s=5) from None
