@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 _VERSION = b"\x01"
 _KEY_ID_BYTES = 4
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
 
 
 def derive_key(secret: str, purpose: bytes, length: int = 32) -> bytes:
@@ -52,16 +53,16 @@ class Sealer:
 
     def open(self, store_key: str, sealed: bytes) -> bytes | None:
         """The plaintext, or None when it cannot be opened (another key, tampered, not sealed)."""
-        if sealed[:1] != _VERSION:
+        start = 1 + _KEY_ID_BYTES
+        if sealed[:1] != _VERSION or len(sealed) < start + _NONCE_BYTES + _TAG_BYTES:
             return None
-        key = self._keys.get(sealed[1 : 1 + _KEY_ID_BYTES])
+        key = self._keys.get(sealed[1:start])
         if key is None:
             return None
-        start = 1 + _KEY_ID_BYTES
         try:
             return key.decrypt(sealed[start : start + _NONCE_BYTES], sealed[start + _NONCE_BYTES :],
                                store_key.encode())
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             return None
 
     @staticmethod

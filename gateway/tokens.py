@@ -95,7 +95,8 @@ class TokenManager:
         return self._sealer.seal(key, data) if self._sealer is not None else data
 
     def _decode(self, key: str, data: bytes) -> TokenSet | None:
-        """The record's tokens; None when it cannot be opened (sealed with a secret since removed)."""
+        """The record's tokens; None when it cannot be opened (sealed with a secret since removed,
+        damaged): its user signs in again, never a 500."""
         if Sealer.is_sealed(data):
             opened = self._sealer.open(key, data) if self._sealer is not None else None
             if opened is None:
@@ -104,7 +105,11 @@ class TokenManager:
                 return None
             data = opened
         # else: written before records were sealed; sealed on its next write
-        return TokenSet.from_dict(json.loads(data)["tokens"])
+        try:
+            return TokenSet.from_dict(json.loads(data)["tokens"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("a token record could not be read; its user signs in again")
+            return None
 
     def needs_refresh(self, tokens: TokenSet) -> bool:
         return self.clock() >= tokens.refresh_at(self.refresh_margin_s)
@@ -205,11 +210,14 @@ class TokenManager:
             fresh = await provider.refresh(tokens)
         except ReauthRequired:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "reauth_required")
-            # Another writer (a new login, another replica) may have rotated the record already.
+            # Another writer (a new login, another replica) may have rotated the record already:
+            # theirs is newer, so it is never deleted here, even when this replica cannot open it.
             again = await self.store.get_versioned(key)
-            rotated = self._decode(key, again.value) if again is not None and again.version != current.version else None
-            if rotated is not None:
-                return rotated
+            if again is not None and again.version != current.version:
+                rotated = self._decode(key, again.value)
+                if rotated is not None:
+                    return rotated
+                raise
             await self.store.delete(key)
             log.info("token record ended by the provider", extra={"provider": provider_name})
             raise
@@ -290,8 +298,12 @@ class AppTokenCache:
             return None
         if Sealer.is_sealed(data):
             opened = self._sealer.open(f"app:{key}", data) if self._sealer is not None else None
-            return opened.decode() if opened is not None else None  # unreadable: fetched again
-        return data.decode()  # written before app tokens were sealed (they expire within hours)
+            data = opened if opened is not None else b""  # unreadable: fetched again
+        # else: written before app tokens were sealed (they expire within hours)
+        try:
+            return data.decode() or None
+        except UnicodeDecodeError:
+            return None
 
     async def _write(self, key: str, token: str, ttl_s: float) -> None:
         data = token.encode()

@@ -101,3 +101,26 @@ async def test_the_gateway_stores_no_provider_token_in_the_clear(
         assert (await client.get("/y", headers=HTML)).status_code == 200
     assert access_token and not any(value and access_token.encode() in value for value in raw)
     assert any(value and Sealer.is_sealed(value) for value in raw)
+
+
+async def test_a_damaged_value_reads_as_absent_never_as_an_error() -> None:
+    sealer = Sealer([NEW])
+    assert sealer.open(KEY, sealer.seal(KEY, b"{}")[:9]) is None  # truncated inside the nonce
+    assert sealer.open(KEY, b"\x01") is None
+    store = MemoryStore()
+    manager = TokenManager(store, {}, refresh_margin_s=300, sealer=sealer)
+    for damaged in (sealer.seal(KEY, b"{}")[:20], b"not json", b"{}", sealer.seal(KEY, b"[1]")):
+        await store.set(KEY, damaged, 3600)
+        assert await manager.load(KEY) is None
+        with pytest.raises(ReauthRequired):
+            await manager.current(KEY, "lark")
+    await manager.save("lark", "t1", "ou_1", _tokens())  # a new sign-in replaces it
+    replaced = await manager.load(KEY)
+    assert replaced is not None and replaced.refresh_token == "ur-REFRESH-visible"
+    await store.set("app:lark:cli_x", b"\xff\xfe", 3600)
+    cache = AppTokenCache(store, sealer=sealer)
+
+    async def fetch() -> tuple[str, float]:
+        return "t-fresh", 4e9
+
+    assert await cache.get("lark:cli_x", fetch) == "t-fresh"

@@ -300,6 +300,31 @@ async def test_new_login_during_rejected_refresh_keeps_the_new_record(
     assert await manager.load(key) == relogin
 
 
+async def test_a_rejected_refresh_never_deletes_a_newer_record_it_cannot_open(
+    store: MemoryStore, provider: FakeProvider, clock: Clock
+) -> None:
+    # Mid-rotation of session.secrets: replica B (old secret only) refreshes while the user signs in
+    # on replica A (new secret in front): B cannot open A's record, and must leave it alone.
+    from gateway.sealing import Sealer
+
+    old_secret, new_secret = "o" * 40, "n" * 40
+    replica_b = TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock,
+                             sealer=Sealer([old_secret]))
+    replica_a = TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock,
+                             sealer=Sealer([new_secret, old_secret]))
+    key, _ = await _near_expiry(replica_b, clock)
+    relogin = tokens("relogin", issued_at=clock.now, lifetime_s=7200)
+
+    async def new_code_exchange() -> None:
+        await replica_a.save("fake", "t1", "u1", relogin)
+
+    provider.during = new_code_exchange
+    provider.script = [ReauthRequired("the new login invalidated the old refresh token")]
+    with pytest.raises(ReauthRequired):
+        await replica_b.current(key, "fake")
+    assert await replica_a.load(key) == relogin
+
+
 # -- transient errors ------------------------------------------------------------------------------
 
 
