@@ -159,7 +159,8 @@ class AuthGateway:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if "//" in path or "/." in path or path[:1] != "/":  # else already normal (the usual case)
+        # normalize_path's own early return, inlined: a function call less per request.
+        if "//" in path or "/." in path or path[:1] != "/":
             path = normalize_path(path)
         if path == self._prefix or path.startswith(self._prefix_slash):
             if path == self._auth_path and kind == "http" and await self._forward_auth(scope, send):

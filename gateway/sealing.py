@@ -69,3 +69,17 @@ class Sealer:
     def is_sealed(value: bytes) -> bool:
         """Whether ``value`` has the sealed layout (a value written before sealing has not)."""
         return value[:1] == _VERSION
+
+
+def seal(sealer: Sealer | None, store_key: str, value: bytes) -> bytes:
+    """``value`` as it goes to the store: sealed (the runtime always has a sealer), or as it is
+    without one (a ``TokenManager`` or ``AppTokenCache`` built bare, as in unit tests)."""
+    return sealer.seal(store_key, value) if sealer is not None else value
+
+
+def unseal(sealer: Sealer | None, store_key: str, stored: bytes) -> bytes | None:
+    """What ``seal`` was given: a sealed value opened (None when it cannot be: a removed secret,
+    damage, no sealer), a value written before sealing existed as it is."""
+    if not Sealer.is_sealed(stored):
+        return stored
+    return sealer.open(store_key, stored) if sealer is not None else None

@@ -40,7 +40,7 @@ from cachetools import TTLCache
 from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.providers import Provider, TokenSet
-from gateway.sealing import Sealer
+from gateway.sealing import Sealer, seal, unseal
 from gateway.stores import LockTimeout, Store
 
 log = logging.getLogger("gateway.tokens")
@@ -92,21 +92,17 @@ class TokenManager:
 
     def _encode(self, key: str, provider: str, tokens: TokenSet) -> bytes:
         data = json.dumps({"provider": provider, "tokens": tokens.to_dict()}, separators=(",", ":")).encode()
-        return self._sealer.seal(key, data) if self._sealer is not None else data
+        return seal(self._sealer, key, data)
 
     def _decode(self, key: str, data: bytes) -> TokenSet | None:
         """The record's tokens; None when it cannot be opened (sealed with a secret since removed,
         damaged): its user signs in again, never a 500."""
-        if Sealer.is_sealed(data):
-            opened = self._sealer.open(key, data) if self._sealer is not None else None
-            if opened is None:
-                log.warning("a token record could not be opened (a removed session secret?); "
-                            "its user signs in again")
-                return None
-            data = opened
-        # else: written before records were sealed; sealed on its next write
+        opened = unseal(self._sealer, key, data)  # a record written before sealing: sealed on its next write
+        if opened is None:
+            log.warning("a token record could not be opened (a removed session secret?); its user signs in again")
+            return None
         try:
-            return TokenSet.from_dict(json.loads(data)["tokens"])
+            return TokenSet.from_dict(json.loads(opened)["tokens"])
         except (ValueError, KeyError, TypeError):
             log.warning("a token record could not be read; its user signs in again")
             return None
@@ -296,20 +292,16 @@ class AppTokenCache:
         data = await self.store.get(f"app:{key}")
         if data is None:
             return None
-        if Sealer.is_sealed(data):
-            opened = self._sealer.open(f"app:{key}", data) if self._sealer is not None else None
-            data = opened if opened is not None else b""  # unreadable: fetched again
-        # else: written before app tokens were sealed (they expire within hours)
+        opened = unseal(self._sealer, f"app:{key}", data)
+        if opened is None:
+            return None  # unreadable: fetched again
         try:
-            return data.decode() or None
+            return opened.decode() or None
         except UnicodeDecodeError:
             return None
 
     async def _write(self, key: str, token: str, ttl_s: float) -> None:
-        data = token.encode()
-        if self._sealer is not None:
-            data = self._sealer.seal(f"app:{key}", data)
-        await self.store.set(f"app:{key}", data, ttl_s)
+        await self.store.set(f"app:{key}", seal(self._sealer, f"app:{key}", token.encode()), ttl_s)
 
     async def get(
         self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], *, early_s: float = 300
