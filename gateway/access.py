@@ -5,6 +5,7 @@ from __future__ import annotations
 import posixpath
 import re
 from fnmatch import translate
+from urllib.parse import unquote
 
 from gateway.config import Access
 
@@ -47,6 +48,11 @@ class AccessRules:
         if self._public is None or ";" in path or "\\" in path or "%" in path:
             return False
         return self._public.match(normalize_path(path)) is not None
+
+    def is_public_uri(self, original_uri: str) -> bool:
+        """``is_public`` for a request URI as forward-auth receives it (``X-Original-URI``: raw,
+        query included), decoded once as a server decodes ``scope["path"]``."""
+        return self.is_public(unquote(original_uri.split("?", 1)[0]))
 
     def tenant_allowed(self, tenant: str) -> bool:
         tenants = self.allowed_tenants

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -396,7 +396,7 @@ class Handshake:
         """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth): 200 + identity, or 401."""
         counts = self.runtime.metrics.forward_auth
         original = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri") or "/"
-        if self.runtime.access.is_public(unquote(original.split("?", 1)[0])):
+        if self.runtime.access.is_public_uri(original):
             counts[(PUBLIC,)] += 1
             return PlainTextResponse("", headers={"cache-control": "no-store"})
         ticket = request.cookies.get(self.config.session.cookie_name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import httpx
 from starlette.responses import Response
@@ -224,7 +224,7 @@ class AuthGateway:
                 elif key == b"x-forwarded-uri" and forwarded_uri is None:
                     forwarded_uri = value
             original = (original_uri or forwarded_uri or b"/").decode("latin-1")
-            if self._access.is_public(unquote(original.split("?", 1)[0])):
+            if self._access.is_public_uri(original):
                 return False
         try:
             ticket = raw_ticket.decode("latin-1")
