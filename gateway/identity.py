@@ -5,9 +5,12 @@ Two rules make the identity unforgeable:
 - every header that claims identity is removed from the client's request first (any case, the
   underscore spelling some servers map to the same CGI variable, every duplicate);
 - the gateway then adds its own: plain headers for convenience, and ``X-Auth-Identity``, an
-  Ed25519-signed JWT (``kid``, iss/aud/sub/provider/tenant/name/iat/exp/jti) for upstreams that
-  verify. The key comes from ``identity.signing_key_file`` or is derived from the first session
-  secret, so replicas that share secrets share the key.
+  Ed25519-signed JWT (``kid``, iss/aud/sub/user/provider/tenant/name/iat/exp/jti) for upstreams
+  that verify. The key comes from ``identity.signing_key_file`` (created there on first use) or is
+  derived from the first session secret, so replicas that share secrets share the key.
+
+``X-Auth-User`` and the ``user`` claim are unique only within one provider and tenant (a DingTalk
+userid is chosen by each organisation's admin); ``sub`` is globally unique: see ``subject``.
 """
 
 from __future__ import annotations
@@ -104,6 +107,14 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def subject(identity: Identity) -> str:
+    """The JWT ``sub``: ``provider:tenant:user``, each part percent-encoded (RFC 3986 unreserved
+    characters kept, everything else, ``:`` and ``%`` included, as ``%XX`` of its UTF-8 bytes), so
+    splitting on ``:`` and percent-decoding each part gives the triple back, and two identities
+    share a ``sub`` only when provider, tenant and user are all equal. An unknown tenant is empty."""
+    return ":".join(quote(part, safe="") for part in (identity.provider, identity.tenant, identity.user))
+
+
 class IdentitySigner:
     """Issues identity JWTs and publishes the JWKS that verifies them."""
 
@@ -128,7 +139,8 @@ class IdentitySigner:
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "aud": self.audience,
-            "sub": identity.user,
+            "sub": subject(identity),
+            "user": identity.user,
             "provider": identity.provider,
             "tenant": identity.tenant,
             "name": identity.name,

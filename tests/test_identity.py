@@ -228,7 +228,7 @@ def test_jwt_verifies_with_jwks() -> None:
     claims = _verify(token, signer.jwks())
     assert claims["iss"] == "https://app.example.com"
     assert claims["aud"] == "upstream"
-    assert claims["sub"] == "ou_1"
+    assert claims["sub"] == "lark:t-1:ou_1" and claims["user"] == "ou_1"
     assert claims["provider"] == "lark"
     assert claims["tenant"] == "t-1"
     assert claims["name"] == "张三"
@@ -290,7 +290,7 @@ def test_derived_key_is_deterministic_per_secret() -> None:
     replica_a, replica_b = _signer(derive_signing_key("a" * 40)), _signer(derive_signing_key("a" * 40))
     assert replica_a.kid == replica_b.kid
     token, _ = replica_a.sign(Identity("lark", "u", "", ""))
-    assert _verify(token, replica_b.jwks())["sub"] == "u"
+    assert _verify(token, replica_b.jwks())["user"] == "u"
     assert _signer(derive_signing_key("b" * 40)).kid != replica_a.kid
 
 
@@ -303,7 +303,7 @@ def test_load_signing_key_from_pem(tmp_path: Path) -> None:
     loaded = load_signing_key(path)
     assert _raw_private(loaded) == _raw_private(key)
     token, _ = _signer(loaded).sign(Identity("lark", "u", "", ""))
-    assert _verify(token, _signer(key).jwks())["sub"] == "u"
+    assert _verify(token, _signer(key).jwks())["user"] == "u"
 
 
 def test_load_signing_key_refuses_other_key_types(tmp_path: Path) -> None:

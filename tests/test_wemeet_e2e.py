@@ -142,7 +142,7 @@ async def test_browser_oauth_flow_ends_on_the_app_with_a_verified_identity(
         jwks = (await client.get("/_gateway/jwks.json")).json()
         claims = jwt.decode(token, jwt.PyJWK(jwks["keys"][0]).key, algorithms=["EdDSA"], audience="upstream",
                             issuer=running.url)
-        assert (claims["sub"], claims["provider"], claims["tenant"]) == (ZHANG.open_id, "wemeet", ZHANG.open_corp_id)
+        assert (claims["user"], claims["provider"], claims["tenant"]) == (ZHANG.open_id, "wemeet", ZHANG.open_corp_id)
         me = await client.get("/_gateway/me")
         assert me.json() == {"provider": "wemeet", "user": ZHANG.open_id, "tenant": ZHANG.open_corp_id,
                              "name": "张三"}
