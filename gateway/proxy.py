@@ -47,10 +47,18 @@ from gateway.pages import error_response
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+# Request side: the fixed set only, never names the client's Connection header lists (a client's
+# ``Connection: X-Auth-User`` would drop the identity the gateway added: the CVE-2024-45410 class).
+# Expect: the server already answered any 100-continue. Content-Length: the body framing is ours.
+_REQUEST_DROP = HOP_BY_HOP | {b"expect", b"content-length"}
 # Headers about the path to us: believed only from a trusted proxy, otherwise replaced by our own.
 _FORWARDING = (b"x-forwarded-", b"forwarded", b"x-real-ip")
 _UNAVAILABLE = "The upstream service is unavailable right now. Please try again in a moment."
 _TIMEOUT = "The upstream service did not answer in time. Please try again in a moment."
+_INVALID = "The upstream service sent an answer the gateway cannot pass on safely."
+_BUSY = "The upstream service is busy right now. Please try again in a moment."
+_SLOW_BODY = "The request body arrived too slowly."
+_BAD_LENGTH = "The request body did not match its declared length."
 _REFUSED = "The upstream service refused the WebSocket connection."
 _UNSENDABLE_CLOSE = {1005: 1000, 1006: 1001, 1015: 1011}  # codes that never travel in a close frame
 
@@ -65,6 +73,21 @@ def _hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
                 listed = []
             listed += [token.strip().lower() for token in value.split(b",")]
     return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
+
+
+def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The client's Content-Length if it is exactly one plain number and no Transfer-Encoding came
+    with it; else None (the body goes chunked)."""
+    found: int | None = None
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and found is not None):
+            return None
+        if name == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or len(value) > 18:
+                return None
+            found = int(value)
+    return found
 
 
 def _close_code(code: object) -> int:
@@ -104,8 +127,24 @@ class UpstreamFailed(Exception):
     """The upstream connection failed or broke before the response was complete (502)."""
 
 
+class UpstreamInvalid(UpstreamFailed):
+    """The upstream's answer is not HTTP we can pass on safely: conflicting or unsupported framing,
+    bytes after a complete response, an unrequested 101 (502 ``upstream_invalid``, never retried)."""
+
+
+class UpstreamBusy(Exception):
+    """Every pooled connection stayed in use for ``pool_timeout_s`` (503 ``upstream_busy``)."""
+
+
+class _SlowBody(Exception):
+    """The client was silent ``body_timeout_s`` in the middle of its request body (408)."""
+
+
+class _BadLength(Exception):
+    """The client's body does not match the Content-Length it declared (400)."""
+
+
 _HIGH_WATER = 256 * 1024  # response bytes buffered from the upstream before reading pauses
-_IDLE_S = 15.0  # a pooled connection idle longer than this is closed, not reused
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # idempotent: retried once
 
 
@@ -115,11 +154,13 @@ class _Connection(asyncio.Protocol):
     The httptools callbacks fill the response state; the proxy's task waits on ``wait()``, which
     returns whenever something new arrived (headers, body, the end, an error)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, keepalive: float) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.keepalive = keepalive  # idle longer than this: closed, not reused (Keep-Alive: timeout= lowers it)
+        self.wrote = False  # some byte of the current request was handed to the transport
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self.parser: httptools.HttpResponseParser | None = None
@@ -142,7 +183,7 @@ class _Connection(asyncio.Protocol):
         self.headers = []
         self.chunks.clear()
         self.buffered = 0
-        self.headers_done = self.complete = self.keep_alive = self.received = False
+        self.headers_done = self.complete = self.keep_alive = self.received = self.wrote = False
         self.until_eof = False
         self.head = head
         self.error = None
@@ -161,8 +202,14 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:  # HttpParserUpgrade included: nobody asked for one
-            self._fail(UpstreamFailed(f"unreadable upstream response: {exc}"))
+        except httptools.HttpParserCallbackError as exc:  # one of our callbacks refused the answer
+            reason = exc.__context__
+            self._fail(reason if isinstance(reason, UpstreamFailed) else UpstreamInvalid(str(exc)))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # llhttp refuses duplicate or non-numeric Content-Length, CL with TE, bad chunks, data
+            # after Connection: close. HttpParserUpgrade is not an HttpParserError: uncaught, it
+            # escaped data_received ("Fatal error: protocol.data_received() call failed").
+            self._fail(UpstreamInvalid(f"unreadable upstream response: {exc!r}"))
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; connection_lost follows
@@ -188,6 +235,15 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------------------------
+    # llhttp goes on parsing after a complete message: a second response in the same segment would
+    # start a new message in this parser and overwrite the status and headers. A callback that
+    # raises stops the parser there (feed_data raises HttpParserCallbackError, our reason as its
+    # __context__). Only CR/LF between messages is skipped without a callback (RFC 9112 2.2): it
+    # cannot start a message; in a later segment it fails the connection like any other byte.
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise UpstreamInvalid("the upstream sent more than one response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
@@ -195,23 +251,52 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self.parser is not None
         status = self.parser.get_status_code()
-        if status < 200:  # an interim answer (103 Early Hints...): the real one follows
+        if status == 101:  # we never ask for an upgrade on this client (WebSockets go via aiohttp)
+            raise UpstreamInvalid("the upstream switched protocols unasked")
+        if status < 200:  # an interim answer (100 Continue, 103 Early Hints...): the real one follows
             self.headers = []
             return
+        # One pass over the headers: framing checks llhttp leaves to us, and Keep-Alive: timeout=.
+        length = b""
+        codings = 0
+        chunked = False
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                # Only plain "chunked" in one header: "chunked, identity" or "gzip, chunked" would be
+                # read to the connection's end or lose their coding once de-chunked (RFC 9112 6.1).
+                codings += 1
+                chunked = value.strip().lower() == b"chunked"
+            elif name == b"keep-alive":
+                self._keep_alive_timeout(value)
+        if codings > 1 or (codings and not chunked):
+            raise UpstreamInvalid("unsupported or conflicting Transfer-Encoding in the upstream's answer")
         self.status = status
         self.headers_done = True
         self.keep_alive = self.parser.should_keep_alive()
         if self.head or status in (204, 304):
             self.complete = True  # no body, whatever the headers say
+            # A body announced here may still come (a HEAD or 204 answered as if it had one): the
+            # connection is not reused, or those bytes would become the next exchange's answer.
+            if codings or length.strip(b"0 \t"):
+                self.keep_alive = False
         else:
-            names = {name for name, _ in self.headers}
-            self.until_eof = b"content-length" not in names and b"transfer-encoding" not in names
+            self.until_eof = not length and not codings
             self.keep_alive = self.keep_alive and not self.until_eof
         self._wake()
 
+    def _keep_alive_timeout(self, value: bytes) -> None:
+        for param in value.split(b","):
+            key, _, number = param.partition(b"=")
+            number = number.strip()
+            if key.strip().lower() == b"timeout" and number.isdigit():
+                seconds = int(number)  # stop reusing a second early (half of it if it is tiny)
+                self.keepalive = min(self.keepalive, max(seconds - 1.0, seconds / 2))
+
     def on_body(self, body: bytes) -> None:
-        if self.complete:
-            return
+        if self.complete:  # body bytes after an answer that has none (HEAD, 204, 304)
+            raise UpstreamInvalid("the upstream sent a body after a complete response")
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.read_paused and self.transport is not None:
@@ -258,15 +343,18 @@ class _Connection(asyncio.Protocol):
         return data
 
     def write(self, data: bytes) -> None:
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self.transport.is_closing():
             raise UpstreamFailed("the upstream closed the connection")
+        self.wrote = True
         self.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, patience_s: float) -> None:
+        """Until the upstream takes more of the request (silent ``patience_s``: TimeoutError)."""
         if self._write_paused and not self.closed:
             self._drain = self.loop.create_future()
             try:
-                await self._drain
+                async with asyncio.timeout(patience_s):
+                    await self._drain
             finally:
                 self._drain = None
         if self.closed:
@@ -300,14 +388,19 @@ class _Connection(asyncio.Protocol):
 
 
 class _Pool:
-    """Keep-alive connections to one upstream, at most ``limit`` in use (the rest wait in turn)."""
+    """Keep-alive connections to one upstream, at most ``limit`` in use (the rest wait in turn, at
+    most ``pool_timeout`` seconds: then ``UpstreamBusy``). A connection idle ``keepalive`` seconds
+    is not reused: shorter than common upstream keep-alives (uvicorn and Node 5 s), so we seldom
+    write to a connection the upstream is closing."""
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, server_hostname: str | None,
-                 limit: int, timeout: float) -> None:
+                 limit: int, timeout: float, pool_timeout: float = 10.0, keepalive: float = 4.0) -> None:
         self.host, self.port = host, port
         self.ssl, self.server_hostname = ssl_context, server_hostname
         self.limit = limit
         self.timeout = timeout
+        self.pool_timeout = pool_timeout
+        self.keepalive = keepalive
         # One sweep every ``_tick`` checks every exchange for silence, instead of a timer each.
         self._tick = min(max(timeout / 8, 0.01), 1.0)
         self._sweep: asyncio.TimerHandle | None = None
@@ -322,13 +415,16 @@ class _Pool:
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
             try:
-                await waiter
-            except BaseException:
+                async with asyncio.timeout(self.pool_timeout):
+                    await waiter
+            except BaseException as exc:
                 if waiter.done() and not waiter.cancelled():
                     self._hand_over()  # we were given the slot: pass it on
                 else:
                     with contextlib.suppress(ValueError):
                         self.waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamBusy() from None
                 raise
         else:
             self.in_use += 1
@@ -337,12 +433,12 @@ class _Pool:
             now = loop.time()
             while self.idle and not fresh:
                 connection = self.idle.pop()
-                if not connection.closed and now - connection.idle_since < _IDLE_S:
+                if not connection.closed and now - connection.idle_since < connection.keepalive:
                     return connection, True
                 connection.close()
             async with asyncio.timeout(self.timeout):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: _Connection(loop, self.keepalive), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.server_hostname)
             return connection, False
         except BaseException:
@@ -396,7 +492,8 @@ class _Pool:
 
 class UpstreamProxy:
     def __init__(self, *, url: str, timeout_s: float = 30, max_connections: int = 100,
-                 trusted_proxies: Sequence[str] = (), preserve_host: bool = False) -> None:
+                 trusted_proxies: Sequence[str] = (), preserve_host: bool = False,
+                 pool_timeout_s: float = 10, body_timeout_s: float = 30, keepalive_s: float = 4) -> None:
         split = urlsplit(url)
         base = f"{split.netloc}{split.path.rstrip('/')}"
         self._http_base = f"{split.scheme}://{base}"
@@ -409,6 +506,10 @@ class UpstreamProxy:
         self._tls = split.scheme == "https"
         self._timeout_s = timeout_s
         self._max_connections = max_connections
+        self._pool_timeout_s = pool_timeout_s
+        self._body_timeout_s = body_timeout_s
+        self._keepalive_s = keepalive_s
+        self._retry_after = str(max(1, round(pool_timeout_s)))
         self._trusted = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in trusted_proxies)
         self._preserve_host = preserve_host
         self._session: aiohttp.ClientSession | None = None
@@ -430,7 +531,7 @@ class UpstreamProxy:
         if self._pool is None:  # created lazily, in the serving loop
             context = ssl.create_default_context() if self._tls else None
             self._pool = _Pool(self._host, self._port, context, self._host if self._tls else None,
-                               self._max_connections, self._timeout_s)
+                               self._max_connections, self._timeout_s, self._pool_timeout_s, self._keepalive_s)
         return self._pool
 
     async def aclose(self) -> None:
@@ -490,12 +591,14 @@ class UpstreamProxy:
     def _forward_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """The client's headers as the upstream gets them, and the client's Host (b"" if none).
 
-        Hop-by-hop headers and Expect dropped; Host kept only with ``preserve_host``;
+        The fixed hop-by-hop set, Expect and Content-Length dropped (``_REQUEST_DROP``: never the
+        names the client's Connection header lists; the edge applied those to the client's own
+        headers before the gateway added its identity); Host kept only with ``preserve_host``;
         ``X-Forwarded-*`` (and Forwarded, X-Real-IP) believed only from a trusted peer, then ours
         added. No header is invented: Host (the upstream's) and the body framing are the client's
         job (``_request_head``) or aiohttp's."""
         raw: list[tuple[bytes, bytes]] = scope["headers"]
-        drop = _hop_by_hop(raw)
+        drop = _REQUEST_DROP
         peer = scope["client"][0] if scope.get("client") else None
         trusted = bool(self._trusted) and peer is not None and self._is_trusted(peer)
         websocket = scope["type"] == "websocket"
@@ -504,8 +607,8 @@ class UpstreamProxy:
         host = b""
         for item in raw:
             name = item[0]
-            if name in drop or name == b"expect" or (websocket and name.startswith(b"sec-websocket-")):
-                continue  # Expect: the server already answered any 100-continue
+            if name in drop or (websocket and name.startswith(b"sec-websocket-")):
+                continue
             if name == b"host":
                 host = item[1]
                 if not self._preserve_host:
@@ -534,11 +637,16 @@ class UpstreamProxy:
         """``_forward_headers`` as text, for aiohttp (WebSockets)."""
         return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._forward_headers(scope)[0]]
 
-    def _request_head(self, scope: Scope, body: bytes, streaming: bool) -> tuple[bytes, bool]:
-        """The request line and headers, ready to write; and whether the body goes chunked.
+    def _request_head(self, scope: Scope, body: bytes, streaming: bool) -> tuple[bytes, int | None]:
+        """The request line and headers, ready to write; and the length a streamed body must have
+        (None: it goes chunked).
 
-        The body's framing: the client's Content-Length when it sent one; else, a body read whole
-        gets its length (and POST/PUT/PATCH an explicit 0), a streamed one goes chunked."""
+        The body's framing is ours, never copied from the client (a server that de-chunked the body
+        may leave the client's Content-Length in the scope: forwarded beside the body, it let the
+        upstream read a smuggled second request). A body read whole gets its length (POST/PUT/PATCH
+        an explicit 0); a streamed one keeps the client's Content-Length when it is one plain number
+        and no Transfer-Encoding came with it (WSGI upstreams prefer it; ``_send_body`` then writes
+        exactly that many bytes or cuts the connection), else goes chunked."""
         headers, _ = self._forward_headers(scope)
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
         query: bytes = scope.get("query_string", b"")
@@ -546,36 +654,52 @@ class UpstreamProxy:
         parts = [scope["method"].encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
         if not self._preserve_host or not any(name == b"host" for name, _ in headers):
             parts += [b"host: ", self._host_header, b"\r\n"]
-        has_length = False
         for name, value in headers:
-            if name == b"content-length":
-                has_length = True
             parts += [name, b": ", value, b"\r\n"]
-        chunked = False
-        if not has_length:
-            if streaming:
+        declared: int | None = None
+        if streaming:
+            declared = _declared_length(scope["headers"])
+            if declared is None:
                 parts.append(b"transfer-encoding: chunked\r\n")
-                chunked = True
-            elif body or scope["method"] in ("POST", "PUT", "PATCH"):
-                parts += [b"content-length: ", str(len(body)).encode(), b"\r\n"]
+            else:
+                parts += [b"content-length: ", b"%d" % declared, b"\r\n"]
+        elif body or scope["method"] in ("POST", "PUT", "PATCH"):
+            parts += [b"content-length: ", b"%d" % len(body), b"\r\n"]
         parts.append(b"\r\n")
-        return b"".join(parts), chunked
+        return b"".join(parts), declared
 
-    async def _send_body(self, connection: _Connection, message: Message, receive: Receive, chunked: bool,
-                         watch: _DisconnectWatch) -> None:
-        """Stream the rest of the request body (the first message is ``message``) to the upstream."""
+    async def _send_body(self, connection: _Connection, message: Message, receive: Receive,
+                         declared: int | None, watch: _DisconnectWatch) -> None:
+        """Stream the rest of the request body (the first message is ``message``) to the upstream:
+        chunked, or exactly ``declared`` bytes (a body that would go past it, or ends short, raises
+        ``_BadLength`` before a byte too many is written: the caller cuts the upstream connection,
+        so the upstream never takes the cut body as a request). The client silent
+        ``body_timeout_s`` between two parts: ``_SlowBody``."""
+        left = declared
         while True:
             if message["type"] == "http.disconnect":
                 raise ConnectionAbortedError("the client left before sending its whole request body")
             chunk: bytes = message.get("body", b"")
             if chunk:
-                connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                await connection.drain()
+                if left is None:
+                    connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    left -= len(chunk)
+                    if left < 0:
+                        raise _BadLength()
+                    connection.write(chunk)
+                await connection.drain(self._timeout_s)
             if not message.get("more_body"):
                 break
-            message = await receive()
-        if chunked:
+            try:
+                async with asyncio.timeout(self._body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise _SlowBody() from None
+        if left is None:
             connection.write(b"0\r\n\r\n")
+        elif left:
+            raise _BadLength()
         watch.arm(body_read=True)
 
     async def _exchange(self, scope: Scope, receive: Receive, message: Message,
@@ -584,7 +708,7 @@ class UpstreamProxy:
         pool = self._connections()
         streaming = bool(message.get("more_body"))
         body: bytes = b"" if streaming else message.get("body", b"")
-        head, chunked = self._request_head(scope, body, streaming)
+        head, declared = self._request_head(scope, body, streaming)
         method: str = scope["method"]
         fresh = False
         while True:
@@ -593,7 +717,7 @@ class UpstreamProxy:
                 connection.start(head=method == "HEAD")
                 if streaming:
                     connection.write(head)
-                    await self._send_body(connection, message, receive, chunked, watch)
+                    await self._send_body(connection, message, receive, declared, watch)
                 else:
                     connection.write(head + body if body else head)
                     watch.arm(body_read=True)
@@ -603,11 +727,14 @@ class UpstreamProxy:
                 if connection.error is not None:
                     raise connection.error
                 return connection
-            except UpstreamFailed:
+            except UpstreamFailed as exc:
                 pool.release(connection)
-                # A kept-alive connection the upstream closed meanwhile: once more on a new one,
-                # when nothing of an answer came and the request can be sent again as it was.
-                if reused and not connection.received and not streaming and method in _REPLAYABLE:
+                # A kept-alive connection the upstream closed meanwhile: once more on a new one, when
+                # nothing of an answer came and either nothing of the request was written (it cannot
+                # have been processed: any method) or it is idempotent and still in hand (RFC 9110
+                # 9.2.2). A POST that was written may have been processed: never sent twice.
+                if (reused and not connection.received and not isinstance(exc, UpstreamInvalid)
+                        and (not connection.wrote or (not streaming and method in _REPLAYABLE))):
                     fresh = True
                     continue
                 raise
@@ -619,21 +746,34 @@ class UpstreamProxy:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+        headers: dict[str, str] | None = None
         try:
             connection = await self._exchange(scope, receive, message, watch)
         except TimeoutError:
             status, code, text = 504, "upstream_timeout", _TIMEOUT
         except ConnectionAbortedError:
             return  # the client left mid-upload: nobody to answer; the upstream connection is closed
+        except UpstreamInvalid:
+            status, code, text = 502, "upstream_invalid", _INVALID
         except (UpstreamFailed, OSError):
             status, code, text = 502, "upstream_unavailable", _UNAVAILABLE
+        except UpstreamBusy:
+            status, code, text = 503, "upstream_busy", _BUSY
+            headers = {"retry-after": self._retry_after}
+        except (_SlowBody, _BadLength) as exc:
+            # The rest of the client's body is unread: that connection is not reused either.
+            headers = {"connection": "close"}
+            if isinstance(exc, _SlowBody):
+                status, code, text = 408, "request_timeout", _SLOW_BODY
+            else:
+                status, code, text = 400, "body_length_mismatch", _BAD_LENGTH
         else:
             try:
                 return await self._stream(connection, send, watch)
             finally:
                 self._connections().release(connection)
         watch.finished = True
-        await error_response(scope, status, code, text)(scope, receive, send)
+        await error_response(scope, status, code, text, headers=headers)(scope, receive, send)
 
     @staticmethod
     async def _stream(connection: _Connection, send: Send, watch: _DisconnectWatch) -> None:
