@@ -40,6 +40,9 @@ def build_sidecar(config: GatewayConfig) -> object:
         max_connections=config.upstream.max_connections,
         trusted_proxies=config.access.trusted_proxies,
         preserve_host=config.upstream.preserve_host,
+        pool_timeout_s=config.upstream.pool_timeout_s,
+        body_timeout_s=config.upstream.body_timeout_s,
+        keepalive_s=config.upstream.keepalive_s,
     )
     return AuthGateway(proxy, config)
 

@@ -55,6 +55,13 @@ class Upstream(_Section):
     max_connections: int = Field(100, ge=1)
     # Send the client's Host upstream (default: the upstream's own; X-Forwarded-Host carries the original).
     preserve_host: bool = False
+    # Longest wait for a free pooled connection; then 503 upstream_busy with Retry-After.
+    pool_timeout_s: float = Field(10.0, gt=0)
+    # Longest silence in the middle of a client's request body; then 408 request_timeout (slot freed).
+    body_timeout_s: float = Field(30.0, gt=0)
+    # A pooled connection idle longer than this is not reused: keep it below the upstream's own
+    # keep-alive (uvicorn and Node: 5 s). A response's Keep-Alive: timeout=N lowers it per connection.
+    keepalive_s: float = Field(4.0, gt=0)
 
     @field_validator("url")
     @classmethod
