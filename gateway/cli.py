@@ -5,14 +5,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 import yaml
 
 from gateway.config import ConfigFileError, GatewayConfig, load_config, masked_dict
+
+
+def redact_query(target: str) -> str:
+    """A request target as the access log may show it: every query value replaced by ``***``.
+
+    Not a list of sensitive names: the callbacks carry ``code``, ``authCode``, ``auth_code``,
+    ``state``, DingTalk ISV pushes a ``suiteTicket``, and the app's own URLs may hold tokens. The
+    names are kept (``/_gateway/callback/lark?code=***&state=***``), a part without ``=`` is a
+    value too."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    parts = (name + "=***" if equals else "***"
+             for name, equals, _ in (part.partition("=") for part in query.split("&")))
+    return f"{path}?{'&'.join(parts)}"
+
+
+class RedactQuery(logging.Filter):
+    """On ``uvicorn.access``: the logged target goes through ``redact_query``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn logs (client_addr, method, full_path, http_version, status_code).
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
+        return True
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's own logging setup, with ``RedactQuery`` on its access logger."""
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_query"] = {"()": RedactQuery}
+    config["loggers"]["uvicorn.access"]["filters"] = ["redact_query"]
+    return config
 
 
 def _serve_app(app: object, host: str, port: int, *, access_log: bool = False) -> None:
@@ -26,6 +62,7 @@ def _serve_app(app: object, host: str, port: int, *, access_log: bool = False) -
         date_header=False,
         log_level="info",
         access_log=access_log,
+        log_config=_log_config(),
         lifespan="on",
     )
 
@@ -163,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs each provider call's URL at INFO, query included (DingTalk's access_token=...).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return int(args.handler(args))
 
 

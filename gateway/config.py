@@ -10,8 +10,10 @@ Each provider's own keys are validated by its plugin's settings model, so an err
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PrivateAttr,
     SecretStr,
     ValidationError,
@@ -72,15 +75,37 @@ class Upstream(_Section):
         return value.rstrip("/")
 
 
+# A lower bound, not a measure: the bits a secret's character frequencies could hold at most
+# (Shannon). It rejects placeholders ("x" * 40, a word repeated) and cannot tell a phrase from a
+# random string. A random 32-character hex secret (128 bits) scores over 90, token_urlsafe(32) over 180.
+MIN_SECRET_BITS = 80
+
+
+def estimated_bits(secret: str) -> float:
+    """Length times the Shannon entropy of the secret's own character frequencies."""
+    counts = Counter(secret)
+    return -sum(count * math.log2(count / len(secret)) for count in counts.values())
+
+
 def _secret_long_enough(secret: SecretStr) -> SecretStr:
     # Checked per item, so the error carries the item's path (session.secrets[1]).
-    if len(secret.get_secret_value()) < 32:
+    value = secret.get_secret_value()
+    if len(value) < 32:
         raise ValueError("a session secret must be at least 32 characters long")
+    if estimated_bits(value) < MIN_SECRET_BITS:
+        # The estimate is not printed: it would say something about the secret.
+        raise ValueError("this session secret is too predictable (repeated characters or words); generate "
+                         "one, e.g. python3 -c 'import secrets;print(secrets.token_urlsafe(32))'")
     return secret
+
+
+_COOKIE_PREFIXES = ("__host-", "__secure-")  # compared in lower case, as browsers do
 
 
 class Session(_Section):
     secrets: list[Annotated[SecretStr, AfterValidator(_secret_long_enough)]] = Field(default_factory=list)
+    # Over HTTPS prefer __Host-gw_session: the browser then refuses the cookie unless it is Secure,
+    # host-only and Path=/, so a sibling subdomain or a plain-HTTP page cannot plant or shadow it.
     cookie_name: str = "gw_session"
     max_age_s: int = Field(604800, gt=0)
     secure: bool = True
@@ -101,6 +126,23 @@ class Session(_Section):
         if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", value):
             raise ValueError("use letters, digits, '_' and '-' only")
         return value
+
+    @model_validator(mode="after")
+    def _prefix_needs_secure(self) -> Session:
+        # Browsers drop a __Host- / __Secure- cookie set without Secure: every sign-in would fail.
+        # (__Host- also needs Path=/ and no Domain, which the session cookie always has.)
+        if self.cookie_name.lower().startswith(_COOKIE_PREFIXES) and not self.secure:
+            raise ValueError(f"cookie_name {self.cookie_name!r}: a __Host- or __Secure- cookie needs secure: true")
+        return self
+
+    @property
+    def binding_cookie_name(self) -> str:
+        """The login-binding cookie, ``<cookie_name>_login`` with ``Path=<path_prefix>``: a
+        ``__Host-`` cookie must have ``Path=/``, so it becomes ``__Secure-`` there (still Secure,
+        still host-only as the gateway sets no Domain)."""
+        name = f"{self.cookie_name}_login"
+        # Browsers match the prefixes case-insensitively.
+        return "__Secure-" + name[len("__Host-"):] if name.lower().startswith("__host-") else name
 
 
 class StoreConfig(_Section):
@@ -206,10 +248,25 @@ class Access(_Section):
 
 class Metrics(_Section):
     # GET <prefix>/metrics in the Prometheus text format; counts only, no user or path in it.
+    # The endpoint is on the app's public origin, so it answers only a scrape that proves itself:
+    # the bearer token, or a peer listed in allow_from. Anything else gets 403 metrics_forbidden.
     enabled: bool = True
-    # When set, a scrape must send ``Authorization: Bearer <token>`` (the endpoint is on the app's
-    # public origin; without a token, block it at the proxy if the counts are not for everyone).
+    # When set, a scrape may send ``Authorization: Bearer <token>``.
     bearer_token: SecretStr | None = None
+    # Peers (IPs or CIDRs) served without the token, e.g. [127.0.0.1/32] for a Prometheus on the
+    # same host. Never list a reverse proxy's address: it relays everyone's requests (a local
+    # nginx makes every visitor a 127.0.0.1 peer).
+    allow_from: list[IPvAnyNetwork] = Field(default_factory=list)
+
+    def allows_peer(self, host: str | None) -> bool:
+        """Whether the TCP peer ``host`` (the ASGI ``client``) is in ``allow_from``."""
+        if not self.allow_from or host is None:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:  # a Unix socket or a test client's made-up name
+            return False
+        return any(address in network for network in self.allow_from)
 
     @field_validator("bearer_token")
     @classmethod

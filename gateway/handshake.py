@@ -68,7 +68,7 @@ class Handshake:
         self.runtime = runtime
         self.config = runtime.config
         self.prefix = runtime.config.path_prefix
-        self.binding_cookie = f"{runtime.config.session.cookie_name}_login"
+        self.binding_cookie = runtime.config.session.binding_cookie_name
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "login"): self.login,
             ("POST", "exchange"): self.exchange,
@@ -438,7 +438,12 @@ class Handshake:
         settings = self.config.metrics
         if not settings.enabled:
             return error_response(request.scope, 404, "not_found", "There is no such gateway endpoint.")
-        if settings.bearer_token is not None:
+        # Not public by default: the endpoint sits on the app's public origin (docs/deployment.md).
+        if not settings.allows_peer(request.client.host if request.client else None):
+            if settings.bearer_token is None:
+                return error_response(request.scope, 403, "metrics_forbidden",
+                                      "The metrics are served only with metrics.bearer_token or to a peer "
+                                      "listed in metrics.allow_from.")
             scheme, _, presented = request.headers.get("authorization", "").partition(" ")
             expected = settings.bearer_token.get_secret_value().encode()
             # compare_digest on bytes: constant time, and no error on a non-ASCII header value.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.config import IdentityHeaders
+from gateway.errors import ConfigError
 from gateway.sealing import derive_key
 
 Headers = list[tuple[bytes, bytes]]
@@ -100,10 +102,46 @@ def derive_signing_key(secret: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(derive_key(secret, b"gateway identity jwt v1"))
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
+def _read_signing_key(path: Path) -> Ed25519PrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} does not hold an Ed25519 private key")
+    return key
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The key in ``path`` (``identity.signing_key_file``); when there is no such file, a new
+    random key written there first.
+
+    So an operator who sets ``identity.signing_key_file`` gets a key that owes nothing to the
+    session secrets (whoever reads a replica's config cannot mint identities with it). The file is
+    created 0600 and published atomically (written aside, then hard-linked into place, which fails
+    if the name exists): a replica starting at the same moment never reads half a key, and an
+    existing key is never overwritten; whichever replica links first wins and the other loads its
+    key. Replicas must share the file (a shared volume or a secret store): each one that creates
+    its own signs with a key the others' JWKS does not list.
+    """
+    if path.exists():
+        return _read_signing_key(path)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"identity.signing_key_file: cannot create a key in {path.parent}: {exc.strerror}") from None
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(pem)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(aside, path)
+        except FileExistsError:  # another replica created it first: its key is the key
+            return _read_signing_key(path)
+    finally:
+        aside.unlink(missing_ok=True)
     return key
 
 

@@ -2,7 +2,12 @@
 
 The cookie holds only ``{sid, iat, exp}`` signed with HS256 (pyjwt). ``session.secrets`` is a
 list: the first secret signs, every secret verifies, so secrets rotate without logging anyone
-out. The ``kid`` header names the secret (a short hash of it), so verification tries one key.
+out. Each secret is not used as it is: the signing key is derived from it (HKDF, label
+``gateway session cookie v1``, as the sealing and identity keys are with their own labels), and
+the ``kid`` header that names it is derived under a label of its own, so a cookie says nothing
+usable about the secret (not even a hash to test guesses against) and verification tries one key.
+A cookie issued before this scheme (raw secret, ``kid`` a hash of it) still verifies until it
+expires, so a deploy logs no one out.
 
 The record (who the user is, which token record is theirs, when the session ends) lives in the
 store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever its own ``exp``.
@@ -10,6 +15,7 @@ store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -19,14 +25,22 @@ from dataclasses import dataclass
 
 import jwt
 
+from gateway.sealing import derive_key
 from gateway.stores import Store
 from gateway.tokens import token_key
 
 _ALGORITHM = "HS256"
 
 
-def _kid(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+def _signing_key(secret: str) -> tuple[str, bytes]:
+    """``(kid, key)`` for one session secret: both derived, each under its own label."""
+    kid = base64.urlsafe_b64encode(derive_key(secret, b"gateway session cookie kid v1", 9)).decode("ascii")
+    return kid, derive_key(secret, b"gateway session cookie v1")
+
+
+def _legacy_key(secret: str) -> tuple[str, bytes]:
+    """How cookies were signed before derived keys: verified only, never issued."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12], secret.encode()
 
 
 @dataclass(frozen=True)
@@ -67,13 +81,13 @@ class CookieCodec:
     def __init__(self, secrets_: Sequence[str]) -> None:
         if not secrets_:
             raise ValueError("at least one session secret is required")
-        self._signing_secret = secrets_[0]
-        self._signing_kid = _kid(secrets_[0])
-        self._keys = {_kid(secret): secret for secret in secrets_}
+        self._signing_kid, self._signing_key = _signing_key(secrets_[0])
+        self._keys = dict(_legacy_key(secret) for secret in secrets_)
+        self._keys.update(_signing_key(secret) for secret in secrets_)
 
     def encode(self, sid: str, *, issued_at: float, expires_at: float) -> str:
         claims = {"sid": sid, "iat": int(issued_at), "exp": int(expires_at)}
-        return jwt.encode(claims, self._signing_secret, algorithm=_ALGORITHM, headers={"kid": self._signing_kid})
+        return jwt.encode(claims, self._signing_key, algorithm=_ALGORITHM, headers={"kid": self._signing_kid})
 
     def decode(self, ticket: str) -> tuple[str, float] | None:
         """``(sid, exp)`` of a valid, unexpired ticket; None for anything else."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ import httpx
 import yaml
 
 from tests.conftest import BROWSER_UA, HTML, free_port_block
+
+SECRET = secrets.token_urlsafe(32)  # a placeholder such as "s" * 40 is refused (session.secrets)
 
 
 @contextlib.contextmanager
@@ -111,11 +114,11 @@ def test_check_config_accepts_the_example_file() -> None:
     example = Path(__file__).parent.parent / "config.example.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", str(example)], capture_output=True, text=True,
-        env={**os.environ, "GATEWAY_SECRET": "s" * 40, "LARK_APP_SECRET": "lark-secret-value",
+        env={**os.environ, "GATEWAY_SECRET": SECRET, "LARK_APP_SECRET": "lark-secret-value",
              "DINGTALK_SECRET": "dingtalk-secret-value", "WEMEET_SECRET": "wemeet-secret-value"}, check=False,
     )
     assert result.returncode == 0, result.stderr
-    for secret in ("lark-secret-value", "dingtalk-secret-value", "wemeet-secret-value", "s" * 40):
+    for secret in ("lark-secret-value", "dingtalk-secret-value", "wemeet-secret-value", SECRET):
         assert secret not in result.stdout
     effective = yaml.safe_load(result.stdout)
     assert effective["providers"]["lark"]["open_base_url"] == "https://open.feishu.cn"

@@ -51,7 +51,8 @@ def test_label_values_are_escaped_and_counts_add_up() -> None:
 
 async def test_the_counters_follow_what_the_gateway_did(start_gateway: GatewayStarter, lark: ServedLark) -> None:
     lark.sandbox.access_ttl_s = 4  # a refresh is due 2 s after the login
-    async with start_gateway(access={"public_paths": ["/public/*"]}) as running, running.client() as client:
+    async with start_gateway(access={"public_paths": ["/public/*"]}, metrics={"allow_from": ["127.0.0.1"]}
+                             ) as running, running.client() as client:
         assert (await client.get("/x", headers=HTML)).status_code == 302  # no session yet
         await browser_login(client, "/x")  # the redirect to the login, then the app: authenticated
         await client.get("/public/logo.png")

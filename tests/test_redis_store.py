@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -243,7 +244,8 @@ async def test_the_store_recovers_when_redis_comes_back(tmp_path: Path) -> None:
 
 def _check_config(tmp_path: Path, url: str) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "gateway.yaml"
-    config.write_text(f'session: {{secrets: ["{"s" * 40}"]}}\nstore: {{backend: redis, url: "{url}"}}\n')
+    secret = secrets.token_urlsafe(32)
+    config.write_text(f'session: {{secrets: ["{secret}"]}}\nstore: {{backend: redis, url: "{url}"}}\n')
     clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
     return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(config)], capture_output=True,
                           text=True, env=clean, timeout=60, check=False)
@@ -269,7 +271,7 @@ async def test_logout_on_one_replica_ends_the_session_on_the_others_at_once(
     start_gateway: GatewayStarter, redis_url: str
 ) -> None:
     """The session cache lives a minute here: only the broadcast can explain the prompt 401."""
-    secret = "x" * 40
+    secret = secrets.token_urlsafe(32)
     sections: dict[str, Any] = {
         "session": {"secrets": [secret], "secure": False, "cache_ttl_s": 60},
         "store": {"backend": "redis", "url": redis_url, "key_prefix": f"t:{uuid.uuid4().hex[:10]}:"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
 
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import sessions as sessions_module
+from gateway.sealing import derive_key
 from gateway.sessions import CookieCodec, SessionRecord, SessionStore
 from gateway.stores.memory import MemoryStore
 
@@ -22,7 +22,13 @@ OTHER = "other-secret-xxxxxxxxxxxxxxxxxxxxxxxxxxxx"
 
 
 def _kid(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+    """The kid the codec issues: derived from the secret under its own label (tests/test_keys.py)."""
+    return base64.urlsafe_b64encode(derive_key(secret, b"gateway session cookie kid v1", 9)).decode()
+
+
+def _key(secret: str) -> bytes:
+    """The HS256 key the codec signs with: derived from the secret, never the secret itself."""
+    return derive_key(secret, b"gateway session cookie v1")
 
 
 def _b64(data: bytes) -> str:
@@ -44,7 +50,7 @@ def test_round_trip() -> None:
     assert codec.decode(ticket) == ("abc", float(int(now + 60)))
     header = jwt.get_unverified_header(ticket)
     assert header["alg"] == "HS256" and header["kid"] == _kid(NEW)
-    claims = jwt.decode(ticket, NEW, algorithms=["HS256"])
+    claims = jwt.decode(ticket, _key(NEW), algorithms=["HS256"])
     assert set(claims) == {"sid", "iat", "exp"}  # nothing about the user travels in the cookie
 
 
@@ -95,7 +101,7 @@ def test_alg_none_is_rejected() -> None:
 def test_other_hmac_algorithms_are_rejected() -> None:
     codec = CookieCodec([NEW])
     now = int(time.time())
-    hs512 = jwt.encode({"sid": "x", "exp": now + 60}, NEW, algorithm="HS512", headers={"kid": _kid(NEW)})
+    hs512 = jwt.encode({"sid": "x", "exp": now + 60}, _key(NEW), algorithm="HS512", headers={"kid": _kid(NEW)})
     assert codec.decode(hs512) is None
 
 
@@ -132,7 +138,7 @@ def test_expired_ticket_is_rejected() -> None:
     ],
 )
 def test_genuinely_signed_but_malformed_claims_are_rejected(claims: dict[str, object]) -> None:
-    ticket = jwt.encode(claims, NEW, algorithm="HS256", headers={"kid": _kid(NEW)})
+    ticket = jwt.encode(claims, _key(NEW), algorithm="HS256", headers={"kid": _kid(NEW)})
     assert CookieCodec([NEW]).decode(ticket) is None
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +33,7 @@ async def gateway_serve(config: dict[str, Any], tmp_path: Path) -> AsyncIterator
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(path),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "GATEWAY_TEST_SECRET": "x" * 40},
+        env={**os.environ, "GATEWAY_TEST_SECRET": secrets.token_urlsafe(32)},
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def start(wemeet: ServedWeMeet) -> Starter:
         port = free_port()
         data: dict[str, Any] = {
             "public_url": f"http://127.0.0.1:{port}",
-            "session": {"secrets": ["s" * 40], "secure": False},
+            "session": {"secrets": [secrets.token_urlsafe(32)], "secure": False},
             "providers": {"wemeet": wemeet.settings(**(provider or {}))},
         }
         for key, value in sections.items():
