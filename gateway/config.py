@@ -234,6 +234,19 @@ class Access(_Section):
     public_paths: list[str] = Field(default_factory=list)
     allow_tenants: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
+    # CSP frame-ancestors of every gateway page: who may frame them (clickjacking). The in-client
+    # webviews load the pages top-level, so nobody by default.
+    frame_ancestors: list[str] = Field(default_factory=lambda: ["'none'"])
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _csp_sources(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.fullmatch(r"'none'|'self'|[A-Za-z][A-Za-z0-9+.-]*:(//[^\s;,']+)?|\*?[^\s;,':]+(:\d+)?", value):
+                raise ValueError(f"{value!r} is not a CSP source such as 'self' or https://portal.example.com")
+        if "'none'" in values and len(values) > 1:
+            raise ValueError("'none' cannot be combined with other sources")
+        return values
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -244,6 +257,18 @@ class Access(_Section):
             except ValueError:
                 raise ValueError(f"{value!r} is not an IP address or CIDR") from None
         return values
+
+
+class Limits(_Section):
+    """Bounds on what anonymous clients can make the gateway's own endpoints do."""
+
+    # Per client address on <prefix>/login, /exchange and /callback: a token bucket in each
+    # replica, rate_per_min a minute and up to burst at once (each sign-in takes two); 0: no limit.
+    login_rate_per_min: float = Field(30, ge=0)
+    login_burst: int = Field(60, ge=1)
+    # Bodies the gateway reads itself (/exchange, a plugin's event callback); JSON nesting depth.
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_json_depth: int = Field(32, ge=4, le=1000)
 
 
 class Metrics(_Section):
@@ -298,6 +323,7 @@ class GatewayConfig(BaseSettings):
     identity: Identity = Field(default_factory=Identity)
     access: Access = Field(default_factory=Access)
     metrics: Metrics = Field(default_factory=Metrics)
+    limits: Limits = Field(default_factory=Limits)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     _provider_settings: dict[str, ProviderSettings] = PrivateAttr(default_factory=dict)

@@ -11,34 +11,36 @@ from __future__ import annotations
 import contextlib
 import hmac
 import html
-import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Router
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from gateway.bodies import read_json
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
-from gateway.pages import error_response, gateway_error_response, message_page, page, wants_html
-from gateway.providers import Grant, LoginContext, Provider
-from gateway.runtime import Runtime
-from gateway.state import (
-    STATE_TTL_S,
-    PendingLogin,
-    binding_digest,
-    is_valid_state,
-    new_browser_binding,
-    new_state,
-    pkce_pair,
-    safe_next,
+from gateway.pages import (
+    content_security_policy,
+    error_response,
+    gateway_error_response,
+    message_page,
+    page,
+    policy_headers,
+    script_json,
+    wants_html,
 )
+from gateway.providers import Grant, LoginContext, Provider
+from gateway.ratelimit import RateLimiter, TrustedNetworks, client_key
+from gateway.runtime import Runtime
+from gateway.state import STATE_TTL_S, LoginCookie, PendingLogin, is_valid_state, pkce_pair, safe_next
 
 log = logging.getLogger("gateway.handshake")
 
@@ -48,6 +50,10 @@ _PENDING_MESSAGE = (
     "Your authorization is waiting for an administrator's approval. "
     "Come back and sign in again once it is approved."
 )
+_PROVIDER_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: The endpoints that start or finish a sign-in: each costs a cookie, a store write or a provider
+#: call, so each is limited per client (``limits.login_rate_per_min``).
+_LIMITED = frozenset({"login", "exchange", "callback"})
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 #: The forward-auth 200 before the identity headers. The middleware answers the common case itself
@@ -69,6 +75,19 @@ class Handshake:
         self.config = runtime.config
         self.prefix = runtime.config.path_prefix
         self.binding_cookie = runtime.config.session.binding_cookie_name
+        self.logins = LoginCookie([s.get_secret_value() for s in self.config.session.secrets], self.binding_cookie)
+        limits = self.config.limits
+        self._limiter = RateLimiter(limits.login_rate_per_min, limits.login_burst)
+        self._trusted = TrustedNetworks(self.config.access.trusted_proxies)
+        frame_ancestors = self.config.access.frame_ancestors
+        self._policy = policy_headers(content_security_policy(frame_ancestors))
+        # The handshake page runs our scripts and the provider's JSSDK (its origin), and POSTs
+        # the code to /exchange; the fake JSSDK of an emulator talks to its own origin.
+        self._page_policy: dict[str, str] = {}
+        for name, provider in runtime.providers.items():
+            sdk = _origin(provider.settings.jssdk_url)
+            self._page_policy[name] = content_security_policy(
+                frame_ancestors, scripts=["'self'", *sdk], connect=["'self'", *sdk])
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "login"): self.login,
             ("POST", "exchange"): self.exchange,
@@ -101,6 +120,7 @@ class Handshake:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             return
+        send = self._with_policy(send)
         sub = scope["path"][len(self.prefix) :].strip("/")
         if sub.startswith("providers/"):
             await self._provider_routes(scope, receive, send)
@@ -110,7 +130,13 @@ class Handshake:
         handler = self._routes.get((method, head))
         request = Request(scope, receive)
         try:
-            if handler is None:
+            wait_s = self._limiter.take(client_key(scope, self._trusted)) if head in _LIMITED else 0
+            if wait_s:
+                response = error_response(
+                    scope, 429, "rate_limited",
+                    f"Too many sign-in attempts from your network. Please wait {wait_s} seconds and try again.",
+                    headers={"retry-after": str(wait_s)})
+            elif handler is None:
                 response = self._no_route(scope, head)
             else:
                 response = await handler(request, rest)
@@ -122,6 +148,21 @@ class Handshake:
             response = error_response(scope, 500, "internal_error",
                                       "Something went wrong in the sign-in gateway. Please try again.")
         await response(scope, receive, send)
+
+    def _with_policy(self, send: Send) -> Send:
+        """``send`` that adds the policy headers (CSP, nosniff, Referrer-Policy) to every response
+        start that lacks them: our pages, JSON answers and the plugins' own routes alike."""
+        policy = self._policy
+
+        async def send_with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(item for item in policy if item[0] not in present)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_with_policy
 
     def _no_route(self, scope: Scope, head: str) -> Response:
         if any(key[1] == head for key in self._routes):
@@ -169,11 +210,12 @@ class Handshake:
             else:
                 return self._chooser(next_path)
 
-        binding = request.cookies.get(self.binding_cookie) or new_browser_binding()
-        state = new_state()
+        # The login goes into this browser's login cookie, beside its other logins in progress
+        # (other tabs): nothing is written to the store (gateway/state.py).
+        logins = self.logins.open(request.cookies.get(self.binding_cookie))
+        state = self.logins.new_state()
         verifier, challenge = pkce_pair() if provider.uses_pkce else (None, None)
-        pending = PendingLogin(provider.name, next_path, binding_digest(binding), verifier, time.time())
-        await self.runtime.store.set(f"state:{state}", pending.to_bytes(), STATE_TTL_S)
+        logins[state] = PendingLogin(state, provider.name, next_path, verifier, time.time())
         context = LoginContext(
             state=state, redirect_uri=self.config.redirect_uri(provider.name), next_path=next_path,
             code_challenge=challenge,
@@ -184,13 +226,21 @@ class Handshake:
             response: Response = self._handshake_page(provider, context, fallback_url, request)
         else:
             response = RedirectResponse(fallback_url, status_code=302, headers={"cache-control": "no-store"})
+        self._set_logins(response, logins)
+        return response
+
+    def _set_logins(self, response: Response, logins: dict[str, PendingLogin]) -> None:
+        """The login cookie with ``logins`` (the newest that fit), or none when none is left."""
+        value = self.logins.seal(logins)
+        if not value:
+            response.delete_cookie(self.binding_cookie, path=self.prefix)
+            return
         # Lax at most: the provider's redirect back to the callback is a cross-site navigation.
         same_site: Literal["lax", "none"] = "none" if self.config.session.same_site == "none" else "lax"
         response.set_cookie(
-            self.binding_cookie, binding, max_age=STATE_TTL_S, path=self.prefix, httponly=True,
+            self.binding_cookie, value, max_age=STATE_TTL_S, path=self.prefix, httponly=True,
             secure=self.config.session.secure, samesite=same_site,
         )
-        return response
 
     def _chooser(self, next_path: str) -> Response:
         links = "".join(
@@ -221,8 +271,7 @@ class Handshake:
             "jssdkUrl": settings.jssdk_url,
             "bridge": provider.bridge_config(login),
         }
-        # "</" cannot end the script element when escaped; nothing else in JSON can.
-        config_json = json.dumps(page_config).replace("</", "<\\/")
+        config_json = script_json(page_config)
         name = html.escape(provider.display_name or provider.name)
         body = (
             f'<h1 id="gw-title">Signing in with {name}</h1>'
@@ -232,28 +281,40 @@ class Handshake:
             f'<script src="{self.prefix}/static/bridge/{html.escape(provider.plugin)}.js"></script>'
             f'<script src="{self.prefix}/static/handshake.js"></script>'
         )
-        return page(f"Signing in with {name}", body, headers={"referrer-policy": "no-referrer"})
+        return page(f"Signing in with {name}", body,
+                    headers={"content-security-policy": self._page_policy[provider.name]})
 
     # -- completing a login -----------------------------------------------------------------
 
     async def _take_pending(self, request: Request, state: str, provider: Provider) -> PendingLogin:
-        """Consume the state (single use) and check it belongs to this browser and provider."""
+        """Check the state belongs to this browser and provider, then consume it (single use).
+
+        Everything is checked before any provider call: a state must come from this browser's
+        login cookie (one ``/login``, limited per client), and it is used up even when the code
+        that comes with it is junk, so one ``/login`` buys at most one provider call.
+        """
         if not is_valid_state(state):
             raise BadRequest("The sign-in link is malformed; please start again.", code="state_invalid")
-        data = await self.runtime.store.pop(f"state:{state}")
-        if data is None:
+        if not self.logins.issued(state):
             raise BadRequest("This sign-in link has expired or was already used; please start again.",
                              code="state_invalid")
-        pending = PendingLogin.from_bytes(data)
+        used = self.logins.used_key(state)
+        pending = self.logins.open(request.cookies.get(self.binding_cookie)).get(state)
+        if pending is None:
+            if await self.runtime.store.get(used) is not None:  # e.g. replayed after signing in
+                raise BadRequest("This sign-in link was already used; please start again.", code="state_invalid")
+            raise BadRequest("This sign-in was started in another browser, or long ago; please start again here.",
+                             code="state_mismatch")
         if pending.expired() or pending.provider != provider.name:
             raise BadRequest("This sign-in link is not valid here; please start again.", code="state_invalid")
-        if not pending.matches_browser(request.cookies.get(self.binding_cookie)):
-            raise BadRequest("This sign-in was started in another browser; please start again here.",
-                             code="state_mismatch")
+        # Written only now, by a request that holds a sealed login: anonymous clients cannot fill
+        # the store with these; atomic, so two requests racing with one state cannot both win.
+        if await self.runtime.store.set_versioned(used, b"1", STATE_TTL_S, expected_version=0) is None:
+            raise BadRequest("This sign-in link was already used; please start again.", code="state_invalid")
         return pending
 
     async def _complete_login(
-        self, request: Request, provider: Provider, grant: Grant, response: Response
+        self, request: Request, provider: Provider, pending: PendingLogin, grant: Grant, response: Response
     ) -> Response:
         identity = grant.identity
         if not self.runtime.access.tenant_allowed(identity.tenant):
@@ -271,7 +332,10 @@ class Handshake:
             session.cookie_name, ticket, max_age=session.max_age_s, path="/", httponly=True,
             secure=session.secure, samesite=session.same_site,
         )
-        response.delete_cookie(self.binding_cookie, path=self.prefix)
+        # The other tabs' logins in progress stay; this one is done.
+        logins = self.logins.open(request.cookies.get(self.binding_cookie))
+        logins.pop(pending.state, None)
+        self._set_logins(response, logins)
         return response
 
     @contextlib.contextmanager
@@ -294,10 +358,8 @@ class Handshake:
         self._require_same_origin(request)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise GatewayError("Send the code as JSON.", code="unsupported_media_type", status_code=415)
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+        limits = self.config.limits
+        body = await read_json(request, limit=limits.max_body_bytes, max_depth=limits.max_json_depth)
         if not isinstance(body, dict):
             raise BadRequest("Send a JSON object with code and state.", code="invalid_json")
         code, state, context = body.get("code"), body.get("state"), body.get("context") or {}
@@ -311,7 +373,8 @@ class Handshake:
         grant = await provider.redeem(
             code, flow="client", redirect_uri=self.config.redirect_uri(provider.name), client_context=context
         )
-        return await self._complete_login(request, provider, grant, JSONResponse({"next": pending.next_path}))
+        return await self._complete_login(request, provider, pending, grant,
+                                          JSONResponse({"next": pending.next_path}))
 
     async def callback(self, request: Request, rest: str) -> Response:
         provider = self._provider(rest)
@@ -321,8 +384,9 @@ class Handshake:
                 result = provider.parse_callback(dict(request.query_params))
                 if result.error == "approval_pending" and not result.state:
                     # Some providers come back from a pending approval without any state; nothing
-                    # is signed in either way, so say what happens next.
-                    raise LoginPending(result.error_description or _PENDING_MESSAGE)
+                    # is signed in either way, so say what happens next, in our words only: without
+                    # a state, the description is whatever the link's author wrote.
+                    raise LoginPending(_PENDING_MESSAGE)
                 pending = await self._take_pending(request, result.state, provider)
                 next_path = pending.next_path
                 if result.error:
@@ -330,7 +394,10 @@ class Handshake:
                         raise LoginDenied("You declined the authorization, so you are not signed in.")
                     if result.error == "approval_pending":
                         raise LoginPending(result.error_description or _PENDING_MESSAGE)
-                    raise ProviderError(f"The provider reported an error ({result.error}).", code="provider_error")
+                    # Unknown values: the sign-in failed, but it is no fault of ours (no 5xx).
+                    shown = f" ({result.error})" if _PROVIDER_ERROR_CODE.fullmatch(result.error) else ""
+                    raise ProviderError(f"Sign-in did not complete: the provider reported an error{shown}.",
+                                        code="provider_error", status_code=400)
                 if not result.code:
                     raise BadRequest("The provider sent no authorization code.", code="code_missing")
                 grant = await provider.redeem(
@@ -338,7 +405,7 @@ class Handshake:
                     code_verifier=pending.code_verifier, client_context=result.context,
                 )
                 redirect = RedirectResponse(pending.next_path, status_code=302, headers={"cache-control": "no-store"})
-                return await self._complete_login(request, provider, grant, redirect)
+                return await self._complete_login(request, provider, pending, grant, redirect)
         except (LoginDenied, LoginPending, ReauthRequired, BadRequest, ProviderError) as exc:
             return self._error(request, exc, provider=provider.name, next_path=next_path)
 
@@ -460,3 +527,9 @@ class Handshake:
             return error_response(request.scope, 404, "not_found", "There is no such file.")
         return Response(script, media_type="application/javascript",
                         headers={"cache-control": "public, max-age=300", "x-content-type-options": "nosniff"})
+
+
+def _origin(url: str) -> list[str]:
+    """The origin of ``url`` as a CSP source (none for "": the page already has the SDK)."""
+    parts = urlsplit(url)
+    return [f"{parts.scheme}://{parts.netloc}"] if parts.scheme and parts.netloc else []

@@ -7,8 +7,12 @@ text/html) get a small readable page with a way forward, API clients get
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -24,6 +28,38 @@ h1{font-size:1.3rem;margin:0 0 .8rem}p{line-height:1.5}a.button,button{display:i
 padding:.55rem 1rem;border-radius:8px;border:0;background:#3370ff;color:#fff;text-decoration:none;font-size:1rem;
 cursor:pointer}a.secondary{background:#e8eaed;color:#1f2329}code{font-size:.85rem;color:#646a73}
 """
+
+
+# The one inline style of every page, allowed by its hash: no 'unsafe-inline' even for styles.
+STYLE_SOURCE = "'sha256-" + base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode() + "'"
+
+
+def content_security_policy(
+    frame_ancestors: Iterable[str], *, scripts: Iterable[str] = (), connect: Iterable[str] = ()
+) -> str:
+    """The CSP of a gateway response: nothing is loaded but the page's own style, plus ``scripts``
+    (sources such as "'self'" or a JSSDK origin) and ``connect`` (fetch targets) when given."""
+    directives = {"default-src": ["'none'"], "style-src": [STYLE_SOURCE], "base-uri": ["'none'"],
+                  "form-action": ["'self'"], "frame-ancestors": list(frame_ancestors) or ["'none'"]}
+    if scripts:
+        directives["script-src"] = list(dict.fromkeys(scripts))
+    if connect:
+        directives["connect-src"] = list(dict.fromkeys(connect))
+    return "; ".join(f"{name} {' '.join(sources)}" for name, sources in directives.items())
+
+
+def policy_headers(csp: str) -> list[tuple[bytes, bytes]]:
+    """The headers every gateway response carries (added where the response set none of its own)."""
+    return [(b"content-security-policy", csp.encode("latin-1")), (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer")]
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON safe inside ``<script type="application/json">``: ``<``, ``>`` and ``&``
+    escaped (``</script>``, ``<!--`` and ``<script`` change the HTML parser's state even there),
+    and U+2028/U+2029 (line terminators to older JavaScript parsers)."""
+    return (json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def wants_html(headers: Headers) -> bool:
@@ -81,6 +117,8 @@ _TITLES = {
     403: "Access denied",
     404: "Not found",
     405: "Method not allowed",
+    413: "This request is too large",
+    429: "Too many attempts",
     502: "The service behind this page is unavailable",
     503: "Temporarily unavailable",
     504: "The service behind this page did not answer in time",

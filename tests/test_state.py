@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.state import (
+    MAX_COOKIE_CHARS,
+    MAX_PENDING,
     STATE_TTL_S,
+    LoginCookie,
     PendingLogin,
-    binding_digest,
     is_valid_state,
-    new_browser_binding,
-    new_state,
     pkce_pair,
     safe_next,
 )
@@ -166,12 +166,24 @@ def test_safe_next_property(raw: str) -> None:
 # -- state -----------------------------------------------------------------------------------
 
 
+COOKIES = LoginCookie(["s" * 32], "gw_session_login")
+
+
 def test_new_state_is_short_alphanumeric_and_unique() -> None:
-    values = [new_state() for _ in range(2000)]
+    values = [COOKIES.new_state() for _ in range(2000)]
     for value in values:
         assert re.fullmatch(r"[A-Za-z0-9]{1,64}", value)
-        assert is_valid_state(value)
+        assert is_valid_state(value) and COOKIES.issued(value)
     assert len(set(values)) == len(values)
+
+
+def test_only_issued_states_are_recognised() -> None:
+    state = COOKIES.new_state()
+    assert not COOKIES.issued(state[:-1] + ("A" if state[-1] != "A" else "B"))
+    assert not COOKIES.issued("Unknown1") and not COOKIES.issued("a" * 43)
+    assert not LoginCookie(["t" * 32], "gw_session_login").issued(state)  # another secret
+    assert LoginCookie(["t" * 32, "s" * 32], "gw_session_login").issued(state)  # rotation
+    assert COOKIES.used_key(state).startswith("used-state:") and state not in COOKIES.used_key(state)
 
 
 @pytest.mark.parametrize("value", ["", "a" * 65, "abc-def", "abc_def", "abc def", "abc\n", "é", "١٢٣", "ＡＢＣ"])
@@ -204,46 +216,70 @@ def test_pkce_pair() -> None:
     assert len({verifier for verifier, _ in pairs}) == len(pairs)
 
 
-# -- PendingLogin ----------------------------------------------------------------------------
+# -- PendingLogin and the login cookie ----------------------------------------------------------
 
 
-def _pending(binding: str, created_at: float) -> PendingLogin:
+def _pending(created_at: float, next_path: str = "/x?y=1", state: str | None = None) -> PendingLogin:
     return PendingLogin(
+        state=state or COOKIES.new_state(),
         provider="lark",
-        next_path="/x?y=1",
-        binding=binding_digest(binding),
+        next_path=next_path,
         code_verifier="v" * 43,
         created_at=created_at,
     )
 
 
-def test_pending_login_bound_to_its_browser() -> None:
-    mine, theirs = new_browser_binding(), new_browser_binding()
-    assert mine != theirs and len(mine) >= 32
-    login = _pending(mine, time.time())
-    assert login.binding == hashlib.sha256(mine.encode()).hexdigest()
-    assert login.binding != mine  # the store keeps a digest, not the cookie value
-    assert login.matches_browser(mine)
-    assert not login.matches_browser(theirs)
-    assert not login.matches_browser(None)
-    assert not login.matches_browser("")
-    assert not login.matches_browser(login.binding)  # the digest itself is not the cookie
+def test_login_cookie_round_trip() -> None:
+    login = _pending(time.time())
+    no_pkce = PendingLogin(state=COOKIES.new_state(), provider="wemeet", next_path="/", code_verifier=None,
+                           created_at=time.time())
+    value = COOKIES.seal({login.state: login, no_pkce.state: no_pkce})
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", value)  # a cookie value as it is
+    assert COOKIES.open(value) == {login.state: login, no_pkce.state: no_pkce}
+    assert "/x?y=1" not in value and login.state not in value  # sealed, not just encoded
 
 
-def test_pending_login_round_trip() -> None:
-    login = _pending(new_browser_binding(), 1234.5)
-    assert PendingLogin.from_bytes(login.to_bytes()) == login
-    no_pkce = PendingLogin(provider="wemeet", next_path="/", binding="b", code_verifier=None, created_at=1.0)
-    assert PendingLogin.from_bytes(no_pkce.to_bytes()) == no_pkce
+@pytest.mark.parametrize("value", [None, "", "abc", "A" * 5000, "!!", "AQAAAA"])
+def test_a_bad_login_cookie_holds_nothing(value: str | None) -> None:
+    assert COOKIES.open(value) == {}
+
+
+def test_a_login_cookie_opens_only_for_its_purpose_and_secrets() -> None:
+    login = _pending(time.time())
+    value = COOKIES.seal({login.state: login})
+    assert LoginCookie(["t" * 32], "gw_session_login").open(value) == {}
+    assert LoginCookie(["s" * 32], "other_login").open(value) == {}
+    assert LoginCookie(["t" * 32, "s" * 32], "gw_session_login").open(value) == {login.state: login}
+    tampered = value[:-2] + ("AA" if value[-2:] != "AA" else "BB")
+    assert COOKIES.open(tampered) == {}
+
+
+def test_the_login_cookie_keeps_the_newest_logins_within_its_size() -> None:
+    now = time.time()
+    logins = {entry.state: entry for entry in (_pending(now - index) for index in range(10))}
+    kept = COOKIES.open(COOKIES.seal(logins))
+    assert len(kept) == MAX_PENDING
+    assert sorted(kept.values(), key=lambda e: -e.created_at) == sorted(logins.values(),
+                                                                      key=lambda e: -e.created_at)[:MAX_PENDING]
+    # Long next paths: fewer of them, the newest first, the cookie under the limit.
+    long = {entry.state: entry for entry in (_pending(now - index, "/" + "x" * 2000) for index in range(4))}
+    value = COOKIES.seal(long)
+    assert len(value) <= MAX_COOKIE_CHARS and 1 <= len(COOKIES.open(value)) < 4
+    # A next path that cannot fit alone still leaves a login (going to /).
+    huge = _pending(now, "/" + "é" * 2000)
+    assert COOKIES.open(COOKIES.seal({huge.state: huge}))[huge.state].next_path == "/"
+    # Expired logins are dropped; none left: no cookie.
+    old = _pending(now - STATE_TTL_S - 1)
+    assert COOKIES.seal({old.state: old}) == ""
 
 
 def test_pending_login_expiry() -> None:
     assert STATE_TTL_S == 600
-    login = _pending("cookie", 1000.0)
+    login = _pending(1000.0)
     assert not login.expired(now=1000.0)
     assert not login.expired(now=1000.0 + STATE_TTL_S)
     assert login.expired(now=1000.0 + STATE_TTL_S + 0.5)
-    assert not _pending("cookie", time.time()).expired()
-    assert _pending("cookie", time.time() - STATE_TTL_S - 1).expired()
+    assert not _pending(time.time()).expired()
+    assert _pending(time.time() - STATE_TTL_S - 1).expired()
     # An explicit clock of 0 is a time, not "no clock".
-    assert not _pending("cookie", 0.0).expired(now=0.0)
+    assert not _pending(0.0).expired(now=0.0)

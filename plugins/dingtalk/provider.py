@@ -55,7 +55,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.bodies import read_json
 from gateway.errors import (
+    GatewayError,
     LoginDenied,
     ProviderError,
     ProviderMisconfigured,
@@ -855,9 +857,9 @@ class DingTalkProvider(Provider):
         timestamp = query.get("timestamp") or query.get("timeStamp") or ""
         nonce = query.get("nonce") or ""
         try:
-            body = json.loads(await request.body())
-        except ValueError:
-            body = None
+            body = await read_json(request)  # unauthenticated until the signature is checked: bounded
+        except GatewayError as exc:
+            return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status_code)
         encrypt = body.get("encrypt") if isinstance(body, dict) else None
         if not isinstance(encrypt, str) or not encrypt:
             return JSONResponse({"error": "bad_request", "message": "The body must be JSON {\"encrypt\": ...}."},
