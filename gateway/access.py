@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import posixpath
 import re
 from fnmatch import translate
-from urllib.parse import unquote
 
 from gateway.config import Access
+from gateway.edge import EdgeRejected, normalize_path, normalize_target
 
-
-def normalize_path(path: str) -> str:
-    """The path an upstream would resolve: ``//`` collapsed, dot segments removed.
-
-    ``path`` is already percent-decoded once, as ASGI's ``scope["path"]`` is; it is not decoded
-    again (the upstream will not decode it twice either).
-    """
-    if path[:1] == "/" and "//" not in path and "/." not in path:
-        return path  # nothing to collapse or resolve: already what normpath would give (the hot path)
-    decoded = path
-    normalized = posixpath.normpath("/" + decoded.lstrip("/"))
-    if normalized.startswith("//"):  # normpath keeps a leading "//" (POSIX allows it)
-        normalized = "/" + normalized.lstrip("/")
-    if decoded.endswith("/") and normalized != "/":
-        normalized += "/"
-    return normalized
+__all__ = ["AccessRules", "normalize_path"]
 
 
 class AccessRules:
@@ -49,10 +33,19 @@ class AccessRules:
             return False
         return self._public.match(normalize_path(path)) is not None
 
-    def is_public_uri(self, original_uri: str) -> bool:
+    def is_public_uri(self, original_uri: str | None) -> bool:
         """``is_public`` for a request URI as forward-auth receives it (``X-Original-URI``: raw,
-        query included), decoded once as a server decodes ``scope["path"]``."""
-        return self.is_public(unquote(original_uri.split("?", 1)[0]))
+        query included). The app behind the proxy receives that URI as it is, so one the edge
+        would have to rewrite (dot or empty segments), refuse, or that holds an encoded separator
+        is never public: the gateway cannot make the app route what it judged."""
+        if not original_uri or not self.has_public_paths:
+            return False
+        raw = original_uri.split("?", 1)[0].encode("latin-1", "replace")
+        try:
+            target = normalize_target("", raw)
+        except EdgeRejected:
+            return False
+        return not target.rewritten and not target.encoded_separator and self.is_public(target.path)
 
     def tenant_allowed(self, tenant: str) -> bool:
         tenants = self.allowed_tenants

@@ -247,6 +247,20 @@ class Access(_Section):
         if "'none'" in values and len(values) > 1:
             raise ValueError("'none' cannot be combined with other sources")
         return values
+    # Forward-auth: the one request header that carries the original request URI, believed only
+    # from a trusted proxy (nginx's recipe sets X-Original-URI; Traefik and Caddy X-Forwarded-Uri).
+    forward_auth_uri_header: str = Field("X-Original-URI", pattern=r"^[A-Za-z0-9-]+$")
+    # Origins allowed to open an authenticated WebSocket; empty: only public_url's own origin.
+    websocket_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("websocket_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+                raise ValueError(f"{value!r} is not an origin such as https://app.example.com")
+        return [value.rstrip("/").lower() for value in values]
 
     @field_validator("trusted_proxies")
     @classmethod

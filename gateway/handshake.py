@@ -462,7 +462,9 @@ class Handshake:
     async def auth(self, request: Request, rest: str) -> Response:
         """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth): 200 + identity, or 401."""
         counts = self.runtime.metrics.forward_auth
-        original = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri") or "/"
+        # One header, configured (access.forward_auth_uri_header): the edge removed it unless a
+        # trusted proxy sent it, so a client cannot name a public path for a protected request.
+        original = request.headers.get(self.config.access.forward_auth_uri_header)
         if self.runtime.access.is_public_uri(original):
             counts[(PUBLIC,)] += 1
             return PlainTextResponse("", headers={"cache-control": "no-store"})
@@ -478,7 +480,7 @@ class Handshake:
         if authenticated is None:
             counts[(LOGIN_REQUIRED,)] += 1
             return JSONResponse({"error": "login_required", "message": "You are not signed in.",
-                                 "login_url": self.login_url(safe_next(original))}, status_code=401)
+                                 "login_url": self.login_url(safe_next(original or "/"))}, status_code=401)
         if not self.runtime.access.tenant_allowed(authenticated.identity.tenant):
             counts[(DENIED,)] += 1
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")

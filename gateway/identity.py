@@ -2,8 +2,9 @@
 
 Two rules make the identity unforgeable:
 
-- every header that claims identity is removed from the client's request first (any case, the
-  underscore spelling some servers map to the same CGI variable, every duplicate);
+- every header that claims identity is removed from the client's request first, in every spelling
+  an upstream could fold together (any case, ``-`` or ``_`` anywhere, every duplicate: see
+  ``gateway.edge``);
 - the gateway then adds its own: plain headers for convenience, and ``X-Auth-Identity``, an
   Ed25519-signed JWT (``kid``, iss/aud/sub/user/provider/tenant/name/iat/exp/jti) for upstreams
   that verify. The key comes from ``identity.signing_key_file`` (created there on first use) or is
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.config import IdentityHeaders
+from gateway.edge import fold
 from gateway.errors import ConfigError
 from gateway.sealing import derive_key
 
@@ -49,18 +51,14 @@ class Identity:
 
 
 def spoofable_names(headers: IdentityHeaders) -> frozenset[bytes]:
-    """Lower-case header names to strip: each configured name and its underscore spelling."""
-    names = set()
-    for name in headers.model_dump().values():
-        lowered = name.lower()
-        names.add(lowered.encode("latin-1"))
-        names.add(lowered.replace("-", "_").encode("latin-1"))
-    return frozenset(names)
+    """The configured identity header names, folded (``gateway.edge.fold``: lower case, no ``-``
+    or ``_``), so that every spelling an upstream could read as one of them is caught."""
+    return frozenset(fold(name.encode("latin-1")) for name in headers.model_dump().values())
 
 
 def strip_headers(raw: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> Headers:
-    """The headers without any of ``names`` (compared case-insensitively)."""
-    return [(key, value) for key, value in raw if key.lower() not in names]
+    """The headers without any whose folded name is in ``names`` (``spoofable_names``)."""
+    return [(key, value) for key, value in raw if fold(key) not in names]
 
 
 def encode_name(name: str) -> str:

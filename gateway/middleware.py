@@ -6,7 +6,10 @@ Wrap any ASGI app (middleware mode), or the sidecar's upstream proxy (``gateway 
 
 Per request (HTTP and WebSocket alike):
 
-1. identity headers sent by the client are removed, always, before anything else;
+1. the edge (``gateway.edge``) settles the request before anything else: identity headers sent
+   by the client removed in every spelling, forwarding headers believed only from trusted
+   proxies, the client's Connection header applied to the client's headers only, the body framing
+   checked, the path normalised and rewritten so the app routes exactly what is judged here;
 2. ``<path_prefix>/*`` is answered by the gateway itself (``gateway.handshake``);
 3. public paths pass through without identity;
 4. otherwise the session cookie must be valid: the verified identity headers and JWT are added
@@ -18,18 +21,16 @@ Per request (HTTP and WebSocket alike):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from urllib.parse import quote
 
 import httpx
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.access import normalize_path
 from gateway.config import GatewayConfig
+from gateway.edge import Edge, EdgeRejected, first_header, normalize_target
 from gateway.errors import GatewayError
 from gateway.handshake import AUTH_OK_HEADERS, Handshake
-from gateway.identity import Headers, strip_headers
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
 from gateway.runtime import Runtime
@@ -41,46 +42,6 @@ log = logging.getLogger("gateway")
 # Label values of the request counters (gateway/metrics.py), as the keys the hot path updates.
 _AUTHENTICATED, _PUBLIC, _LOGIN_REQUIRED = (AUTHENTICATED,), (PUBLIC,), (LOGIN_REQUIRED,)
 _DENIED, _ERROR = (DENIED,), (ERROR,)
-# What ``str.strip()`` removes from a latin-1 cookie part, as bytes (ASCII whitespace plus the
-# separators and \x85, \xa0 that latin-1 text counts as whitespace).
-_COOKIE_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0"
-
-
-def _take_cookies(value: bytes, names: frozenset[bytes], found: dict[bytes, bytes]) -> bytes:
-    """One Cookie header: the gateway's cookies go to ``found`` (the first of each name wins),
-    the rest is returned joined (empty when nothing is left)."""
-    kept = []
-    for part in value.split(b";"):
-        part = part.strip(_COOKIE_SPACE)
-        if not part:
-            continue
-        name = part.partition(b"=")[0]
-        if name in names:
-            found.setdefault(name, part[len(name) + 1:])
-        else:
-            kept.append(part)
-    return b"; ".join(kept)
-
-
-def split_cookies(headers: Headers, names: frozenset[str]) -> tuple[dict[str, str], Headers]:
-    """Take the gateway's cookies out of the Cookie headers.
-
-    Returns the gateway cookies found and the headers with those cookies removed (a Cookie header
-    left empty is dropped), so the upstream never sees the session ticket.
-    """
-    wanted = frozenset(name.encode("latin-1") for name in names)
-    found: dict[bytes, bytes] = {}
-    result: Headers = []
-    for key, value in headers:
-        if key != b"cookie":
-            result.append((key, value))
-            continue
-        kept = _take_cookies(value, wanted, found)
-        if kept:
-            result.append((b"cookie", kept))
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in found.items()}, result
-
-
 class AuthGateway:
     """Authenticates every request to ``app`` and hands it a verified identity."""
 
@@ -100,55 +61,21 @@ class AuthGateway:
         self._prefix_slash = config.path_prefix + "/"
         self._cookie = config.session.cookie_name
         self._gateway_cookies = frozenset({self._cookie, self.handshake.binding_cookie})
-        # Precomputed for the hot path (issue 6: the gateway's own cost per request is measured).
-        self._cookie_bytes = self._cookie.encode("latin-1")
-        self._cookie_names = frozenset(name.encode("latin-1") for name in self._gateway_cookies)
-        # A Cookie header holding none of these substrings holds no gateway cookie: it is kept whole.
-        self._cookie_markers = tuple(name for name in self._cookie_names
-                                     if not any(other != name and other in name for other in self._cookie_names))
-        self._ticket_prefix = self._cookie_bytes + b"="
-        self._spoofable = self.runtime.spoofable
+        self._edge = Edge(
+            identity_headers=config.identity.headers.model_dump().values(),
+            trusted_proxies=config.access.trusted_proxies, gateway_cookies=self._gateway_cookies,
+            session_cookie=self._cookie, forwarding_headers=[config.access.forward_auth_uri_header],
+        )
+        self._edge_headers = self._edge.headers
         self._auth_path = self._prefix + "/auth"
+        self._uri_header = config.access.forward_auth_uri_header.lower().encode("latin-1")
+        self._websocket_origins = frozenset(config.access.websocket_origins or [config.origin.lower()])
         self._authenticate = self.runtime.authenticator.authenticate
         self._cached = self.runtime.authenticator.cached
         self._access = self.runtime.access
         self._allowed_tenants = self._access.allowed_tenants
         self._requests = self.runtime.metrics.requests
         self._forward_auths = self.runtime.metrics.forward_auth
-
-    def _inbound(self, raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, Headers]:
-        """One pass over the client's headers: identity headers removed (always), the gateway's
-        cookies taken out of Cookie. Returns the session ticket (if any) and the headers to pass on."""
-        spoofable = self._spoofable
-        markers = self._cookie_markers
-        prefix = self._ticket_prefix
-        ticket: bytes | None = None
-        result: Headers = []
-        for item in raw:
-            key = item[0]
-            if key == b"cookie":
-                value = item[1]
-                # (``59 in value`` and ``value.find``: a bytes needle with ``in`` costs ~8x more.)
-                if value.startswith(prefix) and 59 not in value:  # 59: b";"
-                    # The usual case: the session cookie alone in the header.
-                    if ticket is None:
-                        ticket = value[len(prefix):].strip(_COOKIE_SPACE)
-                    continue
-                for marker in markers:
-                    if value.find(marker) >= 0:
-                        break
-                else:
-                    result.append(item)  # none of ours: kept whole
-                    continue
-                found: dict[bytes, bytes] = {}
-                kept = _take_cookies(value, self._cookie_names, found)
-                if kept:
-                    result.append((b"cookie", kept))
-                if ticket is None:
-                    ticket = found.get(self._cookie_bytes)
-            elif key.lower() not in spoofable:
-                result.append(item)
-        return ticket, result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -159,19 +86,36 @@ class AuthGateway:
                 await self.app(scope, receive, send)
             return
         path = scope["path"]
-        # normalize_path's own early return, inlined: a function call less per request.
-        if "//" in path or "/." in path or path[:1] != "/":
-            path = normalize_path(path)
-        if path == self._prefix or path.startswith(self._prefix_slash):
-            if path == self._auth_path and kind == "http" and await self._forward_auth(scope, send):
+        raw_path = scope.get("raw_path")
+        encoded_separator = False
+        # Nothing for normalize_target to do without "//", "/." or an escape (37: b"%"): tested
+        # inline, a function call less per request.
+        if "//" in path or "/." in path or path[:1] != "/" or (raw_path is not None and 37 in raw_path):
+            try:
+                target = normalize_target(path, raw_path)
+            except EdgeRejected as exc:
+                self._requests[_DENIED] += 1
+                await self._deny(scope, receive, send, gateway_error_response(scope, exc))
                 return
-            # The gateway's endpoints read its cookies: only the identity headers are removed.
-            stripped = strip_headers(scope["headers"], self._spoofable)
-            await self.handshake({**scope, "headers": stripped, "path": path}, receive, send)
+            path, encoded_separator = target.path, target.encoded_separator
+            scope = {**scope, "path": path, "raw_path": target.raw_path}
+        own = path == self._prefix or path.startswith(self._prefix_slash)
+        client = scope.get("client")
+        try:
+            # The gateway's endpoints read its cookies; the app never sees them.
+            raw_ticket, headers = self._edge_headers(scope["headers"], client[0] if client else None,
+                                                     strip_cookies=not own)
+        except EdgeRejected as exc:
+            self._requests[_DENIED] += 1
+            await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
-        raw_ticket, headers = self._inbound(scope["headers"])
         scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change
-        if self._access.has_public_paths and self._access.is_public(path):
+        if own:
+            if path == self._auth_path and kind == "http" and await self._forward_auth(scope, raw_ticket, send):
+                return
+            await self.handshake(scope, receive, send)
+            return
+        if self._access.has_public_paths and not encoded_separator and self._access.is_public(path):
             self._requests[_PUBLIC] += 1
             await self.app(scope, receive, send)
             return
@@ -202,29 +146,32 @@ class AuthGateway:
                                       "Your organisation is not allowed to use this app.")
             await self._deny(scope, receive, send, response)
             return
+        if kind == "websocket" and not self._origin_allowed(headers):
+            # A cookie rides along on a cross-site WebSocket too: only our own pages may open one.
+            self._requests[_DENIED] += 1
+            await send({"type": "websocket.close", "code": 1008})
+            return
         self._requests[_AUTHENTICATED] += 1
         headers.extend(authenticated.headers)  # ``headers`` is our own list, already in the scope
         await self.app(scope, receive, send)
 
-    async def _forward_auth(self, scope: Scope, send: Send) -> bool:
+    def _origin_allowed(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """A WebSocket's Origin is ours or listed in ``access.websocket_origins`` (browsers always
+        send one; a client without one is no browser and carries no one else's cookie)."""
+        origin = first_header(headers, b"origin")
+        return origin is None or origin.decode("latin-1").rstrip("/").lower() in self._websocket_origins
+
+    async def _forward_auth(self, scope: Scope, raw_ticket: bytes | None, send: Send) -> bool:
         """``GET <prefix>/auth`` (nginx ``auth_request``) for a valid session: the hot path of
         forward-auth, answered here without building a Request (every app request behind nginx
         costs one of these). Anything else (no or bad session, a public path, an error, another
         tenant) returns False and the handshake's ``auth`` endpoint answers it as always."""
-        if scope["method"] not in ("GET", "HEAD"):
-            return False
-        raw_ticket, _ = self._inbound(scope["headers"])
-        if not raw_ticket:
+        if scope["method"] not in ("GET", "HEAD") or not raw_ticket:
             return False
         if self._access.has_public_paths:
-            original_uri = forwarded_uri = None  # the first of each, as the handshake reads them
-            for key, value in scope["headers"]:
-                if key == b"x-original-uri" and original_uri is None:
-                    original_uri = value
-                elif key == b"x-forwarded-uri" and forwarded_uri is None:
-                    forwarded_uri = value
-            original = (original_uri or forwarded_uri or b"/").decode("latin-1")
-            if self._access.is_public_uri(original):
+            # The edge kept this header only if a trusted proxy sent it.
+            original = first_header(scope["headers"], self._uri_header)
+            if self._access.is_public_uri(original.decode("latin-1") if original else None):
                 return False
         try:
             ticket = raw_ticket.decode("latin-1")

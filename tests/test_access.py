@@ -21,7 +21,7 @@ from gateway.config import Access
         ("///public//x", "/public/x"),
         ("/public/../private", "/private"),
         ("/public/./x", "/public/x"),
-        ("/a/b/..", "/a"),
+        ("/a/b/..", "/a/"),  # RFC 3986 5.2.4: the last segment resolves to a directory
         ("/a/b/../", "/a/"),
         ("/../../etc/passwd", "/etc/passwd"),
         # Already decoded once (ASGI's scope["path"]): escapes left are not decoded again.

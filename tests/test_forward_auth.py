@@ -74,7 +74,8 @@ async def site(make_config: ConfigFactory, start_nginx: NginxStarter) -> AsyncIt
         return PlainTextResponse("forward-auth: app traffic goes to the upstream, not here", status_code=500)
 
     listen = free_port()
-    config = make_config(public_url=f"http://127.0.0.1:{listen}", access={"public_paths": ["/public/*"]})
+    config = make_config(public_url=f"http://127.0.0.1:{listen}", access={"public_paths": ["/public/*"],
+                                                                                 "trusted_proxies": ["127.0.0.1/32"]})
     gateway = AuthGateway(Starlette(routes=[Route("/{path:path}", not_here, methods=["GET", "POST", "HEAD"])]),
                           config)
     try:
@@ -137,7 +138,7 @@ async def test_the_browser_oauth_flow_through_nginx_ends_on_the_upstream_with_an
         jwks = (await client.get("/_gateway/jwks.json")).json()
         claims = jwt.decode(received["x-auth-identity"][0], jwt.PyJWK(jwks["keys"][0]).key, algorithms=["EdDSA"],
                             audience="upstream", issuer=site.url)
-        assert claims["sub"] == ZHANG and claims["tenant"] == TENANT
+        assert claims["user"] == ZHANG and claims["tenant"] == TENANT
 
         me = await client.get("/_gateway/me")
         assert me.json() == {"provider": "lark", "user": ZHANG, "tenant": TENANT, "name": "张三"}
@@ -199,7 +200,9 @@ async def test_public_paths_pass_without_identity_and_only_they_do(site: Site) -
         for escape in ("/public/../private", "/public/%2e%2e/private", "/public/..%2fprivate", "/publicity"):
             answer = await client.get(escape, headers={"accept": "application/json"},
                                       extensions={"target": escape.encode()})  # sent as is, not normalized
-            assert answer.status_code == 401, (escape, answer.status_code, answer.text)
+            # 401 from /auth; nginx then asks the gateway for the login answer, whose edge may
+            # refuse the ambiguous path outright (400 bad_path).
+            assert answer.status_code in (400, 401), (escape, answer.status_code, answer.text)
         # The internal auth location is not reachable from outside.
         assert (await client.get("/_gateway/auth")).status_code == 404
 

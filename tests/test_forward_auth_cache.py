@@ -81,7 +81,8 @@ async def site(make_config: ConfigFactory, start_nginx: NginxStarter, tmp_path: 
         return PlainTextResponse("app traffic goes to the upstream, not here", status_code=500)
 
     listen = free_port()
-    config = make_config(public_url=f"http://127.0.0.1:{listen}", access={"public_paths": ["/public/*"]})
+    config = make_config(public_url=f"http://127.0.0.1:{listen}", access={"public_paths": ["/public/*"],
+                                                                                 "trusted_proxies": ["127.0.0.1/32"]})
     gateway = AuthGateway(Starlette(routes=[Route("/{path:path}", not_here)]), config)
     calls: list[str] = []
     try:

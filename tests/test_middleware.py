@@ -51,7 +51,7 @@ async def test_browser_oauth_flow_ends_on_the_app_with_a_verified_identity(
         key = jwt.PyJWK(jwks["keys"][0])
         assert jwt.get_unverified_header(token)["kid"] == jwks["keys"][0]["kid"]
         claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="upstream", issuer=running.url)
-        assert claims["sub"] == ZHANG and claims["tenant"] == TENANT and claims["name"] == "张三"
+        assert claims["user"] == ZHANG and claims["tenant"] == TENANT and claims["name"] == "张三"
         assert claims["provider"] == "lark" and claims["jti"] and claims["exp"] > claims["iat"]
 
         me = await client.get("/_gateway/me")
