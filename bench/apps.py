@@ -139,11 +139,13 @@ def floor_app(app: Any, gateway: Any) -> Any:
 
     cached = gateway.runtime.authenticator.cached
     spoofable = gateway.runtime.spoofable
+    lower = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
     prefix = gateway.config.session.cookie_name.encode() + b"="
 
     async def floor(scope: Any, receive: Any, send: Any) -> None:
         path = scope["path"] if scope["type"] == "http" else "/_gateway"
-        if "//" in path or "/." in path or path.startswith("/_gateway"):
+        raw_path = scope.get("raw_path") or b""
+        if "//" in path or "/." in path or 37 in raw_path or path.startswith("/_gateway"):
             await gateway(scope, receive, send)
             return
         ticket = None
@@ -152,7 +154,7 @@ def floor_app(app: Any, gateway: Any) -> Any:
             key = item[0]
             if key == b"cookie" and item[1].startswith(prefix) and 59 not in item[1]:
                 ticket = item[1][len(prefix):]
-            elif key.lower() not in spoofable:
+            elif key.translate(lower, b"-_") not in spoofable:  # folded, as gateway.edge compares names
                 headers.append(item)
         entry = cached(ticket.decode("latin-1")) if ticket else None
         if entry is None or time.time() >= entry.renew_at:
