@@ -81,13 +81,16 @@ class Handshake:
         self._trusted = TrustedNetworks(self.config.access.trusted_proxies)
         frame_ancestors = self.config.access.frame_ancestors
         self._policy = policy_headers(content_security_policy(frame_ancestors))
-        # The handshake page runs our scripts and the provider's JSSDK (its origin), and POSTs
-        # the code to /exchange; the fake JSSDK of an emulator talks to its own origin.
+        # The handshake page runs our scripts and the provider's JSSDK (its origin), POSTs the
+        # code to /exchange, and lets the SDK reach the provider's hosts (an emulator's fake
+        # JSSDK asks its accounts host for the code; a real one may report to its own).
         self._page_policy: dict[str, str] = {}
         for name, provider in runtime.providers.items():
-            sdk = _origin(provider.settings.jssdk_url)
+            settings = provider.settings
+            hosts = [_origin(value) for value in settings.model_dump().values() if isinstance(value, str)]
             self._page_policy[name] = content_security_policy(
-                frame_ancestors, scripts=["'self'", *sdk], connect=["'self'", *sdk])
+                frame_ancestors, scripts=["'self'", *_origin(settings.jssdk_url)],
+                connect=["'self'", *(origin for found in hosts for origin in found)])
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "login"): self.login,
             ("POST", "exchange"): self.exchange,
@@ -532,6 +535,9 @@ class Handshake:
 
 
 def _origin(url: str) -> list[str]:
-    """The origin of ``url`` as a CSP source (none for "": the page already has the SDK)."""
+    """The origin of an http(s) ``url`` as a CSP source; none for anything else ("" for
+    ``jssdk_url``: the page already has the SDK)."""
     parts = urlsplit(url)
-    return [f"{parts.scheme}://{parts.netloc}"] if parts.scheme and parts.netloc else []
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c in url for c in " ;,'\""):
+        return []
+    return [f"{parts.scheme}://{parts.netloc}"]

@@ -343,7 +343,7 @@ async def test_the_demo_signs_in_through_the_fake_dingtalk_open_js(module_browse
                 try:
                     page = await context.new_page()
                     await page.goto(served["demo"] + "/demo/client/dingtalk")
-                    await page.wait_for_function("document.body && document.body.innerText.indexOf('Hello') >= 0",
+                    await page.wait_for_function("() => document.body && document.body.innerText.indexOf('Hello') >= 0",
                                                  timeout=15000)
                     text = await page.text_content("body") or ""
                 finally:
