@@ -2,12 +2,20 @@
 
 ``UpstreamProxy`` is the auth middleware's inner ASGI app. It forwards the request as it is (method,
 raw path and query untouched, bodies streamed both ways, never buffered), drops hop-by-hop headers
-and sets ``X-Forwarded-*`` (a client's own are believed only from a trusted proxy). Upstream
-unreachable or reset: 502 ``upstream_unavailable``; silent for ``timeout_s`` (connect, or between
-reads once the request body is sent): 504 ``upstream_timeout``. A failure after the response has
-started leaves it incomplete, so the server cuts the connection and the client sees a truncated
-response, never a complete-looking one. A client that leaves stops the upstream read and frees the
-pooled connection.
+and sets ``X-Forwarded-*`` (a client's own are believed only from a trusted proxy). The request
+body's framing is always its own (``_request_head``), never the client's. Upstream unreachable or
+reset: 502 ``upstream_unavailable``; silent for ``timeout_s`` (connect, taking the request body, or
+between reads once it is sent): 504 ``upstream_timeout``. A failure after the response has started
+leaves it incomplete, so the server cuts the connection and the client sees a truncated response,
+never a complete-looking one. A client that leaves stops the upstream read and frees the pooled
+connection.
+
+Strict on what the upstream says (a buggy or hostile upstream must not desync the pool): bytes after
+a complete response, conflicting or unsupported framing, or an unrequested 101 fail the connection:
+502 ``upstream_invalid`` when known before the answer is sent, else the connection is closed (never
+reused). Bounded waits: a free pooled connection (``pool_timeout_s``: 503 ``upstream_busy``), the
+client's body (``body_timeout_s`` of silence: 408 ``request_timeout``). Tests:
+tests/test_proxy_hostile.py.
 
 HTTP goes over a small HTTP/1.1 client of its own (``_Connection``, ``_Pool``): keep-alive
 connections reused last-in first-out, the request head written as one buffer, the response parsed
