@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
@@ -37,8 +38,9 @@ def callback_state(answer: httpx.Response) -> str:
 
 async def test_anonymous_logins_do_not_log_anyone_out(start_gateway: GatewayStarter) -> None:
     """Before: each /login stored a state; 120 of them evicted a live session (max_entries=100)."""
-    async with start_gateway(store={"max_entries": 100}, limits={"login_burst": 1000}) as running, \
-            running.client() as alice:
+    async with start_gateway(store={"max_entries": 100}) as running, running.client() as alice:
+        # Every client here is 127.0.0.1: without the per-client limit (tested below) for this one.
+        running.gateway.handshake._limiter = SimpleNamespace(take=lambda key: 0)
         assert (await browser_login(alice, "/x")).json()["headers"]
         store = running.gateway.runtime.store
         entries = len(store)
@@ -91,9 +93,8 @@ async def test_a_sealed_login_is_single_use_and_bound_to_its_browser(
 
 
 async def test_sign_in_endpoints_are_rate_limited_per_client(start_gateway: GatewayStarter) -> None:
-    async with start_gateway(limits={"login_rate_per_min": 1, "login_burst": 3}) as running, \
-            running.client() as client:
-        for _ in range(3):
+    async with start_gateway() as running, running.client() as client:
+        for _ in range(60):  # the default burst
             assert (await client.get("/_gateway/login", headers=HTML)).status_code == 302
         page = await client.get("/_gateway/login", headers=HTML)
         assert page.status_code == 429 and "<html" in page.text and "rate_limited" in page.text
@@ -166,6 +167,16 @@ async def test_every_gateway_response_has_policy_headers(start_gateway: GatewayS
         assert "'self'" in page["connect-src"]
         assert "script-src" not in csp(answers[3])  # an error page runs no script at all
         assert handshake.headers.get_list("content-security-policy") == [handshake.headers["content-security-policy"]]
+
+
+async def test_the_rate_limit_is_configurable(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(limits={"login_rate_per_min": 1, "login_burst": 2}) as running, \
+            running.client() as client:
+        statuses = [(await client.get("/_gateway/login", headers=HTML)).status_code for _ in range(3)]
+        assert statuses == [302, 302, 429]
+    async with start_gateway(limits={"login_rate_per_min": 0}) as running, running.client() as client:
+        statuses = [(await client.get("/_gateway/login", headers=HTML)).status_code for _ in range(100)]
+        assert set(statuses) == {302}
 
 
 async def test_frame_ancestors_is_configurable(start_gateway: GatewayStarter) -> None:
