@@ -64,7 +64,9 @@ class EdgeRejected(GatewayError):
 
 
 # What the gateway controls, by folded name (``Edge._special``).
-_IDENTITY, _FORWARDING, _CONNECTION, _CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _COOKIE = range(7)
+_IDENTITY, _FORWARDING, _CONNECTION, _CONTENT_LENGTH, _TRANSFER_ENCODING, _HOST, _COOKIE, _DROP = range(8)
+_UNSEEN = -1
+_MAX_KNOWN_NAMES = 4096
 #: Headers that tell an app who the client is or what it asked for, set by proxies: believed
 #: only from a trusted one. Any name that folds to ``xforwarded...`` counts too.
 FORWARDING_HEADERS = (
@@ -72,7 +74,7 @@ FORWARDING_HEADERS = (
     "Client-IP", "True-Client-IP", "X-Cluster-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP",
 )
 _FOLDED_FORWARDING_PREFIX = b"xforwarded"
-# The one spelling of each that servers read (the standard "cookie" is handled before the lookup).
+# The one spelling of each that servers read.
 _EXACT = {_CONNECTION: b"connection", _CONTENT_LENGTH: b"content-length", _TRANSFER_ENCODING: b"transfer-encoding",
           _HOST: b"host", _COOKIE: b"cookie"}
 # The only Connection tokens passed on: none of them names a header.
@@ -133,14 +135,16 @@ class Edge:
     def __init__(self, *, identity_headers: Iterable[str], trusted_proxies: Sequence[str] = (),
                  gateway_cookies: Iterable[str] = (), session_cookie: str = "gw_session",
                  forwarding_headers: Iterable[str] = ()) -> None:
-        special: dict[bytes, int] = {fold(name.encode("latin-1")): _FORWARDING
-                                     for name in (*FORWARDING_HEADERS, *forwarding_headers)}
+        forwarding = (*FORWARDING_HEADERS, *forwarding_headers)
+        special: dict[bytes, int] = {fold(name.encode("latin-1")): _FORWARDING for name in forwarding}
         special.update({fold(name.encode("latin-1")): _IDENTITY for name in identity_headers})
-        special.update({b"connection": _CONNECTION, b"contentlength": _CONTENT_LENGTH,
-                        b"transferencoding": _TRANSFER_ENCODING, b"host": _HOST, b"cookie": _COOKIE})
+        special.update({fold(name): kind for kind, name in _EXACT.items()})
         self._special = special
-        self._forwarding = frozenset(name.lower().encode("latin-1")
-                                     for name in (*FORWARDING_HEADERS, *forwarding_headers))
+        self._forwarding = frozenset(name.lower().encode("latin-1") for name in forwarding)
+        # What each header name (as the server spelled it) is to the gateway: learnt on first
+        # sight, so a request costs one dict lookup per header. Bounded: names past the bound are
+        # classified each time (only a client inventing names gets there).
+        self._kinds: dict[bytes, int | None] = {}
         self.trusted = TrustedProxies(trusted_proxies)
         self._cookie_names = frozenset(name.encode("latin-1") for name in gateway_cookies) | {
             session_cookie.encode("latin-1")}
@@ -155,6 +159,20 @@ class Edge:
         folded = fold(name)
         return folded in self._special or folded.startswith(_FOLDED_FORWARDING_PREFIX)
 
+    def _classify(self, key: bytes) -> int | None:
+        """None: an ordinary header, passed on. Otherwise what the gateway does with it."""
+        folded = fold(key)
+        kind = self._special.get(folded)
+        if kind is None and folded.startswith(_FOLDED_FORWARDING_PREFIX):
+            kind = _FORWARDING
+        if kind is None:
+            return None
+        if kind == _IDENTITY or not _standard(key):
+            return _DROP  # an identity claim, or a name spelled to be folded onto one we control
+        if kind == _FORWARDING:
+            return _FORWARDING if key in self._forwarding or key.startswith(b"x-forwarded-") else _DROP
+        return kind if key == _EXACT[kind] else _DROP  # ``con-nection``: no server reads it as framing
+
     def headers(self, raw: Iterable[tuple[bytes, bytes]], peer: str | None, *,
                 strip_cookies: bool = True) -> tuple[bytes | None, Headers]:
         """The client's headers as the gateway passes them on, and the session ticket (if any).
@@ -163,7 +181,7 @@ class Edge:
         gateway's cookies from Cookie (requests for the app) or keeps them (the gateway's own
         endpoints read them). Raises ``EdgeRejected`` for framing or Host that is not one thing.
         """
-        special = self._special
+        kinds = self._kinds
         ticket: bytes | None = None
         result: Headers = []
         connection: list[bytes] | None = None
@@ -172,26 +190,23 @@ class Edge:
         hosts = 0
         for item in raw:
             key = item[0]
-            if key == b"cookie":
-                ticket = self._cookie(item, result, ticket, strip_cookies)
-                continue
-            folded = key.translate(_LOWER, b"-_")
-            kind = special.get(folded)
+            kind = kinds.get(key, _UNSEEN)
+            if kind is _UNSEEN:
+                kind = self._classify(key)
+                if len(kinds) < _MAX_KNOWN_NAMES:
+                    kinds[key] = kind
             if kind is None:
-                if not folded.startswith(_FOLDED_FORWARDING_PREFIX):
-                    result.append(item)
-                    continue
-                kind = _FORWARDING
-            if kind == _IDENTITY or not _standard(key):
-                continue  # never passed on: an identity claim, or a name spelled to be folded
-            if kind == _FORWARDING:
-                if peer in self.trusted and (key in self._forwarding or key.startswith(b"x-forwarded-")):
-                    result.append(item)
-            elif key != _EXACT[kind]:
-                continue  # ``con-nection``, ``content-len-gth``...: no server reads these as framing
+                result.append(item)
+            elif kind == _COOKIE:
+                ticket = self._cookie(item, result, ticket, strip_cookies)
             elif kind == _HOST:
                 hosts += 1
                 result.append(item)
+            elif kind == _DROP:
+                continue
+            elif kind == _FORWARDING:
+                if peer in self.trusted:
+                    result.append(item)
             elif kind == _CONNECTION:
                 connection = (connection or []) + [token.strip().lower() for token in item[1].split(b",")]
             elif kind == _CONTENT_LENGTH:

@@ -178,7 +178,7 @@ def _routes_as(path_segments: list[str]) -> str:
     return resolved[0] if resolved and resolved[0] in ("admin", "public") else "other"
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(_SEGMENT, min_size=1, max_size=7))
 def test_property_a_path_judged_public_is_public_to_every_kind_of_app(segments: list[str]) -> None:
     """For any path: refused, or the app receives (path, raw_path) such that an app routing on
@@ -293,7 +293,7 @@ async def test_a_signed_in_user_cannot_forge_another_identity_in_any_spelling() 
     await gateway.aclose()
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from([s for name in IDENTITY for s in spellings(name)] +
                                           ["x-other", "connection", "accept", "x-forwarded-for"]),
                           st.sampled_from(["admin", "close, x-auth-user", "x-auth-identity, x-other", "v"])),
