@@ -62,6 +62,19 @@ AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
                    (b"content-type", b"text/plain; charset=utf-8"))
 
 
+def login_required_response(scope: Scope, prefix: str, target: str, *, method: str | None = None) -> Response:
+    """No session (design §3, step 5): a browser navigation (GET/HEAD whose Accept admits HTML) is
+    sent to the login page with ``target`` (path and query) as ``next``; anything else gets 401
+    JSON ``{"error": "login_required", "login_url"}``. ``method``: the original request's, when
+    the request at hand only speaks for it (forward-auth)."""
+    login_url = f"{prefix}/login?next={quote(target, safe='')}"
+    accept = next((value for key, value in scope["headers"] if key == b"accept"), b"")
+    if (method or scope["method"]) in ("GET", "HEAD") and b"text/html" in accept:
+        return RedirectResponse(login_url, status_code=302, headers={"cache-control": "no-store"})
+    return error_response(scope, 401, "login_required", "You are not signed in.",
+                          extra={"login_url": login_url}, actions={"Sign in": login_url})
+
+
 class BadRequest(GatewayError):
     status_code = 400
     code = "bad_request"
@@ -481,6 +494,11 @@ class Handshake:
             counts[(ERROR,)] += 1
             raise
         if authenticated is None:
+            if request.query_params.get("answer") == "login":
+                # The nginx recipe's second hop (@login_required, after this endpoint said 401):
+                # the answer the gateway gives in front of an app, for the original request.
+                return login_required_response(request.scope, self.prefix, safe_next(original or "/"),
+                                               method=request.headers.get("x-forwarded-method"))
             counts[(LOGIN_REQUIRED,)] += 1
             return JSONResponse({"error": "login_required", "message": "You are not signed in.",
                                  "login_url": self.login_url(safe_next(original or "/"))}, status_code=401)

@@ -21,7 +21,6 @@ Per request (HTTP and WebSocket alike):
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
 
 import httpx
 from starlette.responses import Response
@@ -30,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.config import GatewayConfig
 from gateway.edge import Edge, EdgeRejected, first_header, normalize_target
 from gateway.errors import GatewayError
-from gateway.handshake import AUTH_OK_HEADERS, Handshake
+from gateway.handshake import AUTH_OK_HEADERS, Handshake, login_required_response
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
 from gateway.runtime import Runtime
@@ -187,22 +186,13 @@ class AuthGateway:
         return True
 
     async def _login_required(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
-        login_url = f"{self._prefix}/login?next={quote(target.decode('latin-1'), safe='')}"
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        accept = next((value for key, value in scope["headers"] if key == b"accept"), b"")
-        if scope["method"] in ("GET", "HEAD") and b"text/html" in accept:
-            await send({"type": "http.response.start", "status": 302,
-                        "headers": [(b"location", login_url.encode()), (b"cache-control", b"no-store"),
-                                    (b"content-length", b"0")]})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        response = error_response(scope, 401, "login_required", "You are not signed in.",
-                                  extra={"login_url": login_url}, actions={"Sign in": login_url})
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        response = login_required_response(scope, self._prefix, target.decode("latin-1"))
         await response(scope, receive, send)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, response: Response) -> None:
