@@ -226,6 +226,9 @@ class Handshake:
             else:
                 return self._chooser(next_path)
 
+        # Finishing a login needs the store (single use, the session): say so now, before the
+        # user goes through the provider's consent for nothing. A ping: nothing is written.
+        await self.runtime.store.ping()
         # The login goes into this browser's login cookie, beside its other logins in progress
         # (other tabs): nothing is written to the store (gateway/state.py).
         logins = self.logins.open(request.cookies.get(self.binding_cookie))
