@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import ssl
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -51,6 +50,7 @@ if TYPE_CHECKING:  # aiohttp serves WebSockets only: imported on the first one (
     import aiohttp
     from yarl import URL
 
+from gateway.edge import TrustedProxies
 from gateway.pages import error_response
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -518,7 +518,7 @@ class UpstreamProxy:
         self._body_timeout_s = body_timeout_s
         self._keepalive_s = keepalive_s
         self._retry_after = str(max(1, round(pool_timeout_s)))
-        self._trusted = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
         self._preserve_host = preserve_host
         self._session: aiohttp.ClientSession | None = None
         self._pool: _Pool | None = None
@@ -587,15 +587,6 @@ class UpstreamProxy:
         target = base + raw_path.partition(b"?")[0].decode("latin-1")
         return URL(target + "?" + query.decode("latin-1") if query else target, encoded=True)
 
-    def _is_trusted(self, peer: str) -> bool:
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._trusted)
-
     def _forward_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """The client's headers as the upstream gets them, and the client's Host (b"" if none).
 
@@ -608,7 +599,7 @@ class UpstreamProxy:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         drop = _REQUEST_DROP
         peer = scope["client"][0] if scope.get("client") else None
-        trusted = bool(self._trusted) and peer is not None and self._is_trusted(peer)
+        trusted = peer in self._trusted
         websocket = scope["type"] == "websocket"
         headers: list[tuple[bytes, bytes]] = []
         forwarded: dict[bytes, bytes] = {}
