@@ -25,6 +25,7 @@ from starlette.routing import Mount, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.bodies import read_json
+from gateway.edge import TrustedProxies
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import (
@@ -38,7 +39,7 @@ from gateway.pages import (
     wants_html,
 )
 from gateway.providers import Grant, LoginContext, Provider
-from gateway.ratelimit import RateLimiter, TrustedNetworks, client_key
+from gateway.ratelimit import RateLimiter, client_key
 from gateway.runtime import Runtime
 from gateway.state import STATE_TTL_S, LoginCookie, PendingLogin, is_valid_state, pkce_pair, safe_next
 
@@ -91,7 +92,7 @@ class Handshake:
         self.logins = LoginCookie([s.get_secret_value() for s in self.config.session.secrets], self.binding_cookie)
         limits = self.config.limits
         self._limiter = RateLimiter(limits.login_rate_per_min, limits.login_burst)
-        self._trusted = TrustedNetworks(self.config.access.trusted_proxies)
+        self._trusted = TrustedProxies(self.config.access.trusted_proxies)
         frame_ancestors = self.config.access.frame_ancestors
         self._policy = policy_headers(content_security_policy(frame_ancestors))
         # The handshake page runs our scripts and the provider's JSSDK (its origin), POSTs the

@@ -6,8 +6,9 @@ can make the gateway do; memory is bounded too (at most ``max_clients`` buckets,
 full again after ``burst / rate`` and is simply forgotten).
 
 The client address is the TCP peer, or the nearest address in ``X-Forwarded-For`` that is not one
-of ``access.trusted_proxies`` when the peer is one of them. IPv6 clients are counted per /64
-(one subscriber's usual allocation), else every address of it would get a fresh bucket.
+of ``access.trusted_proxies`` (``gateway.edge.TrustedProxies``) when the peer is one of them. IPv6
+clients are counted per /64 (one subscriber's usual allocation), else every address of it would
+get a fresh bucket.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container
 
 from cachetools import TTLCache
 from starlette.types import Scope
@@ -29,20 +30,6 @@ def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
-
-
-class TrustedNetworks(Container[str]):
-    """``access.trusted_proxies`` as a container of peer addresses."""
-
-    def __init__(self, cidrs: Sequence[str]) -> None:
-        self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-
-    def __bool__(self) -> bool:
-        return bool(self._networks)
-
-    def __contains__(self, peer: object) -> bool:
-        address = _address(peer) if isinstance(peer, str) else None
-        return address is not None and any(address in network for network in self._networks)
 
 
 def client_key(scope: Scope, trusted: Container[str]) -> str:

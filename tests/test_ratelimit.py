@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.ratelimit import RateLimiter, TrustedNetworks, client_key
+from gateway.edge import TrustedProxies
+from gateway.ratelimit import RateLimiter, client_key
 
 
 class Clock:
@@ -47,8 +48,8 @@ def test_memory_is_bounded() -> None:
 
 
 def test_the_client_is_the_peer_unless_a_trusted_proxy_forwards() -> None:
-    nobody = TrustedNetworks([])
-    proxies = TrustedNetworks(["10.0.0.0/8", "::1/128"])
+    nobody = TrustedProxies([])
+    proxies = TrustedProxies(["10.0.0.0/8", "::1/128"])
     assert client_key(scope("203.0.113.7"), nobody) == "203.0.113.7"
     # X-Forwarded-For from anyone else is the client's own writing.
     assert client_key(scope("203.0.113.7", "198.51.100.1"), nobody) == "203.0.113.7"
