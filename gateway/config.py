@@ -9,6 +9,7 @@ Each provider's own keys are validated by its plugin's settings model, so an err
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -56,8 +57,12 @@ class Upstream(_Section):
     timeout_s: float = Field(30.0, gt=0)
     # Connections kept open to the upstream (the sidecar's pool).
     max_connections: int = Field(100, ge=1)
-    # Send the client's Host upstream (default: the upstream's own; X-Forwarded-Host carries the original).
-    preserve_host: bool = False
+    # The app sees the Host the browser used (as oauth2-proxy's pass_host_header): apps that compare
+    # Origin with Host (Tornado/Jupyter WebSockets, Django, Grafana, Rails) need it. false sends the
+    # upstream's own Host instead (X-Forwarded-Host still carries the browser's): docs/deployment.md.
+    preserve_host: bool = True
+    # readyz also opens a connection to the upstream (503 upstream_unavailable when it cannot).
+    check_ready: bool = False
     # Longest wait for a free pooled connection; then 503 upstream_busy with Retry-After.
     pool_timeout_s: float = Field(10.0, gt=0)
     # Longest silence in the middle of a client's request body; then 408 request_timeout (slot freed).
@@ -103,7 +108,9 @@ _COOKIE_PREFIXES = ("__host-", "__secure-")  # compared in lower case, as browse
 
 
 class Session(_Section):
-    secrets: list[Annotated[SecretStr, AfterValidator(_secret_long_enough)]] = Field(default_factory=list)
+    # validate_default: a session section without secrets is an error now, not a crash in serve.
+    secrets: list[Annotated[SecretStr, AfterValidator(_secret_long_enough)]] = Field(
+        default_factory=list, validate_default=True)
     # Over HTTPS prefer __Host-gw_session: the browser then refuses the cookie unless it is Secure,
     # host-only and Path=/, so a sibling subdomain or a plain-HTTP page cannot plant or shadow it.
     cookie_name: str = "gw_session"
@@ -117,7 +124,9 @@ class Session(_Section):
     @classmethod
     def _at_least_one(cls, secrets: list[SecretStr]) -> list[SecretStr]:
         if not secrets:
-            raise ValueError("at least one secret is required (the first signs, all verify)")
+            raise ValueError("at least one session secret is required (the first signs, all verify): set "
+                             "secrets: [\"${GATEWAY_SECRET}\"] and GATEWAY_SECRET=$(python3 -c "
+                             "'import secrets;print(secrets.token_urlsafe(32))')")
         return secrets
 
     @field_validator("cookie_name")
@@ -412,9 +421,20 @@ class ConfigFileError(Exception):
 
 
 def interpolate(value: Any, environ: Mapping[str, str], path: str = "") -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML document."""
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML document; every unset
+    variable of the document is reported at once (``ConfigFileError``)."""
+    missing: list[tuple[str, str]] = []
+    result = _interpolate(value, environ, path, missing)
+    if missing:
+        raise ConfigFileError(missing)
+    return result
+
+
+def _interpolate(value: Any, environ: Mapping[str, str], path: str, missing: list[tuple[str, str]]) -> Any:
+    """``interpolate`` that appends ``(path, message)`` for each unset variable and goes on (an
+    unset variable becomes ""), so the caller can still validate the rest of the file."""
     if isinstance(value, str):
-        missing: list[str] = []
+        unset: list[str] = []
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
@@ -422,17 +442,19 @@ def interpolate(value: Any, environ: Mapping[str, str], path: str = "") -> Any:
                 return environ[name]
             if default is not None:
                 return default
-            missing.append(name)
+            unset.append(name)
             return ""
 
         result = _VAR.sub(substitute, value)
-        if missing:
-            raise ConfigFileError([(path or "<root>", f"environment variable {missing[0]} is not set")])
+        for name in dict.fromkeys(unset):
+            missing.append((path or "<root>", f"environment variable {name} is not set "
+                                              f"(or write ${{{name}:-default}} for a default)"))
         return result
     if isinstance(value, dict):
-        return {key: interpolate(item, environ, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+        return {key: _interpolate(item, environ, f"{path}.{key}" if path else str(key), missing)
+                for key, item in value.items()}
     if isinstance(value, list):
-        return [interpolate(item, environ, f"{path}[{index}]") for index, item in enumerate(value)]
+        return [_interpolate(item, environ, f"{path}[{index}]", missing) for index, item in enumerate(value)]
     return value
 
 
@@ -446,12 +468,50 @@ def _error_path(location: tuple[int | str, ...]) -> str:
     return path or "<root>"
 
 
-def validation_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def _model_at(model: type[BaseModel] | None, location: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The section model found by following ``location`` (field names) down from ``model``."""
+    for part in location:
+        if model is None or isinstance(part, int):
+            return None
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _where(parent: str) -> str:
+    return f"under {parent}" if parent else "at the top level"
+
+
+def _human_message(error: Any, location: tuple[int | str, ...], prefix: str, model: type[BaseModel] | None) -> str:
+    """pydantic's message as a person would write it: what is wrong, and the likely fix."""
+    kind, message = error["type"], str(error["msg"])
+    parent = ".".join(part for part in (prefix, _error_path(location[:-1]) if location[:-1] else "") if part)
+    if kind == "extra_forbidden" and location:
+        key = str(location[-1])
+        section = _model_at(model, location[:-1])
+        known = list(section.model_fields) if section is not None else []
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" — did you mean `{close[0]}`?" if close else (f" (known keys: {', '.join(known)})" if known else "")
+        return f"unknown key `{key}` {_where(parent)}{hint}"
+    if kind == "missing" and location:
+        return f"`{location[-1]}` is required {_where(parent)}"
+    for noise in ("Value error, ", "Assertion failed, "):
+        if message.startswith(noise):
+            return message[len(noise):]
+    return message
+
+
+def validation_errors(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[tuple[str, str]]:
+    """``(yaml path, human message)`` for each error of ``exc``; ``model`` (the validated model)
+    lets an unknown key be matched with the keys its section has (a typo's likely fix)."""
     errors = []
     for error in exc.errors():
         location = tuple(part for part in error["loc"] if part not in ("function-after",))
         path = _error_path(location)
-        errors.append((f"{prefix}.{path}" if prefix else path, error["msg"]))
+        errors.append((f"{prefix}.{path}" if prefix else path, _human_message(error, location, prefix, model)))
     return errors
 
 
@@ -472,7 +532,7 @@ def validate_providers(
         try:
             settings[name] = model.model_validate(raw)
         except ValidationError as exc:
-            errors.extend(validation_errors(exc, prefix=f"providers.{name}"))
+            errors.extend(validation_errors(exc, prefix=f"providers.{name}", model=model))
     return settings, errors
 
 
@@ -481,15 +541,20 @@ def build_config(data: Mapping[str, Any]) -> GatewayConfig:
     try:
         return GatewayConfig(**data)
     except ValidationError as exc:
-        errors = validation_errors(exc)
+        errors = validation_errors(exc, model=GatewayConfig)
         providers = data.get("providers")
         if isinstance(providers, Mapping):
             errors.extend(validate_providers(providers)[1])
         raise ConfigFileError(errors) from None
 
 
+def _within(path: str, roots: set[str]) -> bool:
+    return any(path == root or path.startswith((root + ".", root + "[")) for root in roots)
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Read, interpolate and validate a YAML config file."""
+    """Read, interpolate and validate a YAML config file; every error of the file in one
+    ``ConfigFileError`` (unset variables and invalid keys alike)."""
     environ = os.environ if environ is None else environ
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -503,7 +568,17 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> G
         raise ConfigFileError([(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")]) from None
     if not isinstance(document, dict):
         raise ConfigFileError([("<root>", "the file must hold a mapping of sections")])
-    return build_config(interpolate(document, environ))
+    missing: list[tuple[str, str]] = []
+    data = _interpolate(document, environ, "", missing)
+    try:
+        config = build_config(data)
+    except ConfigFileError as exc:
+        # A value whose variable is unset is reported once, as unset (not also as "too short").
+        unset = {where for where, _ in missing}
+        raise ConfigFileError(missing + [e for e in exc.errors if not _within(e[0], unset)]) from None
+    if missing:
+        raise ConfigFileError(missing)
+    return config
 
 
 def masked_dict(config: GatewayConfig) -> dict[str, Any]:

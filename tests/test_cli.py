@@ -125,3 +125,37 @@ def test_check_config_accepts_the_example_file() -> None:
     assert effective["providers"]["lark"]["app_secret"] == "***"
     assert effective["providers"]["dingtalk"]["client_secret"] == "***"
     assert effective["providers"]["wemeet"]["secret"] == "***"
+
+
+def _gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+                          env={**clean, **(env or {})}, timeout=60, check=False)
+
+
+def test_a_config_without_session_secrets_fails_check_config_and_serve(tmp_path: Path) -> None:
+    # It used to pass check-config (printing secrets: []) and then crash serve with a traceback.
+    config = tmp_path / "gateway.yaml"
+    config.write_text("public_url: http://127.0.0.1:8080\nsession: {secure: false}\n", encoding="utf-8")
+    for args in (("check-config", "--no-connect", str(config)), ("serve", "--config", str(config))):
+        result = _gateway(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "session.secrets: at least one session secret is required" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "secrets: []" not in result.stdout
+
+
+def test_check_config_reports_unset_variables_and_key_errors_together(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("session:\n  secrets: ['${GATEWAY_SECRET}']\n  secrue: false\n"
+                      "upstream: {url: '${UPSTREAM_URL}'}\n", encoding="utf-8")
+    result = _gateway("check-config", "--no-connect", str(config))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"{config}: the configuration is invalid:"
+    assert sorted(lines[1:]) == sorted([
+        "  session.secrets[0]: environment variable GATEWAY_SECRET is not set "
+        "(or write ${GATEWAY_SECRET:-default} for a default)",
+        "  upstream.url: environment variable UPSTREAM_URL is not set "
+        "(or write ${UPSTREAM_URL:-default} for a default)",
+        "  session.secrue: unknown key `secrue` under session — did you mean `secure`?",
+    ])

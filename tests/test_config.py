@@ -128,7 +128,7 @@ def test_interpolate_leaves_other_values_alone() -> None:
     ("text", "path"),
     [
         ("session: {secrets: ['${NOT_SET_ANYWHERE}']}\n", "session.secrets[0]"),
-        ("public_url: ${NOT_SET_ANYWHERE}\nsession: {secrets: ['x']}\n", "public_url"),
+        (f"public_url: ${{NOT_SET_ANYWHERE}}\nsession: {{secrets: ['{SECRET_A}']}}\n", "public_url"),
         ("providers:\n  lark: {plugin: lark, app_secret: '${NOT_SET_ANYWHERE}'}\n", "providers.lark.app_secret"),
     ],
 )
@@ -138,6 +138,69 @@ def test_missing_variable_reported_with_its_path(tmp_path: Path, text: str, path
     assert len(exc.value.errors) == 1
     where, message = exc.value.errors[0]
     assert where == path and "NOT_SET_ANYWHERE" in message
+
+
+def test_unset_variables_and_key_errors_are_reported_in_one_run(tmp_path: Path) -> None:
+    # Each unset variable once (as unset, not also as the "" it stands for), and the rest of the
+    # file's errors beside them: a user fixes the whole file in one pass.
+    path = _write(tmp_path, """
+        public_url: ${FIRST_UNSET}
+        session: {secrets: ["${SECOND_UNSET}", "short"], secrue: false}
+        listen: {port: "${THIRD_UNSET}${THIRD_UNSET}"}
+        upstream: {url: "not a url"}
+        """)
+    with pytest.raises(ConfigFileError) as exc:
+        load_config(path, environ={})
+    errors = exc.value.errors
+    wheres = [where for where, _ in errors]
+    assert wheres.count("public_url") == 1 and "FIRST_UNSET" in dict(errors)["public_url"]
+    assert wheres.count("session.secrets[0]") == 1 and "SECOND_UNSET" in dict(errors)["session.secrets[0]"]
+    assert wheres.count("listen.port") == 1 and "THIRD_UNSET" in dict(errors)["listen.port"]
+    assert "32 characters" in dict(errors)["session.secrets[1]"]
+    assert "upstream.url" in wheres and "session.secrue" in wheres
+
+
+def test_interpolate_reports_every_unset_variable() -> None:
+    with pytest.raises(ConfigFileError) as exc:
+        interpolate({"a": "${ONE}", "b": ["${TWO}-${ONE}"], "c": "${SET}"}, {"SET": "x"})
+    assert [(where, message.split()[2]) for where, message in exc.value.errors] == [
+        ("a", "ONE"), ("b[0]", "TWO"), ("b[0]", "ONE")]
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ("session: {secrue: false}", "session.secrue",
+         "unknown key `secrue` under session — did you mean `secure`?"),
+        ("publc_url: https://app.example.com", "publc_url",
+         "unknown key `publc_url` at the top level — did you mean `public_url`?"),
+        ("identity: {headers: {usr: X-User}}", "identity.headers.usr",
+         "unknown key `usr` under identity.headers — did you mean `user`?"),
+        ("limits: {zzz: 1}", "limits.zzz", "unknown key `zzz` under limits (known keys: login_rate_per_min, "
+         "login_burst, max_body_bytes, max_json_depth)"),
+        ("providers: {lark: {plugin: lark, app_id: a, app_secret: b, brnd: feishu}}", "providers.lark.brnd",
+         "unknown key `brnd` under providers.lark — did you mean `brand`?"),
+        ("listen: {port: 99999}", "listen.port", "Input should be less than or equal to 65535"),
+        ("upstream: {url: ftp://x}", "upstream.url", "must be an http(s) URL such as http://127.0.0.1:9000"),
+    ],
+)
+def test_errors_read_as_a_person_would_write_them(tmp_path: Path, text: str, where: str, message: str) -> None:
+    path = _write(tmp_path, f"session: {{secrets: ['{SECRET_A}']}}\n{text}\n"
+                  if not text.startswith("session") else f"{text[:-1]}, secrets: ['{SECRET_A}']}}\n")
+    with pytest.raises(ConfigFileError) as exc:
+        load_config(path, environ={})
+    assert dict(exc.value.errors) == {where: message}
+
+
+@pytest.mark.parametrize("text", ["session: {secure: false}\n", "session: {}\n",
+                                  "session: {secrets: ['${GATEWAY_SECRET:-}']}\n"])
+def test_a_session_without_secrets_is_an_error(tmp_path: Path, text: str) -> None:
+    # It used to pass (secrets: []) and then crash `gateway serve` with a traceback.
+    with pytest.raises(ConfigFileError) as exc:
+        load_config(_write(tmp_path, text), environ={})
+    (where, message), = exc.value.errors
+    assert where.startswith("session.secrets")
+    assert "secret" in message and ("required" in message or "32 characters" in message)
 
 
 def test_env_overrides_beat_yaml_and_keep_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
