@@ -154,15 +154,35 @@ class Session(_Section):
         return "__Secure-" + name[len("__Host-"):] if name.lower().startswith("__host-") else name
 
 
+def _redis_url_problem(value: str, mode: str | None) -> str | None:
+    """Why ``value`` cannot name a Redis node for ``mode``; None when it can."""
+    parts = urlsplit(value)
+    schemes = ("redis", "rediss") if mode == "cluster" else ("redis", "rediss", "unix")
+    if parts.scheme not in schemes:
+        return f"must be a {' or '.join(s + '://' for s in schemes)} URL"
+    if parts.scheme != "unix" and mode != "sentinel" and not parts.hostname:
+        return "the URL needs a host, e.g. redis://127.0.0.1:6379/0"
+    if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
+        return "the path is the database number, e.g. redis://127.0.0.1:6379/0"
+    try:
+        _ = parts.port
+    except ValueError:
+        return "the port is not a number"
+    return None
+
+
 class StoreConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     # How to reach Redis (backend: redis): one server (standalone), a master found through
     # Sentinel, or a Cluster.
     mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
     # standalone: redis://[user:password@]host:port/db (rediss:// for TLS, unix:///path?db=0);
-    # cluster: the URL of any node; sentinel: optional, only the master's credentials, db and
-    # scheme (its host is ignored: the Sentinels name the master).
+    # cluster: the URL of one node (or ``urls``); sentinel: optional, only the master's
+    # credentials, db and scheme (its host is ignored: the Sentinels name the master).
     url: SecretStr | None = Field(None, validate_default=True)
+    # cluster: the seed nodes, each a redis:// URL; any one that answers tells the client the
+    # whole topology, so a dead seed node no longer stops a (re)starting gateway.
+    urls: list[SecretStr] = Field(default_factory=list, validate_default=True)
     sentinels: list[str] = Field(default_factory=list, validate_default=True)  # host:port of each Sentinel
     sentinel_master: str = "mymaster"  # the service name the Sentinels monitor
     sentinel_password: SecretStr | None = None  # AUTH for the Sentinels themselves, if they need one
@@ -176,28 +196,43 @@ class StoreConfig(_Section):
     lock_lease_s: float = Field(10.0, gt=0)
     # How long a request waits for another replica's refresh before answering 503.
     lock_wait_s: float = Field(30.0, gt=0)
+    # A refresh lock and a rotated token record must reach this many Redis replicas (WAIT) before
+    # the gateway relies on them: a failover promotes a replica, and a write it never received
+    # is gone (with a rotated refresh token, that is a logout). None: 1 in mode sentinel (only
+    # while the Sentinels know a healthy replica), else 0 (no wait).
+    replica_acks: int | None = Field(None, ge=0)
+    # How long a rotation keeps rewriting its record until a replica acknowledges it (a failover
+    # in progress: the promoted master has no replica until Sentinel reconfigures the old one,
+    # ~10 s); then it is accepted as written, with an ERROR in the log.
+    replica_ack_window_s: float = Field(15.0, ge=0)
 
     @field_validator("url")
     @classmethod
     def _redis_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         backend, mode = info.data.get("backend"), info.data.get("mode")
         if value is None:
-            if backend == "redis" and mode != "sentinel":
+            if backend == "redis" and mode == "standalone":
                 raise ValueError("backend redis needs a url such as redis://127.0.0.1:6379/0")
             return value
-        parts = urlsplit(value.get_secret_value())
-        schemes = ("redis", "rediss") if mode == "cluster" else ("redis", "rediss", "unix")
-        if parts.scheme not in schemes:
-            raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
-        if parts.scheme != "unix" and mode != "sentinel" and not parts.hostname:
-            raise ValueError("the URL needs a host, e.g. redis://127.0.0.1:6379/0")
-        if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
-            raise ValueError("the path is the database number, e.g. redis://127.0.0.1:6379/0")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("the port is not a number") from None
+        problem = _redis_url_problem(value.get_secret_value(), mode)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @field_validator("urls")
+    @classmethod
+    def _seed_urls(cls, values: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        backend, mode = info.data.get("backend"), info.data.get("mode")
+        if values and mode != "cluster":
+            raise ValueError("urls lists a Redis Cluster's seed nodes: it needs mode cluster (else use url)")
+        if backend == "redis" and mode == "cluster" and not values and info.data.get("url") is None \
+                and "url" in info.data:
+            raise ValueError("mode cluster needs url or urls, e.g. [redis://10.0.0.1:6379, redis://10.0.0.2:6379]")
+        for index, value in enumerate(values):
+            problem = _redis_url_problem(value.get_secret_value(), mode)
+            if problem is not None:
+                raise ValueError(f"item {index + 1}: {problem}")
+        return values
 
     @field_validator("sentinels")
     @classmethod
@@ -209,6 +244,17 @@ class StoreConfig(_Section):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{value!r} is not host:port")
         return values
+
+    def seed_urls(self) -> list[str]:
+        """The cluster's seed nodes: ``url`` (if set) first, then ``urls``."""
+        seeds = [self.url] if self.url is not None else []
+        return [seed.get_secret_value() for seed in [*seeds, *self.urls]]
+
+    def acks_needed(self) -> int:
+        """Replicas a refresh lock and a rotated token must reach (``replica_acks`` resolved)."""
+        if self.replica_acks is not None:
+            return self.replica_acks
+        return 1 if self.mode == "sentinel" else 0
 
 
 class Tokens(_Section):

@@ -322,3 +322,44 @@ async def test_a_burst_at_cache_expiry_costs_one_store_round_trip(
         assert all(result is not None and result is results[0] for result in results)
         assert len([key for key in reads if key.startswith("sess:")]) == 1
         assert len([key for key in reads if key.startswith("tok:")]) == 1
+
+
+# -- configuration of the topologies ---------------------------------------------------------------
+
+
+def test_a_cluster_takes_several_seed_nodes_and_keeps_them_secret() -> None:
+    from gateway.config import GatewayConfig, masked_dict
+
+    config = GatewayConfig.model_validate({
+        "session": {"secrets": [secrets.token_urlsafe(32)]},
+        "store": {"backend": "redis", "mode": "cluster", "url": "redis://:pw-one@10.0.0.1:6379",
+                  "urls": ["redis://:pw-two@10.0.0.2:6379", "rediss://10.0.0.3:6380"]},
+    })
+    assert config.store.seed_urls() == ["redis://:pw-one@10.0.0.1:6379", "redis://:pw-two@10.0.0.2:6379",
+                                         "rediss://10.0.0.3:6380"]
+    printed = masked_dict(config)["store"]
+    assert printed["url"] == "***" and printed["urls"] == ["***", "***"]
+    assert StoreConfig(backend="redis", mode="cluster", urls=["redis://h:1"]).seed_urls() == ["redis://h:1"]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"mode": "cluster"}, "mode cluster needs url or urls"),
+    ({"url": "redis://h:1", "urls": ["redis://h:2"]}, "needs mode cluster"),
+    ({"mode": "cluster", "urls": ["unix:///run/redis.sock"]}, "item 1: must be a redis:// or rediss:// URL"),
+    ({"mode": "cluster", "urls": ["redis://h:1", "redis://h:port"]}, "item 2: the port is not a number"),
+])
+def test_bad_seed_nodes_are_refused_with_a_reason(settings: dict[str, Any], message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as exc:
+        StoreConfig.model_validate({"backend": "redis", **settings})
+    assert message in str(exc.value)
+
+
+def test_replica_acknowledgements_default_to_one_with_sentinel_only() -> None:
+    sentinel = StoreConfig(backend="redis", mode="sentinel", sentinels=["10.0.0.1:26379"])
+    assert sentinel.acks_needed() == 1
+    assert StoreConfig(backend="redis", url="redis://h:1").acks_needed() == 0
+    assert StoreConfig(backend="redis", mode="cluster", url="redis://h:1").acks_needed() == 0
+    assert StoreConfig(backend="redis", url="redis://h:1", replica_acks=2).acks_needed() == 2
+    assert StoreConfig(backend="redis", mode="sentinel", sentinels=["h:1"], replica_acks=0).acks_needed() == 0
