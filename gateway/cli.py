@@ -81,7 +81,11 @@ def build_sidecar(config: GatewayConfig) -> object:
         body_timeout_s=config.upstream.body_timeout_s,
         keepalive_s=config.upstream.keepalive_s,
     )
-    return AuthGateway(proxy, config)
+    gateway = AuthGateway(proxy, config)
+    proxy.health.count_into(gateway.runtime.metrics)  # gateway_upstream_failures_total
+    if config.upstream.check_ready:
+        gateway.handshake.ready_checks.append(proxy.ready_problem)
+    return gateway
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -56,6 +56,10 @@ _PROVIDER_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: call, so each is limited per client (``limits.login_rate_per_min``).
 _LIMITED = frozenset({"login", "exchange", "callback"})
 Handler = Callable[[Request, str], Awaitable[Response]]
+#: A readiness check beyond the store's (``Handshake.ready_checks``): None when ready, else the
+#: (stable code, sentence) readyz answers 503 with. The sidecar adds its upstream's
+#: (``upstream.check_ready``), so this module never imports the proxy.
+ReadyCheck = Callable[[], Awaitable[tuple[str, str] | None]]
 
 #: The forward-auth 200 before the identity headers. The middleware answers the common case itself
 #: (a cached valid session, ``AuthGateway._forward_auth``) with these same bytes.
@@ -93,6 +97,7 @@ class Handshake:
         limits = self.config.limits
         self._limiter = RateLimiter(limits.login_rate_per_min, limits.login_burst)
         self._trusted = TrustedProxies(self.config.access.trusted_proxies)
+        self.ready_checks: list[ReadyCheck] = []
         frame_ancestors = self.config.access.frame_ancestors
         self._policy = policy_headers(content_security_policy(frame_ancestors))
         # The handshake page runs our scripts and the provider's JSSDK (its origin), POSTs the
@@ -526,6 +531,11 @@ class Handshake:
         except GatewayError as exc:
             return JSONResponse({"status": "unavailable", "error": exc.code, "message": exc.message},
                                 status_code=503, headers={"retry-after": "5"})
+        for check in self.ready_checks:
+            problem = await check()
+            if problem is not None:
+                return JSONResponse({"status": "unavailable", "error": problem[0], "message": problem[1]},
+                                    status_code=503, headers={"retry-after": "5"})
         return JSONResponse({"status": "ready"})
 
     async def metrics(self, request: Request, rest: str) -> Response:

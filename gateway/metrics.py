@@ -6,7 +6,7 @@ the exposition is the same whether or not anything has happened yet. Counting is
 cheap enough for the per-request counters of the hot path.
 
 Label values are bounded sets (results, error codes, configured provider names, ``client`` or
-``browser``), never a user, a path or a token.
+``browser``, upstream failure causes), never a user, a path or a token.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gateway_token_refreshes_total": (
         "counter", "User-token refreshes sent to the provider, by result.", ("provider", "result")),
     "gateway_logouts_total": ("counter", "Sessions ended by the user (POST <prefix>/logout).", ()),
+    "gateway_upstream_failures_total": (
+        "counter", "Sidecar: attempts to reach the upstream that failed (requests answered 502/504, WebSocket "
+        "connects, readyz probes), by cause: refused, timeout, reset, unreachable, invalid.", ("cause",)),
     "gateway_session_cache_entries": (
         "gauge", "Verified sessions cached in this process (session.cache_ttl_s).", ()),
     "gateway_store_entries": ("gauge", "Entries in the memory store (absent on Redis).", ()),

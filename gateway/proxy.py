@@ -2,13 +2,17 @@
 
 ``UpstreamProxy`` is the auth middleware's inner ASGI app. It forwards the request as it is (method,
 raw path and query untouched, bodies streamed both ways, never buffered), drops hop-by-hop headers
-and sets ``X-Forwarded-*`` (a client's own are believed only from a trusted proxy). The request
+and sets ``X-Forwarded-*`` (a client's own are believed only from a trusted proxy). The app sees the
+Host the browser used (``preserve_host``, the default, on HTTP and WebSockets alike), so an app that
+compares the browser's Origin with Host (Tornado's WebSocket ``check_origin``, Django, Grafana)
+finds them consistent; ``preserve_host=False`` sends the upstream's own Host instead. The request
 body's framing is always its own (``_request_head``), never the client's. Upstream unreachable or
 reset: 502 ``upstream_unavailable``; silent for ``timeout_s`` (connect, taking the request body, or
 between reads once it is sent): 504 ``upstream_timeout``. A failure after the response has started
 leaves it incomplete, so the server cuts the connection and the client sees a truncated response,
 never a complete-looking one. A client that leaves stops the upstream read and frees the pooled
-connection.
+connection. Every failure to reach the upstream goes to ``health`` (gateway/upstream_health.py: one
+log line per burst, a counter by cause); ``ready_problem`` is readyz's check (``upstream.check_ready``).
 
 Strict on what the upstream says (a buggy or hostile upstream must not desync the pool): bytes after
 a complete response, conflicting or unsupported framing, or an unrequested 101 fail the connection:
@@ -52,6 +56,7 @@ if TYPE_CHECKING:  # aiohttp serves WebSockets only: imported on the first one (
 
 from gateway.edge import TrustedProxies
 from gateway.pages import error_response
+from gateway.upstream_health import CAUSES, UpstreamHealth, os_error_cause
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade"})
@@ -69,6 +74,7 @@ _SLOW_BODY = "The request body arrived too slowly."
 _BAD_LENGTH = "The request body did not match its declared length."
 _REFUSED = "The upstream service refused the WebSocket connection."
 _UNSENDABLE_CLOSE = {1005: 1000, 1006: 1001, 1015: 1011}  # codes that never travel in a close frame
+_PROBE_TIMEOUT_S = 5.0  # readyz's connect to the upstream waits at most this (or timeout_s if shorter)
 
 
 def _hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -500,7 +506,7 @@ class _Pool:
 
 class UpstreamProxy:
     def __init__(self, *, url: str, timeout_s: float = 30, max_connections: int = 100,
-                 trusted_proxies: Sequence[str] = (), preserve_host: bool = False,
+                 trusted_proxies: Sequence[str] = (), preserve_host: bool = True,
                  pool_timeout_s: float = 10, body_timeout_s: float = 30, keepalive_s: float = 4) -> None:
         split = urlsplit(url)
         base = f"{split.netloc}{split.path.rstrip('/')}"
@@ -520,6 +526,7 @@ class UpstreamProxy:
         self._retry_after = str(max(1, round(pool_timeout_s)))
         self._trusted = TrustedProxies(trusted_proxies)
         self._preserve_host = preserve_host
+        self.health = UpstreamHealth(netloc)  # the address only: credentials in the URL stay out of logs
         self._session: aiohttp.ClientSession | None = None
         self._pool: _Pool | None = None
 
@@ -541,6 +548,26 @@ class UpstreamProxy:
             self._pool = _Pool(self._host, self._port, context, self._host if self._tls else None,
                                self._max_connections, self._timeout_s, self._pool_timeout_s, self._keepalive_s)
         return self._pool
+
+    async def ready_problem(self) -> tuple[str, str] | None:
+        """readyz's upstream check (``upstream.check_ready``): a fresh connection (TCP, and TLS for
+        https) within ``min(timeout_s, 5 s)``. None when it opens, else the (code, sentence) readyz
+        answers 503 with. The sentence names the cause, never the upstream's address (readyz is
+        public); the log line (``health``) has the address."""
+        loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if self._tls else None
+        try:
+            async with asyncio.timeout(min(self._timeout_s, _PROBE_TIMEOUT_S)):
+                transport, _ = await loop.create_connection(
+                    asyncio.Protocol, self._host, self._port, ssl=context,
+                    server_hostname=self._host if self._tls else None)
+        except (OSError, TimeoutError) as exc:
+            cause = os_error_cause(exc)
+            self.health.failed(cause, exc)
+            return "upstream_unavailable", f"The upstream service cannot be reached: {CAUSES[cause]}."
+        transport.close()
+        self.health.answered()
+        return None
 
     async def aclose(self) -> None:
         if self._pool is not None:
@@ -748,13 +775,16 @@ class UpstreamProxy:
         headers: dict[str, str] | None = None
         try:
             connection = await self._exchange(scope, receive, message, watch)
-        except TimeoutError:
+        except TimeoutError as exc:
+            self.health.failed("timeout", exc)
             status, code, text = 504, "upstream_timeout", _TIMEOUT
         except ConnectionAbortedError:
             return  # the client left mid-upload: nobody to answer; the upstream connection is closed
-        except UpstreamInvalid:
+        except UpstreamInvalid as exc:
+            self.health.failed("invalid", exc)
             status, code, text = 502, "upstream_invalid", _INVALID
-        except (UpstreamFailed, OSError):
+        except (UpstreamFailed, OSError) as exc:
+            self.health.failed("reset" if isinstance(exc, UpstreamFailed) else os_error_cause(exc), exc)
             status, code, text = 502, "upstream_unavailable", _UNAVAILABLE
         except UpstreamBusy:
             status, code, text = 503, "upstream_busy", _BUSY
@@ -767,6 +797,8 @@ class UpstreamProxy:
             else:
                 status, code, text = 400, "body_length_mismatch", _BAD_LENGTH
         else:
+            if self.health.down:  # one attribute read per request while all is well
+                self.health.answered()
             try:
                 return await self._stream(connection, send, watch)
             finally:
@@ -807,12 +839,18 @@ class UpstreamProxy:
                 self._target(scope, self._ws_base), headers=self._request_headers(scope),
                 protocols=scope.get("subprotocols") or (), max_msg_size=0)
         except aiohttp.WSServerHandshakeError as exc:
+            self.health.answered()  # it answered: refusing is the app's decision (check_origin...)
             status = exc.status if 400 <= exc.status < 600 else 502
             return await self._refuse(scope, receive, send, status, "upstream_refused", _REFUSED)
-        except TimeoutError:
+        except TimeoutError as exc:
+            self.health.failed("timeout", exc)
             return await self._refuse(scope, receive, send, 504, "upstream_timeout", _TIMEOUT)
-        except aiohttp.ClientError:
+        except aiohttp.ClientError as exc:
+            cause = (os_error_cause(exc) if isinstance(exc, OSError)
+                     else "reset" if isinstance(exc, aiohttp.ServerDisconnectedError) else "invalid")
+            self.health.failed(cause, exc)
             return await self._refuse(scope, receive, send, 502, "upstream_unavailable", _UNAVAILABLE)
+        self.health.answered()
         async with upstream:
             await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
             to_upstream = asyncio.create_task(self._to_upstream(receive, upstream))
