@@ -164,6 +164,8 @@ def _redis_url_problem(value: str, mode: str | None) -> str | None:
         return "the URL needs a host, e.g. redis://127.0.0.1:6379/0"
     if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
         return "the path is the database number, e.g. redis://127.0.0.1:6379/0"
+    if mode == "cluster" and parts.path.strip("/") not in ("", "0"):
+        return "a Redis Cluster has only database 0"
     try:
         _ = parts.port
     except ValueError:
@@ -198,13 +200,13 @@ class StoreConfig(_Section):
     lock_wait_s: float = Field(30.0, gt=0)
     # A refresh lock and a rotated token record must reach this many Redis replicas (WAIT) before
     # the gateway relies on them: a failover promotes a replica, and a write it never received
-    # is gone (with a rotated refresh token, that is a logout). None: 1 in mode sentinel (only
-    # while the Sentinels know a healthy replica), else 0 (no wait).
+    # is gone (with a rotated refresh token, that is a logout). None: 1 in mode sentinel (while
+    # the Sentinels know a healthy replica), else 0 (no wait).
     replica_acks: int | None = Field(None, ge=0)
-    # How long a rotation keeps rewriting its record until a replica acknowledges it (a failover
-    # in progress: the promoted master has no replica until Sentinel reconfigures the old one,
-    # ~10 s); then it is accepted as written, with an ERROR in the log.
-    replica_ack_window_s: float = Field(15.0, ge=0)
+    # How long the write of a rotated refresh token is retried (through a failover's errors, and
+    # until a replica acknowledges it: a just-promoted master has none until Sentinel reconfigures
+    # the old one, ~10 s) before it is given up with an ERROR. Requests of that user wait meanwhile.
+    durable_write_window_s: float = Field(15.0, ge=0)
 
     @field_validator("url")
     @classmethod

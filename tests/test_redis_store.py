@@ -347,6 +347,7 @@ def test_a_cluster_takes_several_seed_nodes_and_keeps_them_secret() -> None:
     ({"url": "redis://h:1", "urls": ["redis://h:2"]}, "needs mode cluster"),
     ({"mode": "cluster", "urls": ["unix:///run/redis.sock"]}, "item 1: must be a redis:// or rediss:// URL"),
     ({"mode": "cluster", "urls": ["redis://h:1", "redis://h:port"]}, "item 2: the port is not a number"),
+    ({"mode": "cluster", "url": "redis://h:1/2"}, "a Redis Cluster has only database 0"),
 ])
 def test_bad_seed_nodes_are_refused_with_a_reason(settings: dict[str, Any], message: str) -> None:
     from pydantic import ValidationError
