@@ -2,7 +2,7 @@
 
 ``Store`` is the one interface every backend implements (``memory`` for one process, ``redis``
 for several replicas). Values are opaque bytes; callers serialise. Every write carries a TTL, so
-nothing lives forever. Four operations carry the concurrency rules:
+nothing lives forever. Five operations carry the concurrency rules:
 
 - ``pop`` takes a value and removes it atomically: a pending login ``state`` is used once, and of
   two concurrent consumers exactly one wins.
@@ -19,6 +19,8 @@ nothing lives forever. Four operations carry the concurrency rules:
   when the holder's lease would have run out, never by polling.
 - ``publish(topic, message)`` / ``subscribe(topic, callback)``: a best-effort broadcast to every
   process sharing the store (logout on one replica drops the session from the others' caches).
+- ``set_versioned_replicated``: ``set_versioned`` that also says whether the write reached a
+  replica (Redis ``WAIT``), for the one write a failover must not discard: a rotated refresh token.
 
 The lock is correct only with the fencing rule of its users: the holder re-reads the record it
 protects after acquiring and writes it back with compare-and-set on the version it read, so a
@@ -129,6 +131,18 @@ class Store(ABC):
         With ``expected_version`` the write happens only if the stored version equals it (0 means
         "absent"); otherwise nothing is written and None is returned.
         """
+
+    #: How long a write that must not be lost is retried (``TokenManager``: a rotated refresh token,
+    #: the provider having killed the old one) through store errors and unconfirmed replication.
+    durable_write_window_s: float = 0.6
+
+    async def set_versioned_replicated(
+        self, key: str, value: bytes, ttl_s: float, *, expected_version: int | None = None
+    ) -> tuple[int | None, bool]:
+        """``set_versioned``, and whether the write reached the replicas a failover would promote
+        (always, for a store without replicas). A write that no replica acknowledged may be
+        discarded by a failover under way: the caller writes it again until one does."""
+        return await self.set_versioned(key, value, ttl_s, expected_version=expected_version), True
 
     @abstractmethod
     async def ping(self) -> None:

@@ -12,10 +12,22 @@ Layout (every key starts with ``store.key_prefix``):
 - one pub/sub channel ``<prefix>events`` carries lock releases (waiters are woken at once) and the
   broadcasts of ``publish`` (a logout drops the session from every replica's cache).
 
-Every failure of Redis (refused, timed out, read-only replica after a failover...) becomes
-``StoreUnavailable``: requests that need the store answer 503 with Retry-After, ``/readyz`` fails,
-and the next command reconnects by itself once Redis is back. The reason is logged once when the
-store goes down and once when it comes back, never shown to users.
+Every failure of Redis (refused, timed out, read-only replica after a failover, a Cluster without
+a reachable seed node or with slots uncovered...) becomes ``StoreUnavailable``: requests that need
+the store answer 503 with Retry-After, ``/readyz`` fails, and the next command reconnects by itself
+once Redis is back. The reason is logged once when the store goes down and once when it has
+answered again for a second, never shown to users (``_Health``).
+
+Failovers (docs/redis.md):
+
+- Sentinel: a task subscribes to the Sentinels' ``+switch-master`` and moves every connection to
+  the new master at once (the old one stays writable until Sentinel reconfigures it, ~10 s: what
+  is written there meanwhile is discarded). The refresh lock and a rotated token record are
+  written with ``WAIT`` (``store.replica_acks``): the gateway relies on them only once a replica,
+  the node a failover would promote, has them.
+- Cluster: the seed nodes are a list (``store.urls``); the notification subscription sits on any
+  node that answers (a classic ``PUBLISH`` reaches every node) and moves to another one within a
+  second when its node fails, with a WARNING.
 """
 
 from __future__ import annotations
@@ -25,17 +37,20 @@ import contextlib
 import hashlib
 import logging
 import math
+import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import StoreConfig
 from gateway.errors import StoreUnavailable
@@ -44,6 +59,15 @@ from gateway.stores import LockAttempt, Store, Versioned
 log = logging.getLogger("gateway.stores.redis")
 
 _UNAVAILABLE = "The session store is unavailable; please try again shortly."
+
+# What redis-py raises when Redis cannot serve a command. RedisClusterException is not a
+# RedisError (no reachable seed node, slots not covered, "no targets"): it is an outage all the same.
+_FAILURES = (RedisError, RedisClusterException, OSError)
+
+# A recovery is logged once the store has answered for this long without a failure: in a Cluster
+# with one master dead, commands to the other masters succeed between the failures.
+_SETTLE_S = 1.0
+_SWITCH_MASTER = "+switch-master"
 
 # KEYS[1] key; ARGV[1] payload, ARGV[2] ttl ms, ARGV[3] expected version ('' for none).
 # Answers the new version, or nil when the expected version does not match.
@@ -111,6 +135,50 @@ def _host_port(value: str, default_port: int) -> tuple[str, int]:
     return (host.strip("[]"), int(port)) if host else (value, default_port)
 
 
+class _Health:
+    """Whether Redis answers, with one log line per outage and one per recovery.
+
+    Down at the first failure; up again only after ``_SETTLE_S`` without one. Declaring recovery
+    at the first success would log a pair of lines per request while one Cluster master is dead
+    (the other masters keep answering)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.reason: str | None = None  # while down: why
+        self._last_failure = 0.0
+
+    def failed(self, reason: str) -> None:
+        self._last_failure = time.monotonic()
+        if self.reason is None:
+            log.error("%s is unreachable (%s); requests that need it answer 503", self.description, reason)
+        self.reason = reason
+
+    def answered(self) -> None:
+        if self.reason is not None and time.monotonic() - self._last_failure >= _SETTLE_S:
+            log.warning("%s is reachable again", self.description)
+            self.reason = None
+
+
+def _credentials(url: str) -> dict[str, Any]:
+    """The user, password and TLS of a node's URL (every node of a Cluster shares the first's)."""
+    parts = urlsplit(url)
+    auth: dict[str, Any] = {}
+    if parts.username:
+        auth["username"] = unquote(parts.username)
+    if parts.password:
+        auth["password"] = unquote(parts.password)
+    if parts.scheme == "rediss":
+        auth["ssl"] = True
+    return auth
+
+
+def _cluster_client(config: StoreConfig, common: dict[str, Any]) -> RedisCluster:
+    """A Cluster client knowing every seed node: whichever answers first tells it the topology."""
+    seeds = config.seed_urls()
+    nodes = [ClusterNode(urlsplit(seed).hostname or "127.0.0.1", urlsplit(seed).port or 6379) for seed in seeds]
+    return RedisCluster(startup_nodes=nodes, **common, **_credentials(seeds[0]))
+
+
 class RedisStore(Store):
     """``Store`` on Redis. Build it with ``RedisStore.from_config`` or around a redis-py client."""
 
@@ -123,13 +191,25 @@ class RedisStore(Store):
         max_connections: int = 50,
         description: str = "redis",
         sentinel: Sentinel | None = None,
+        sentinel_master: str = "mymaster",
+        replica_acks: int = 0,
+        ack_timeout_s: float = 0.5,
+        durable_write_window_s: float = 0.6,
+        node_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self._client = client
+        # Cluster: how to connect to one node (the notification subscription's own connection).
+        self._node_kwargs = node_kwargs or {}
         # redis-py's pools raise when exhausted; a burst of requests queues here instead.
         self._slots = asyncio.Semaphore(max_connections)
         self._sentinel = sentinel
+        self._sentinel_master = sentinel_master
+        self._acks = 0 if isinstance(client, RedisCluster) else replica_acks  # see set_versioned_replicated
+        self._ack_timeout_ms = _ms(ack_timeout_s)
+        self.durable_write_window_s = durable_write_window_s
         self.prefix = key_prefix
         self.description = description
+        self._health = _Health(description)
         self._connect_timeout_s = connect_timeout_s
         self._channel = f"{key_prefix}events"
         self._instance = secrets.token_hex(8)  # tells this store's own notifications apart
@@ -138,9 +218,9 @@ class RedisStore(Store):
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._listener: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None  # Sentinel's +switch-master
         self._subscribed = asyncio.Event()
         self._closed = False
-        self._down_since: str | None = None  # the reason, while Redis is unreachable
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> RedisStore:
@@ -158,9 +238,13 @@ class RedisStore(Store):
         }
         client: Redis | RedisCluster
         sentinel: Sentinel | None = None
+        node_kwargs: dict[str, Any] = {}
         if config.mode == "cluster":
-            client = RedisCluster.from_url(url, **common)
-            where = f"cluster via {urlsplit(url).hostname}:{urlsplit(url).port or 6379}"
+            client = _cluster_client(config, common)
+            node_kwargs = {**common, **_credentials(config.seed_urls()[0]), "max_connections": 2,
+                           "health_check_interval": 2}  # a silent dead node noticed within seconds
+            seeds = [urlsplit(seed) for seed in config.seed_urls()]
+            where = "cluster via " + ", ".join(f"{seed.hostname}:{seed.port or 6379}" for seed in seeds)
         elif config.mode == "sentinel":
             master: dict[str, Any] = {}
             if url:
@@ -190,9 +274,16 @@ class RedisStore(Store):
             client = Redis.from_url(url, **common)
             parts = urlsplit(url)
             where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+        failover = config.mode != "standalone"
         return cls(
             client, key_prefix=config.key_prefix, connect_timeout_s=config.connect_timeout_s,
             max_connections=config.max_connections, description=f"redis {where}", sentinel=sentinel,
+            sentinel_master=config.sentinel_master, replica_acks=config.acks_needed(),
+            # WAIT must answer before the socket times out.
+            ack_timeout_s=min(0.5, config.command_timeout_s / 2),
+            durable_write_window_s=config.durable_write_window_s if failover else min(
+                config.durable_write_window_s, 0.6),
+            node_kwargs=node_kwargs,
         )
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -210,23 +301,43 @@ class RedisStore(Store):
         try:
             async with self._slots:
                 result = await call()
-        except (RedisError, OSError) as exc:
-            self._went_down(f"{what}: {type(exc).__name__}: {exc}")
+        except _FAILURES as exc:
+            self._health.failed(f"{what}: {type(exc).__name__}: {exc}")
             raise StoreUnavailable(_UNAVAILABLE) from exc
-        if self._down_since is not None:
-            log.warning("%s is reachable again", self.description)
-            self._down_since = None
+        self._health.answered()
         return result
 
     @property
     def last_error(self) -> str | None:
         """Why Redis is unreachable (for logs and ``check-config``); None while it answers."""
-        return self._down_since
+        return self._health.reason
 
-    def _went_down(self, reason: str) -> None:
-        if self._down_since is None:
-            log.error("%s is unreachable (%s); requests that need it answer 503", self.description, reason)
-        self._down_since = reason
+    async def _run_acked(self, what: str, script: Any, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
+        """Run a write script, then ``WAIT`` on the same connection for ``replica_acks`` replicas:
+        (its answer, whether they acknowledged it or there is no replica to wait for)."""
+        if not self._acks:
+            return await self._run(what, lambda: script(keys=keys, args=args)), True
+
+        async def call() -> list[Any]:
+            pipe = cast(Redis, self._client).pipeline(transaction=False)  # one connection for both
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self._acks, self._ack_timeout_ms)
+            return await pipe.execute()
+
+        result, acknowledged = await self._run(what, call)
+        if int(acknowledged) >= self._acks:
+            return result, True
+        return result, not await self._replicas_known()
+
+    async def _replicas_known(self) -> bool:
+        """Whether the Sentinels know a healthy replica of the master (one a failover could
+        promote). None known: nothing to wait for (a replica that died, or none configured)."""
+        if self._sentinel is None:
+            return True  # replica_acks set explicitly on a standalone Redis: the operator knows
+        try:
+            return bool(await self._sentinel.discover_slaves(self._sentinel_master))
+        except _FAILURES:
+            return True  # unknown: keep waiting, the safe side
 
     # -- Store ------------------------------------------------------------------------------------
 
@@ -255,22 +366,39 @@ class RedisStore(Store):
         version = await self._run("set", lambda: self._set(keys=[self._k(key)], args=[value, _ms(ttl_s), expected]))
         return None if version is None else int(version)
 
+    async def set_versioned_replicated(
+        self, key: str, value: bytes, ttl_s: float, *, expected_version: int | None = None
+    ) -> tuple[int | None, bool]:
+        # Cluster: not waited for (WAIT would need the key's node's connection, which redis-py's
+        # cluster client does not lend); its manual failover hands over with the replica in sync,
+        # and a master killed outright loses only what was on the wire (docs/redis.md).
+        expected = "" if expected_version is None else str(expected_version)
+        version, acknowledged = await self._run_acked("set", self._set, [self._k(key)],
+                                                      [value, _ms(ttl_s), expected])
+        return (None if version is None else int(version)), acknowledged
+
     async def ping(self) -> None:
-        await self._run("ping", lambda: cast(Awaitable[Any], self._client.ping()))
+        if isinstance(self._client, RedisCluster):
+            # Every master: the store is usable only when every slot is.
+            cluster = self._client
+            await self._run("ping", lambda: cast(Awaitable[Any], cluster.ping(target_nodes=RedisCluster.PRIMARIES)))
+        else:
+            await self._run("ping", lambda: cast(Awaitable[Any], self._client.ping()))
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            # The listener also stops by itself within a second (it checks ``_closed``): redis-py's
-            # cluster pub/sub can swallow a cancellation that lands during its read timeout.
-            self._listener.cancel()
-            await asyncio.wait({self._listener}, timeout=2.0)
-            self._listener = None
-        with contextlib.suppress(RedisError, OSError):
+        for task in (self._listener, self._watcher):
+            if task is not None:
+                # The tasks also stop by themselves within a second (they check ``_closed``):
+                # redis-py's cluster pub/sub can swallow a cancellation during its read timeout.
+                task.cancel()
+                await asyncio.wait({task}, timeout=2.0)
+        self._listener = self._watcher = None
+        with contextlib.suppress(*_FAILURES):
             await self._client.aclose()
         if self._sentinel is not None:
             for node in self._sentinel.sentinels:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*_FAILURES):
                     await node.aclose()
 
     # -- broadcast and lock notifications -----------------------------------------------------
@@ -285,35 +413,74 @@ class RedisStore(Store):
         self._start_listener()
 
     def _start_listener(self) -> None:
-        if self._listener is None and not self._closed:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop yet (built at start-up): the first command starts it
+        if self._closed or (self._listener is not None and (self._watcher is not None or self._sentinel is None)):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet (built at start-up): the first command starts it
+        if self._listener is None:
             self._listener = loop.create_task(self._listen(), name="gateway-store-listener")
+        if self._sentinel is not None and self._watcher is None:
+            self._watcher = loop.create_task(self._watch_sentinels(), name="gateway-store-sentinel-watch")
+
+    def _restart_listener(self) -> None:
+        """Subscribe again from scratch (its connection sits on a node that is no longer the one)."""
+        if self._listener is not None:
+            self._listener.cancel()  # its ``finally`` closes the old subscription
+            self._listener = None
+        self._subscribed.clear()
+        self._start_listener()
 
     async def _listening(self) -> None:
         """Wait (briefly) until the notification channel is subscribed."""
         self._start_listener()
-        if not self._subscribed.is_set() and self._down_since is None:  # down: fail fast instead
+        if not self._subscribed.is_set() and self._health.reason is None:  # down: fail fast instead
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._subscribed.wait(), self._connect_timeout_s)
 
-    async def _listen(self) -> None:
-        """Keep one subscription to the events channel, reconnecting for as long as we run."""
-        delay = 0.05
-        while not self._closed:
-            if isinstance(self._client, RedisCluster):
-                try:
-                    await self._client.initialize()  # its pub/sub needs the slot map
-                except (RedisError, OSError) as exc:
-                    log.debug("store notifications waiting for the cluster: %s", exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
+    async def _subscription(self, avoid: str | None) -> tuple[PubSub, str, Redis | None]:
+        """A pub/sub connection for the events channel, where it is, and the client to close
+        with it. On a Cluster: its own connection to any node that answers (a classic PUBLISH
+        reaches every node), the one that just failed last; not one of the command client's
+        connections, which it drops whenever it reloads the topology."""
+        if not isinstance(self._client, RedisCluster):
             pubsub = self._client.pubsub()
+            await pubsub.subscribe(self._channel)
+            return pubsub, self.description, None
+        await self._client.initialize()  # the first topology (a no-op once known)
+        if avoid is not None:
+            await self._client.nodes_manager.initialize()  # afresh: the failed node may be gone
+        nodes = self._client.get_nodes()
+        random.shuffle(nodes)  # the replicas of a fleet spread over the nodes
+        nodes.sort(key=lambda node: node.name == avoid)
+        problem: BaseException | None = None
+        for node in nodes:
+            client = Redis(host=node.host, port=int(node.port), **self._node_kwargs)
+            pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
+                return pubsub, f"node {node.name}", client
+            except _FAILURES as exc:
+                problem = exc
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await client.aclose()
+        raise RedisClusterException(f"no node accepted the subscription ({problem})")
+
+    async def _listen(self) -> None:
+        """Keep one subscription to the events channel, reconnecting for as long as we run.
+
+        A lost subscription is a WARNING when it happens and when it is back: broadcasts sent in
+        between (a logout) are missed, and caches keep such sessions for ``session.cache_ttl_s``."""
+        delay = 0.05
+        lost_at: float | None = None
+        where: str | None = None
+        while not self._closed:
+            pubsub: PubSub | None = None
+            owner: Redis | None = None
+            try:
+                pubsub, where, owner = await self._subscription(avoid=where if lost_at is not None else None)
                 while not self._closed:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
@@ -321,23 +488,34 @@ class RedisStore(Store):
                     if message["type"] == "subscribe":
                         self._subscribed.set()
                         delay = 0.05
+                        if lost_at is not None:
+                            log.warning("store notifications resubscribed on %s after %.1f s", where,
+                                        time.monotonic() - lost_at)
+                            lost_at = None
                     elif message["type"] == "message":
                         self._dispatch(message["data"])
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except _FAILURES as exc:
                 self._subscribed.clear()
-                log.debug("store notifications interrupted: %s", exc)
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.warning("store notifications lost (%s: %s: %s); resubscribing: broadcasts sent "
+                                "meanwhile are missed", where or self.description, type(exc).__name__, exc)
             except Exception:
                 self._subscribed.clear()
+                lost_at = lost_at or time.monotonic()
                 log.exception("store notifications failed")
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    if pubsub is not None:
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    if owner is not None:
+                        await owner.aclose()
             # Missed notifications only cost time: lock waiters wake when the lease would end,
             # session caches expire after session.cache_ttl_s.
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.5)
 
     def _dispatch(self, data: bytes | str) -> None:
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
@@ -351,12 +529,76 @@ class RedisStore(Store):
             topic, _, message = body.partition("\n")
             self._deliver(topic, message)
 
+    # -- Sentinel failovers ---------------------------------------------------------------------
+
+    async def _watch_sentinels(self) -> None:
+        """Follow ``+switch-master`` as the Sentinels announce it, from one Sentinel at a time
+        (the next one when it fails). redis-py alone asks the Sentinels only when it opens a
+        connection: its pooled connections would keep writing to the old master, which stays
+        writable until Sentinel reconfigures it, and whatever they write there is discarded."""
+        assert self._sentinel is not None
+        sentinels = list(self._sentinel.sentinels)
+        turn, delay = 0, 0.05
+        while not self._closed:
+            pubsub = sentinels[turn % len(sentinels)].pubsub()
+            try:
+                await pubsub.subscribe(_SWITCH_MASTER)
+                # A switch while nobody listened: the address the Sentinels name now.
+                with contextlib.suppress(*_FAILURES):
+                    address = await self._sentinel.discover_master(self._sentinel_master)
+                    await self._follow_master(address)
+                delay = 0.05
+                while not self._closed:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None or message["type"] != "message":
+                        continue
+                    data = message["data"]
+                    fields = (data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)).split()
+                    # "<name> <old ip> <old port> <new ip> <new port>"
+                    if len(fields) == 5 and fields[0] == self._sentinel_master and fields[4].isdigit():
+                        await self._follow_master((fields[3], int(fields[4])))
+            except asyncio.CancelledError:
+                raise
+            except _FAILURES as exc:
+                log.debug("Sentinel watch interrupted: %s", exc)
+                turn += 1
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _follow_master(self, address: tuple[str, int]) -> None:
+        """Send every command from now on to the master at ``address``."""
+        pool = cast(SentinelConnectionPool, cast(Redis, self._client).connection_pool)
+        old = pool.master_address
+        if old == address:
+            return
+        pool.master_address = address
+        if old is None:
+            return  # nothing connected yet
+        # Connections in use are closed when they come back; idle ones now: the next command
+        # opens one, and redis-py asks the Sentinels where the master is.
+        await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(*_FAILURES):
+            await pool.disconnect(inuse_connections=False)
+        log.warning("Sentinel moved master %r from %s:%s to %s:%s; following", self._sentinel_master,
+                    old[0], old[1], address[0], address[1])
+        self._restart_listener()  # the subscription sat on the old master
+
     # -- lock primitives -------------------------------------------------------------------------
 
     async def _try_lock(self, name: str, owner: str, lease_s: float) -> LockAttempt:
         await self._listening()  # subscribed before trying, so a release cannot slip past a waiter
         keys, args = self._lock_keys(name), [owner, str(_ms(lease_s))]
-        fence, pttl = await self._run("lock", lambda: self._acquire(keys=keys, args=args))
+        (fence, pttl), acknowledged = await self._run_acked("lock", self._acquire, keys, args)
+        if int(fence) and not acknowledged:
+            # Taken on a master no replica heard from: a failover under way would lose it, and
+            # another replica could then refresh with the same refresh token. Give it back and
+            # try again shortly (the next connection follows the Sentinels to the new master).
+            with contextlib.suppress(StoreUnavailable):
+                await self._release_lock(name, int(fence), owner)
+            return LockAttempt(0, 0.2)
         if int(fence):
             return LockAttempt(int(fence), 0.0)
         # PTTL -1 (no expiry) cannot happen with these scripts; -2: released in between.
