@@ -13,7 +13,9 @@ These providers rotate refresh tokens and kill the old one the moment a new one 
   have done it), then writes the new tokens with compare-and-set on the version it read (the
   fencing rule: a holder whose lease lapsed cannot overwrite a newer record) before anyone uses
   them. So however many requests on however many replicas find the token near expiry, one refresh
-  call reaches the provider.
+  call reaches the provider. Where Redis has replicas, that write counts once a replica has it
+  (a failover discards what the promoted replica never got, and with it the only working refresh
+  token): it is made again until one acknowledges it (``_write``, docs/redis.md).
 - Errors are classified by the provider: ``ReauthRequired`` ends the record (the user goes through
   the silent handshake again); ``ProviderUnavailable`` keeps it, serves with the old access token
   while it is valid, and otherwise raises so the request answers 503 with Retry-After. The
@@ -41,13 +43,12 @@ from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.providers import Provider, TokenSet
 from gateway.sealing import Sealer, seal, unseal
-from gateway.stores import LockTimeout, Store
+from gateway.stores import LockTimeout, Store, Versioned
 
 log = logging.getLogger("gateway.tokens")
 
 # A record without a known refresh-token lifetime is kept this long (then the user logs in again).
 _DEFAULT_RECORD_TTL_S = 30 * 86400
-_WRITE_ATTEMPTS = 3
 
 
 def token_key(provider: str, tenant: str, user: str) -> str:
@@ -232,7 +233,7 @@ class TokenManager:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "error")
             raise
         self.metrics.inc("gateway_token_refreshes_total", provider_name, "ok")
-        written = await self._write(key, provider_name, fresh, current.version)
+        written = await self._write(key, provider_name, fresh, current)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.
             latest = await self.store.get(key)
@@ -243,20 +244,54 @@ class TokenManager:
         self._not_before.pop(key, None)
         return fresh
 
-    async def _write(self, key: str, provider_name: str, fresh: TokenSet, version: int) -> int | None:
-        """Compare-and-set the rotated tokens, retrying a brief store outage: the provider has
-        already killed the old refresh token, so these are the only ones that work."""
+    async def _write(self, key: str, provider_name: str, fresh: TokenSet, read: Versioned) -> int | None:
+        """Compare-and-set the rotated tokens over ``read`` (the record the refresh started from)
+        until they are safely stored: the provider has already killed the old refresh token, so
+        these are the only ones that work, and losing them is a logout.
+
+        Safely stored means a replica has them where the store has replicas
+        (``Store.set_versioned_replicated``): in a failover the master that took the write may be
+        demoted and lose it. So until one acknowledges it, or through a brief outage, the write is
+        made again, each time over what the master now holds: our own tokens (written, not yet
+        acknowledged), ``read`` itself (our write was lost with the old master), or a newer
+        record (a new login: it wins, None). The retries last ``store.durable_write_window_s``."""
         data, ttl = self._encode(key, provider_name, fresh), self._ttl(fresh)
-        for attempt in range(_WRITE_ATTEMPTS):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.store.durable_write_window_s
+        expected, written, warned = read.version, None, False
+        while True:
             try:
-                return await self.store.set_versioned(key, data, ttl, expected_version=version)
+                written, acknowledged = await self.store.set_versioned_replicated(
+                    key, data, ttl, expected_version=expected)
+                if written is not None and acknowledged:
+                    if warned:
+                        log.warning("rotated tokens stored and acknowledged by a replica",
+                                    extra={"provider": provider_name})
+                    return written
+                latest = await self.store.get_versioned(key)
+                if latest is None:
+                    return None  # ended meanwhile (a logout): not brought back
+                if latest.value == data:
+                    expected = latest.version  # ours, unconfirmed: written again to be acknowledged
+                elif latest.version == read.version and latest.value == read.value:
+                    expected = read.version  # our write is gone (a demoted master): again
+                else:
+                    return None  # a newer record: theirs wins
             except StoreUnavailable:
-                if attempt == _WRITE_ATTEMPTS - 1:
-                    log.error("rotated tokens could not be stored; the user will sign in again",
-                              extra={"provider": provider_name})
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
+                pass
+            if loop.time() >= deadline:
+                if written is not None:
+                    log.error("rotated tokens were stored but no replica acknowledged them; a failover now "
+                              "would end this sign-in", extra={"provider": provider_name})
+                    return written
+                log.error("rotated tokens could not be stored; the user will sign in again",
+                          extra={"provider": provider_name})
+                raise StoreUnavailable("The session store is unavailable; please try again shortly.")
+            if not warned:
+                warned = True
+                log.warning("rotated tokens not yet safely stored (a store failover?); writing them again",
+                            extra={"provider": provider_name})
+            await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, Any]:
         return {"refreshes_in_flight": len(self._inflight)}
