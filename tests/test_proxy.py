@@ -308,14 +308,17 @@ async def test_forwarded_headers_untrusted_peer(gateway: tuple[str, UpstreamStat
     assert header_values(echoed, "forwarded") == [] and header_values(echoed, "x-real-ip") == []
 
 
-async def test_host_is_the_upstreams_unless_preserved(upstream: tuple[str, UpstreamState]) -> None:
+@pytest.mark.parametrize("preserve_host", [None, True, False])  # None: the default
+async def test_host_is_the_browsers_unless_preserve_host_is_off(
+    upstream: tuple[str, UpstreamState], preserve_host: bool | None
+) -> None:
     upstream_url, _ = upstream
-    for preserve in (False, True):
-        async with proxied(upstream_url, preserve_host=preserve) as (url, _), httpx.AsyncClient() as client:
-            echoed = (await client.get(url + "/echo/h", headers={"host": "app.example.com"})).json()
-        expected = "app.example.com" if preserve else upstream_url.removeprefix("http://")
-        assert header_values(echoed, "host") == [expected]
-        assert header_values(echoed, "x-forwarded-host") == ["app.example.com"]
+    options = {} if preserve_host is None else {"preserve_host": preserve_host}
+    async with proxied(upstream_url, **options) as (url, _), httpx.AsyncClient() as client:
+        echoed = (await client.get(url + "/echo/h", headers={"host": "app.example.com"})).json()
+    expected = upstream_url.removeprefix("http://") if preserve_host is False else "app.example.com"
+    assert header_values(echoed, "host") == [expected]  # exactly one Host, never both
+    assert header_values(echoed, "x-forwarded-host") == ["app.example.com"]
 
 
 async def test_forwarded_headers_trusted_peer(upstream: tuple[str, UpstreamState]) -> None:
@@ -409,6 +412,25 @@ async def test_websocket_echo_text_and_binary(gateway: tuple[str, UpstreamState]
         await ws.send("headers")
         seen = json.loads(await ws.recv())
     assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
+
+
+@pytest.mark.parametrize("preserve_host", [None, False])  # None: the default
+async def test_websocket_host_and_origin_as_the_app_checks_them(
+    upstream: tuple[str, UpstreamState], preserve_host: bool | None
+) -> None:
+    """The WebSocket relay (aiohttp) sends the same Host as the HTTP path: by default the browser's,
+    so an app comparing Origin with Host (Tornado's check_origin) finds them one origin; the
+    browser's Origin always passes through unchanged."""
+    upstream_url, _ = upstream
+    options = {} if preserve_host is None else {"preserve_host": preserve_host}
+    async with proxied(upstream_url, **options) as (url, _):
+        browser_host = url.removeprefix("http://")
+        async with websockets.connect(ws_url(url, "/ws/echo"), origin=websockets.Origin(url)) as ws:
+            await ws.send("headers")
+            seen = json.loads(await ws.recv())
+    assert seen["origin"] == url
+    assert seen["host"] == (upstream_url.removeprefix("http://") if preserve_host is False else browser_host)
+    assert seen["x-forwarded-host"] == browser_host
 
 
 async def test_websocket_close_from_upstream_propagates(gateway: tuple[str, UpstreamState]) -> None:

@@ -82,7 +82,8 @@ async def test_sidecar_proxies_with_a_verified_identity(
         received = headers_of(answer)
         assert received["x-auth-user"] == [ZHANG]
         assert received["x-forwarded-for"] == ["127.0.0.1"]
-        assert received["x-forwarded-host"] == [base.removeprefix("http://")]
+        # The default (upstream.preserve_host): the app sees the Host the browser used, once.
+        assert received["host"] == received["x-forwarded-host"] == [base.removeprefix("http://")]
         assert "gw_session" not in answer.json()["cookies"]
 
         spoofed = await client.get("/x", headers={"X-Auth-User": "admin", "x_auth_user": "root",
