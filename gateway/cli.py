@@ -117,14 +117,15 @@ async def _store_problem(config: GatewayConfig) -> tuple[str, str] | None:
     from gateway.errors import GatewayError
     from gateway.runtime import make_store
 
-    where = "store.sentinels" if config.store.mode == "sentinel" else "store.url"
+    where = {"sentinel": "store.sentinels", "cluster": "store.urls" if config.store.urls else "store.url"}.get(
+        config.store.mode, "store.url")
     logging.getLogger("gateway.stores").setLevel(logging.CRITICAL)  # the reason is printed below
     try:
         store = make_store(config)
     except GatewayError as exc:
         return "store.backend", exc.message
-    except (ValueError, TypeError) as exc:  # a URL redis-py cannot use
-        return where, f"redis cannot use it ({type(exc).__name__})"
+    except Exception as exc:  # a URL redis-py cannot use (ValueError, its RedisClusterException...)
+        return where, f"redis cannot use it ({type(exc).__name__})"  # the text may hold the password
     try:
         await asyncio.wait_for(store.ping(), config.store.connect_timeout_s * 2 + 5)
     except (GatewayError, TimeoutError):
