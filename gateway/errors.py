@@ -18,6 +18,8 @@ Providers raise the ``ProviderError`` subclasses; which one tells the core what 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class GatewayError(Exception):
     """Base class: ``code`` is stable (clients switch on it), ``message`` is for people."""
@@ -25,9 +27,18 @@ class GatewayError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        fields: Mapping[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        # The values a translated sentence of ``code`` names ({seconds}, {expected}...).
+        self.fields: dict[str, object] = dict(fields or {})
         if code is not None:
             self.code = code
         if status_code is not None:

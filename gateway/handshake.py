@@ -4,6 +4,12 @@
 User-Agent) or serves the handshake page, whose script asks the client's JSAPI for a code and POSTs
 it to ``/exchange/<provider>``. Both paths end in ``complete_login``: the token record is saved
 (replacing the user's previous one), a session is created, the cookie is set.
+
+Every page here speaks the request's language (gateway/i18n.py). A ``public_url`` whose host is not
+the one browsers use (``localhost`` vs ``127.0.0.1``) breaks every sign-in: the login cookie is set
+on the host the browser used and the provider comes back to ``public_url``'s. That is detected at
+the callback and at ``/exchange`` and said as such (``public_url_mismatch``), in the page and once
+in the log, instead of "started in another browser".
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import html
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.bodies import read_json
 from gateway.edge import TrustedProxies
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
+from gateway.i18n import EN, Locale, display_name, error_message, language_headers, locale_of, text
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import (
     content_security_policy,
@@ -52,6 +60,9 @@ _PENDING_MESSAGE = (
     "Come back and sign in again once it is approved."
 )
 _PROVIDER_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: Logins started at a host other than public_url's, remembered (state -> host) so that their
+#: callback can say what went wrong; bounded, in-process (a hint, not a security decision).
+_FOREIGN_LOGINS_KEPT = 1024
 #: The endpoints that start or finish a sign-in: each costs a cookie, a store write or a provider
 #: call, so each is limited per client (``limits.login_rate_per_min``).
 _LIMITED = frozenset({"login", "exchange", "callback"})
@@ -77,12 +88,22 @@ def login_required_response(scope: Scope, prefix: str, target: str, *, method: s
     if (method or scope["method"]) in ("GET", "HEAD") and b"text/html" in accept:
         return RedirectResponse(login_url, status_code=302, headers={"cache-control": "no-store"})
     return error_response(scope, 401, "login_required", "You are not signed in.",
-                          extra={"login_url": login_url}, actions={"Sign in": login_url})
+                          extra={"login_url": login_url}, actions={"action.sign_in": login_url})
 
 
 class BadRequest(GatewayError):
     status_code = 400
     code = "bad_request"
+
+
+class PublicUrlMismatch(BadRequest):
+    """public_url is not the address the browser used; ``next_path``: where the sign-in was going."""
+
+    code = "public_url_mismatch"
+
+    def __init__(self, message: str, *, expected: str, actual: str, next_path: str | None) -> None:
+        super().__init__(message, fields={"expected": expected, "actual": actual})
+        self.next_path = next_path
 
 
 class Handshake:
@@ -98,6 +119,9 @@ class Handshake:
         self._limiter = RateLimiter(limits.login_rate_per_min, limits.login_burst)
         self._trusted = TrustedProxies(self.config.access.trusted_proxies)
         self.ready_checks: list[ReadyCheck] = []
+        self._public_host = _host_key(urlsplit(self.config.public_url).netloc)
+        self._foreign_logins: OrderedDict[str, tuple[str, str]] = OrderedDict()  # state -> (host, next)
+        self._mismatch_logged = False
         frame_ancestors = self.config.access.frame_ancestors
         self._policy = policy_headers(content_security_policy(frame_ancestors))
         # The handshake page runs our scripts and the provider's JSSDK (its origin), POSTs the
@@ -157,7 +181,8 @@ class Handshake:
                 response = error_response(
                     scope, 429, "rate_limited",
                     f"Too many sign-in attempts from your network. Please wait {wait_s} seconds and try again.",
-                    headers={"retry-after": str(wait_s)})
+                    headers={"retry-after": str(wait_s)}, message_id="error.rate_limited_login",
+                    fields={"seconds": wait_s})
             elif handler is None:
                 response = self._no_route(scope, head)
             else:
@@ -203,7 +228,14 @@ class Handshake:
             query = {"next": next_path or safe_next(request.query_params.get("next"))}
             if provider:
                 query["provider"] = provider
-            actions = {"Try again": f"{self.prefix}/login?{urlencode(query)}"}
+            if isinstance(exc, PublicUrlMismatch):
+                # The way on is the configured address, where the login cookie will be found.
+                query["next"] = exc.next_path or query["next"]
+                url = self.config.public_url
+                actions = {text("action.open_app", locale_of(request.scope), url=url):
+                           f"{url}{self.prefix}/login?{urlencode(query)}"}
+            else:
+                actions = {"action.try_again": f"{self.prefix}/login?{urlencode(query)}"}
         return gateway_error_response(request.scope, exc, actions=actions)
 
     def _provider(self, name: str) -> Provider:
@@ -230,7 +262,7 @@ class Handshake:
             elif not providers:
                 raise GatewayError("No identity provider is configured.", code="no_providers", status_code=503)
             else:
-                return self._chooser(next_path)
+                return self._chooser(next_path, locale_of(request.scope))
 
         # Finishing a login needs the store (single use, the session): say so now, before the
         # user goes through the provider's consent for nothing. A ping: nothing is written.
@@ -241,6 +273,7 @@ class Handshake:
         state = self.logins.new_state()
         verifier, challenge = pkce_pair() if provider.uses_pkce else (None, None)
         logins[state] = PendingLogin(state, provider.name, next_path, verifier, time.time())
+        self._note_foreign_host(request, state, next_path)
         context = LoginContext(
             state=state, redirect_uri=self.config.redirect_uri(provider.name), next_path=next_path,
             code_challenge=challenge,
@@ -267,14 +300,37 @@ class Handshake:
             secure=self.config.session.secure, samesite=same_site,
         )
 
-    def _chooser(self, next_path: str) -> Response:
+    def _chooser(self, next_path: str, locale: Locale) -> Response:
         links = "".join(
             f'<a class="button" href="{html.escape(self.prefix)}/login?'
             f'{html.escape(urlencode({"provider": name, "next": next_path}))}">'
-            f"{html.escape(provider.display_name or name)}</a>"
+            f"{html.escape(display_name(provider.display_name or name, locale))}</a>"
             for name, provider in self.runtime.providers.items()
         )
-        return page("Sign in", f"<h1>Sign in</h1><p>Choose how to sign in.</p><p>{links}</p>")
+        title = text("title.sign_in", locale)
+        return page(title, f"<h1>{html.escape(title)}</h1><p>{html.escape(text('page.choose', locale))}</p>"
+                           f"<p>{links}</p>", locale=locale)
+
+    def _note_foreign_host(self, request: Request, state: str, next_path: str) -> None:
+        """Remember a login started at a host other than public_url's (see the module docstring)."""
+        host = request.headers.get("host", "")
+        if host and _host_key(host) != self._public_host:
+            self._foreign_logins[state] = (host, next_path)
+            while len(self._foreign_logins) > _FOREIGN_LOGINS_KEPT:
+                self._foreign_logins.popitem(last=False)
+
+    def _public_url_mismatch(self, actual: str, next_path: str | None = None) -> PublicUrlMismatch:
+        """The error that says public_url is not the address the browser used; logged once."""
+        expected = self.config.origin
+        if not self._mismatch_logged:
+            self._mismatch_logged = True
+            log.warning("public_url is %s but a browser reached the gateway at %s: the login cookie is set on "
+                        "the address the browser used and the provider returns to public_url, so sign-ins "
+                        "fail there; set public_url to the address people open (or open the app at %s)",
+                        expected, actual, expected)
+        return PublicUrlMismatch(f"This app is configured for {expected}, but this page was opened at {actual}. "
+                                 f"Open the app at {expected}, or ask its operator to set public_url to the address "
+                                 "people use.", expected=expected, actual=actual, next_path=next_path)
 
     def _handshake_page(
         self, provider: Provider, login: LoginContext, fallback_url: str, request: Request
@@ -296,17 +352,23 @@ class Handshake:
             "jssdkUrl": settings.jssdk_url,
             "bridge": provider.bridge_config(login),
         }
+        locale = locale_of(request.scope)
+        name = display_name(provider.display_name or provider.name, locale)
+        page_config["displayName"] = name
+        page_config["lang"] = locale
+        page_config["messages"] = _script_messages(locale, name)
         config_json = script_json(page_config)
-        name = html.escape(provider.display_name or provider.name)
+        title = html.escape(text("page.signing_in_with", locale, name=name))
         body = (
-            f'<h1 id="gw-title">Signing in with {name}</h1>'
-            '<p id="gw-status">Connecting…</p><p id="gw-actions"></p>'
-            f'<noscript><p><a class="button" href="{html.escape(fallback_url)}">Continue</a></p></noscript>'
+            f'<h1 id="gw-title">{title}</h1>'
+            f'<p id="gw-status">{html.escape(text("page.connecting", locale))}</p><p id="gw-actions"></p>'
+            f'<noscript><p><a class="button" href="{html.escape(fallback_url)}">'
+            f'{html.escape(text("action.continue", locale))}</a></p></noscript>'
             f'<script id="gw-config" type="application/json">{config_json}</script>'
             f'<script src="{self.prefix}/static/bridge/{html.escape(provider.plugin)}.js"></script>'
             f'<script src="{self.prefix}/static/handshake.js"></script>'
         )
-        return page(f"Signing in with {name}", body,
+        return page(text("page.signing_in_with", locale, name=name), body, locale=locale,
                     headers={"content-security-policy": self._page_policy[provider.name]})
 
     # -- completing a login -----------------------------------------------------------------
@@ -328,6 +390,9 @@ class Handshake:
         if pending is None:
             if await self.runtime.store.get(used) is not None:  # e.g. replayed after signing in
                 raise BadRequest("This sign-in link was already used; please start again.", code="state_invalid")
+            foreign = self._foreign_logins.pop(state, None)
+            if foreign is not None:  # started at another host: public_url is not the browser's address
+                raise self._public_url_mismatch(f"{request.url.scheme}://{foreign[0]}", foreign[1])
             raise BadRequest("This sign-in was started in another browser, or long ago; please start again here.",
                              code="state_mismatch")
         if pending.expired() or pending.provider != provider.name:
@@ -440,6 +505,9 @@ class Handshake:
         origin = request.headers.get("origin")
         if origin is not None:
             if origin.rstrip("/") != self.config.origin:
+                if _host_key(urlsplit(origin).netloc) == _host_key(request.headers.get("host", "")):
+                    # Our own page, served at the browser's address, which is not public_url's.
+                    raise self._public_url_mismatch(origin.rstrip("/"))
                 raise GatewayError("This request must come from the app's own pages.", code="cross_origin",
                                    status_code=403)
         elif request.headers.get("sec-fetch-site") not in (None, "same-origin", "none"):
@@ -465,8 +533,11 @@ class Handshake:
             self.runtime.metrics.inc("gateway_logouts_total")
         response: Response
         if wants_html(request.headers):
-            response = message_page("Signed out", "You are signed out.", status_code=200, code="signed_out",
-                                    actions={"Sign in again": f"{self.prefix}/login"})
+            locale = locale_of(request.scope)
+            response = message_page(text("title.signed_out", locale), text("page.signed_out", locale),
+                                    status_code=200, code="signed_out", locale=locale,
+                                    headers=language_headers(locale),
+                                    actions={"action.sign_in_again": f"{self.prefix}/login"})
         else:
             response = JSONResponse({"ok": True})
         response.delete_cookie(self.config.session.cookie_name, path="/")
@@ -479,9 +550,11 @@ class Handshake:
         ticket = request.cookies.get(self.config.session.cookie_name)
         authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
         if authenticated is None:
-            return JSONResponse({"error": "login_required", "message": "You are not signed in.",
+            locale = locale_of(request.scope)
+            return JSONResponse({"error": "login_required",
+                                 "message": error_message("login_required", "You are not signed in.", locale)[0],
                                  "login_url": self.login_url("/")}, status_code=401,
-                                headers={"cache-control": "no-store"})
+                                headers={"cache-control": "no-store", **language_headers(locale)})
         return JSONResponse(authenticated.identity.as_json(), headers={"cache-control": "no-store"})
 
     async def auth(self, request: Request, rest: str) -> Response:
@@ -564,6 +637,38 @@ class Handshake:
             return error_response(request.scope, 404, "not_found", "There is no such file.")
         return Response(script, media_type="application/javascript",
                         headers={"cache-control": "public, max-age=300", "x-content-type-options": "nosniff"})
+
+
+def _script_messages(locale: Locale, name: str) -> dict[str, str]:
+    """The strings the handshake script shows, in ``locale`` (the script has no catalogue)."""
+    return {
+        "tryAgain": text("action.try_again", locale),
+        "browserSignIn": text("action.sign_in_in_browser", locale),
+        # "{reason}" is replaced by the script (English only: the reasons are the bridges' English).
+        "toBrowser": (text("page.browser_sign_in", locale)[:-1] + "{reason}…") if locale == EN
+        else text("page.browser_sign_in", locale),
+        "signingYouIn": text("page.signing_you_in", locale),
+        "connectingTo": text("page.connecting_to", locale, name=name),
+        "continuingWith": text("page.continuing_with", locale, name=name),
+        "pendingTitle": text("title.approval_pending", locale),
+        "pending": text("page.pending", locale),
+        "deniedTitle": text("title.access_denied", locale),
+        "declined": text("page.declined", locale),
+        "notCompleted": text("page.not_completed", locale),
+        "notCompletedDenied": text("page.not_completed_denied", locale),
+        "accessWasDenied": text("page.access_was_denied", locale),
+        "codeUnusable": text("page.code_unusable", locale),
+        "exchangeFailed": text("page.exchange_failed", locale),
+        "approvalNeeded": text("error.approval_pending", locale),
+        "networkFailed": text("page.network_failed", locale),
+        "gatewayTimeout": text("page.gateway_timeout", locale),
+    }
+
+
+def _host_key(host: str) -> str:
+    """A Host (or netloc) as compared with public_url's: lower case, without a default port."""
+    host = host.strip().lower().rpartition("@")[2]
+    return host[:-3] if host.endswith(":80") else host[:-4] if host.endswith(":443") else host
 
 
 def _origin(url: str) -> list[str]:

@@ -3,6 +3,9 @@
 Every error the gateway answers goes through ``error_response``: browsers (Accept admits
 text/html) get a small readable page with a way forward, API clients get
 ``{"error": code, "message": message}``. Nothing here ever prints a traceback or a secret.
+
+Pages and messages are in Simplified Chinese or English by ``Accept-Language`` (gateway/i18n.py),
+and laid out for a 390 px phone webview: nothing is wider than the screen, long codes and URLs wrap.
 """
 
 from __future__ import annotations
@@ -19,14 +22,30 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Scope
 
 from gateway.errors import GatewayError, ProviderUnavailable, StoreUnavailable
+from gateway.i18n import (
+    EN,
+    MESSAGES,
+    Locale,
+    error_message,
+    error_title,
+    language_headers,
+    locale_of,
+    text,
+)
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f5f6f7;color:#1f2329}
-main{max-width:34rem;margin:12vh auto;padding:2rem;background:#fff;border-radius:12px;
-box-shadow:0 2px 12px rgba(0,0,0,.08)}
-h1{font-size:1.3rem;margin:0 0 .8rem}p{line-height:1.5}a.button,button{display:inline-block;margin:.4rem .4rem 0 0;
-padding:.55rem 1rem;border-radius:8px;border:0;background:#3370ff;color:#fff;text-decoration:none;font-size:1rem;
-cursor:pointer}a.secondary{background:#e8eaed;color:#1f2329}code{font-size:.85rem;color:#646a73}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
+body{font-family:system-ui,-apple-system,"PingFang SC","Microsoft YaHei","Noto Sans CJK SC","Segoe UI",sans-serif;
+margin:0;padding:0 .75rem;background:#f5f6f7;color:#1f2329;font-size:16px;line-height:1.55}
+main{box-sizing:border-box;max-width:34rem;margin:8vh auto;padding:1.5rem 1.25rem;background:#fff;border-radius:12px;
+box-shadow:0 2px 12px rgba(0,0,0,.08);word-wrap:break-word;overflow-wrap:break-word;word-break:break-word}
+h1{font-size:1.3rem;line-height:1.35;margin:0 0 .8rem}p{margin:.6rem 0}
+a.button,button{display:inline-block;box-sizing:border-box;max-width:100%;margin:.4rem .4rem 0 0;padding:.6rem 1rem;
+border-radius:8px;border:0;background:#3370ff;color:#fff;text-decoration:none;font-size:1rem;cursor:pointer;
+white-space:normal;text-align:center}
+a.secondary{background:#e8eaed;color:#1f2329}
+.meta{font-size:.85rem;color:#646a73}code{font-size:.85rem;color:#646a73;word-break:break-all}
+details{font-size:.85rem;color:#646a73;margin-top:.6rem}
 """
 
 
@@ -69,18 +88,31 @@ def wants_html(headers: Headers) -> bool:
 
 
 def page(
-    title: str, body_html: str, *, status_code: int = 200, headers: Mapping[str, str] | None = None
+    title: str,
+    body_html: str,
+    *,
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+    locale: Locale | None = None,
 ) -> HTMLResponse:
-    """A complete, self-contained HTML page. ``body_html`` must already be escaped."""
+    """A complete, self-contained HTML page. ``body_html`` must already be escaped. ``locale``:
+    the language the page is written in (``<html lang>``, Content-Language, Vary); None for a page
+    whose words do not depend on the request (English)."""
     document = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<!doctype html><html lang={locale or EN}><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width,initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
         f"<body><main>{body_html}</main></body></html>"
     )
-    response = HTMLResponse(document, status_code=status_code, headers=dict(headers or {}))
+    all_headers = {**(language_headers(locale) if locale else {}), **(headers or {})}
+    response = HTMLResponse(document, status_code=status_code, headers=all_headers)
     response.headers["cache-control"] = "no-store"
     return response
+
+
+def label(key: str, locale: Locale) -> str:
+    """An action's label: ``key`` is a message id (``action.try_again``) or already the text."""
+    return text(key, locale) if key in MESSAGES else key
 
 
 def message_page(
@@ -91,38 +123,26 @@ def message_page(
     code: str,
     actions: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
+    locale: Locale = EN,
+    detail: str | None = None,
 ) -> HTMLResponse:
-    """A page that says what happened and offers links (label -> URL) as the way forward."""
+    """A page that says what happened and offers links (label or label's message id -> URL) as
+    the way forward; the stable ``code`` is shown as a small labelled detail, and ``detail`` (the
+    English original of a translated message) folded away below it."""
     links = "".join(
-        f'<a class="button{" secondary" if index else ""}" href="{html.escape(url)}">{html.escape(label)}</a>'
-        for index, (label, url) in enumerate((actions or {}).items())
+        f'<a class="button{" secondary" if index else ""}" href="{html.escape(url)}">'
+        f"{html.escape(label(key, locale))}</a>"
+        for index, (key, url) in enumerate((actions or {}).items())
     )
+    folded = (f"<details><summary>{html.escape(text('label.details', locale))}</summary>"
+              f"<p>{html.escape(detail)}</p></details>") if detail else ""
     body = (
         f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
-        f"<p>{links}</p><p><code>{html.escape(code)}</code></p>"
+        + (f"<p>{links}</p>" if links else "")
+        + f'<p class=meta>{html.escape(text("label.code", locale))}: <code>{html.escape(code)}</code></p>'
+        + folded
     )
-    return page(title, body, status_code=status_code, headers=headers)
-
-
-# A title by error code first (what happened), else by status.
-_CODE_TITLES = {
-    "approval_pending": "Waiting for your administrator",
-    "access_denied": "Sign-in was declined",
-    "tenant_not_allowed": "Your organisation cannot use this app",
-    "login_required": "Please sign in",
-}
-_TITLES = {
-    400: "This request could not be used",
-    401: "Please sign in again",
-    403: "Access denied",
-    404: "Not found",
-    405: "Method not allowed",
-    413: "This request is too large",
-    429: "Too many attempts",
-    502: "The service behind this page is unavailable",
-    503: "Temporarily unavailable",
-    504: "The service behind this page did not answer in time",
-}
+    return page(title, body, status_code=status_code, headers=headers, locale=locale)
 
 
 def error_response(
@@ -134,15 +154,22 @@ def error_response(
     actions: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     extra: Mapping[str, str] | None = None,
+    fields: Mapping[str, object] | None = None,
+    message_id: str | None = None,
 ) -> Response:
-    """The one way the gateway answers an error: a page for browsers, JSON otherwise."""
-    all_headers = {"cache-control": "no-store", **(headers or {})}
+    """The one way the gateway answers an error: a page for browsers, JSON otherwise, in the
+    request's language. ``message`` is the English sentence; the Chinese one comes from the
+    catalogue by ``code`` or ``message_id`` (``fields`` fill its blanks). The JSON ``error`` is the
+    stable code."""
+    locale = locale_of(scope)
+    sentence, detail = error_message(code, message, locale, message_id=message_id, **(fields or {}))
+    all_headers = {"cache-control": "no-store", **language_headers(locale), **(headers or {})}
     if wants_html(Headers(scope=scope)):
-        title = _CODE_TITLES.get(code) or _TITLES.get(status_code, "Something went wrong")
         return message_page(
-            title, message, status_code=status_code, code=code, actions=actions, headers=all_headers
+            error_title(code, status_code, locale), sentence, status_code=status_code, code=code,
+            actions=actions, headers=all_headers, locale=locale, detail=detail,
         )
-    return JSONResponse({"error": code, "message": message, **(extra or {})}, status_code=status_code,
+    return JSONResponse({"error": code, "message": sentence, **(extra or {})}, status_code=status_code,
                         headers=all_headers)
 
 
@@ -150,4 +177,5 @@ def gateway_error_response(scope: Scope, exc: GatewayError, *, actions: Mapping[
     headers: dict[str, str] = {}
     if isinstance(exc, ProviderUnavailable | StoreUnavailable):
         headers["retry-after"] = str(exc.retry_after_s)
-    return error_response(scope, exc.status_code, exc.code, exc.message, actions=actions, headers=headers)
+    return error_response(scope, exc.status_code, exc.code, exc.message, actions=actions, headers=headers,
+                          fields=exc.fields)

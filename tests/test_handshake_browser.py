@@ -18,9 +18,12 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
-from playwright.async_api import Browser, expect
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, ViewportSize, expect
+from playwright.async_api import Request as PageRequest
 
 from tests.conftest import (
+    CLIENT_RECORDER,
     FEISHU_UA,
     GatewayStarter,
     RunningGateway,
@@ -291,3 +294,138 @@ async def test_the_failure_pages_browser_sign_in_button_works(
         assert page.url == running.url + TARGET
         echoed = json.loads(await page.locator("pre").first.text_content() or "{}")
     assert identity_of(echoed) == ZHANG
+
+
+# -- in the reader's language, on a phone --------------------------------------------------------
+
+PHONE: ViewportSize = {"width": 390, "height": 844}
+PHONE_BROWSER_UA = (
+    "Mozilla/5.0 (Linux; Android 13; Pixel 7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
+    "Mobile Safari/537.36"
+)
+FITS = """() => {
+  var visible = Array.prototype.filter.call(document.querySelectorAll("main *"), function (node) {
+    return node.getClientRects().length > 0 && node.textContent.trim() !== "";
+  });
+  return {
+    innerWidth: window.innerWidth,
+    scrollWidth: document.scrollingElement.scrollWidth,
+    bodyFont: parseFloat(getComputedStyle(document.body).fontSize),
+    smallestFont: Math.min.apply(null, visible.map(function (node) {
+      return parseFloat(getComputedStyle(node).fontSize);
+    })),
+    mainRadius: getComputedStyle(document.querySelector("main")).borderTopLeftRadius,
+    lang: document.documentElement.lang
+  };
+}"""
+
+
+async def phone(browser: Browser, *, locale: str, user_agent: str = FEISHU_UA,
+                jsapi: dict[str, Any] | None = None) -> tuple[SimulatedClient, list[str]]:
+    """A phone webview (390 px, mobile viewport rules, ``locale``'s Accept-Language): the context of
+    conftest's ``open_simulated_client``, which takes no viewport or locale, with those added; and
+    the console's Content-Security-Policy complaints, which must stay empty."""
+    context = await browser.new_context(user_agent=user_agent, locale=locale, viewport=PHONE, is_mobile=True,
+                                        has_touch=True, device_scale_factor=3)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    await context.expose_function(CLIENT_RECORDER, lambda api, args: calls.append((api, args)))
+    if jsapi is not None:
+        await context.add_init_script(script=JSAPI_SIMULATOR.replace("__SETUP__", json.dumps(jsapi)))
+    client = SimulatedClient(await context.new_page(), calls)
+    client.page.on("pageerror", lambda error: client.errors.append(str(error)))
+    refused: list[str] = []
+
+    def on_request(request: PageRequest) -> None:
+        if request.method == "POST" and "/_gateway/exchange/" in request.url:
+            client.exchanges.append(request.post_data_json or {})
+
+    def on_console(message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            refused.append(message.text)
+
+    client.page.on("request", on_request)
+    client.page.on("console", on_console)
+    return client, refused
+
+
+async def assert_fits_a_phone(page: Page, lang: str) -> None:
+    """Nothing wider than the 390 px screen, readable sizes, our style applied (under the CSP)."""
+    measured = await page.evaluate(FITS)
+    assert measured["innerWidth"] == 390, measured  # the meta viewport is honoured (not 980 px)
+    assert measured["scrollWidth"] <= 390, measured
+    assert measured["bodyFont"] >= 16 and measured["smallestFont"] >= 12, measured
+    assert measured["mainRadius"] == "12px", measured  # the hashed inline style did apply
+    assert measured["lang"] == lang, measured
+
+
+@pytest.mark.parametrize(
+    ("locale", "lang", "title", "status", "buttons"),
+    [
+        ("zh-CN", "zh-Hans", "登录未完成", "登录码已被使用", ["重试", "在浏览器中登录"]),
+        ("en-US", "en", "Sign-in did not complete", "already used", ["Try again", "Sign in in the browser"]),
+    ],
+)
+async def test_the_handshake_page_speaks_the_language_and_fits_a_phone(
+    browser: Browser, start_gateway: GatewayStarter, lark: ServedLark,
+    locale: str, lang: str, title: str, status: str, buttons: list[str],
+) -> None:
+    code = await used_code(lark)
+    client, refused = await phone(browser, locale=locale, jsapi=simulated(request_access={"code": code}))
+    async with start_gateway() as running:
+        page = client.page
+        await page.goto(running.url + TARGET, wait_until="commit")
+        await expect(page.locator("#gw-title")).to_have_text(title, timeout=10_000)
+        await expect(page.locator("#gw-status")).to_contain_text(status)
+        await expect(page.locator("#gw-actions a.button")).to_have_text(buttons)
+        await assert_fits_a_phone(page, lang)
+        await page.screenshot(path=f"/tmp/handshake-phone-{lang}.png")
+    assert client.errors == [] and refused == []
+
+
+@pytest.mark.parametrize(
+    ("locale", "lang", "pending_title", "error_title"),
+    [("zh-CN", "zh-Hans", "等待管理员审批", "找不到页面"),
+     ("en-US", "en", "Waiting for your administrator", "Not found")],
+)
+async def test_the_pending_and_error_pages_speak_the_language_and_fit_a_phone(
+    browser: Browser, start_gateway: GatewayStarter, locale: str, lang: str, pending_title: str, error_title: str,
+) -> None:
+    client, refused = await phone(browser, locale=locale, user_agent=PHONE_BROWSER_UA)
+    page = client.page
+    async with start_gateway() as running:
+        await page.goto(f"{running.url}/_gateway/callback/lark?error=approval_pending")
+        await expect(page.locator("h1")).to_have_text(pending_title)
+        await assert_fits_a_phone(page, lang)
+        # An error whose text holds a 300-character word (the unknown provider's name): it wraps.
+        await page.goto(f"{running.url}/_gateway/login?provider={'x' * 300}")
+        await expect(page.locator("h1")).to_have_text(error_title)
+        if lang != "en":
+            await page.locator("summary").click()  # the English detail, unfolded
+            await expect(page.locator("details p")).to_contain_text("x" * 300)
+        await expect(page.locator("code")).to_have_text("unknown_provider")
+        await assert_fits_a_phone(page, lang)
+    assert client.errors == [] and refused == []
+
+
+async def test_a_public_url_host_the_browser_does_not_use_is_explained(
+    browser: Browser, start_gateway: GatewayStarter, lark: ServedLark
+) -> None:
+    # public_url says 127.0.0.1; the user opens localhost. The login cookie belongs to localhost,
+    # the provider returns to 127.0.0.1: the page says so, not "started in another browser".
+    client, refused = await phone(browser, locale="zh-CN", user_agent=PHONE_BROWSER_UA)
+    page = client.page
+    async with start_gateway() as running:
+        at_localhost = running.url.replace("127.0.0.1", "localhost")
+        await page.goto(at_localhost + TARGET)
+        await page.wait_for_url(re.compile(r"/_gateway/callback/lark\?"), timeout=10_000)
+        await expect(page.locator("h1")).to_have_text("无法处理此请求")
+        await expect(page.locator("main > p").first).to_contain_text(
+            f"此应用配置的地址是 {running.url}，但此页面是通过 {at_localhost} 打开的")
+        await expect(page.locator("code")).to_have_text("public_url_mismatch")
+        await assert_fits_a_phone(page, "zh-Hans")
+        # Its button opens the sign-in at the configured address, which then works.
+        await page.locator("a.button").click()
+        await page.wait_for_url(running.url + TARGET, timeout=10_000)
+        echoed = json.loads(await page.locator("pre").first.text_content() or "{}")
+    assert identity_of(echoed) == ZHANG
+    assert client.errors == [] and refused == []

@@ -4,7 +4,11 @@
  * plus Promise and fetch-with-XHR-fallback only.
  *
  * The page embeds its settings as JSON in <script id="gw-config" type="application/json">:
- *   {plugin, exchangeUrl, fallbackUrl, next, timeoutMs, jssdkUrl, bridge: {...provider's config}}
+ *   {plugin, exchangeUrl, fallbackUrl, next, timeoutMs, jssdkUrl, bridge: {...provider's config},
+ *    lang, messages: {...every string the page shows, in the page's language}}
+ * The gateway chose the language (Accept-Language, gateway/i18n.py); the script has no words of
+ * its own. The /exchange answers' messages are in that language too (the request carries the same
+ * Accept-Language); a bridge's reasons are English, so other languages show the page's own text.
  *
  * A provider's bridge.js registers window.gatewayBridges[plugin] = {requestCode(config, tools)}:
  * it resolves {code, context?} or rejects {outcome, message}: "fallback" (use the browser OAuth),
@@ -23,6 +27,8 @@
   var actionsNode = document.getElementById("gw-actions");
   var finished = false;
   var exchanging = false;
+  var t = config.messages;
+  var english = config.lang === "en";
 
   function say(text) {
     statusNode.textContent = text;
@@ -41,15 +47,15 @@
     finished = true;
     document.getElementById("gw-title").textContent = title;
     say(message);
-    offer("Try again", window.location.href);
+    offer(t.tryAgain, window.location.href);
     // The page's own state may be spent by now: a fresh login, forced to the browser OAuth.
-    offer("Sign in in the browser", config.browserUrl, "secondary");
+    offer(t.browserSignIn, config.browserUrl, "secondary");
   }
 
   function fallback(reason) {
     if (finished) { return; }
     finished = true;
-    say("Continuing with the browser sign-in" + (reason ? " (" + reason + ")" : "") + "…");
+    say(t.toBrowser.replace("{reason}", reason && english ? " (" + reason + ")" : ""));
     window.location.replace(config.fallbackUrl);
   }
 
@@ -87,15 +93,15 @@
         if (request.status >= 200 && request.status < 300) { resolve(data); }
         else { reject({ status: request.status, error: data.error, message: data.message }); }
       };
-      request.onerror = function () { reject({ status: 0, message: "the network request failed" }); };
-      request.ontimeout = function () { reject({ status: 0, message: "the gateway did not answer in time" }); };
+      request.onerror = function () { reject({ status: 0, message: t.networkFailed }); };
+      request.ontimeout = function () { reject({ status: 0, message: t.gatewayTimeout }); };
       request.send(JSON.stringify(body));
     });
   }
 
   function exchange(result) {
     exchanging = true;
-    say("Signing you in…");
+    say(t.signingYouIn);
     var body = { code: result.code, state: config.state };
     if (result.context) { body.context = result.context; }
     return postJson(config.exchangeUrl, body).then(function (data) {
@@ -103,9 +109,9 @@
       window.location.replace(data.next || config.next || "/");
     }, function (error) {
       if (error.error === "approval_pending") {
-        stop("Waiting for your administrator", error.message || "An administrator must approve this app first.");
+        stop(t.pendingTitle, error.message || t.approvalNeeded);
       } else if (error.status === 403 || error.error === "access_denied") {
-        stop("Sign-in was not completed", error.message || "Access was denied.");
+        stop(t.notCompletedDenied, error.message || t.accessWasDenied);
       } else if (error.status === 401 || error.error === "state_invalid") {
         // A code that expired or was already used: one more silent attempt, then a page.
         if (window.sessionStorage && !window.sessionStorage.getItem("gw-retried")) {
@@ -113,16 +119,16 @@
           finished = true;
           window.location.replace(config.retryUrl);
         } else {
-          stop("Sign-in did not complete", error.message || "The sign-in code could not be used.");
+          stop(t.notCompleted, error.message || t.codeUnusable);
         }
       } else {
-        stop("Sign-in did not complete", error.message || "The gateway could not complete the sign-in.");
+        stop(t.notCompleted, error.message || t.exchangeFailed);
       }
     });
   }
 
   function run() {
-    say("Connecting to " + config.displayName + "…");
+    say(t.connectingTo);
     loadScript(config.jssdkUrl).then(function () {
       var bridges = window.gatewayBridges || {};
       var bridge = bridges[config.plugin];
@@ -144,11 +150,11 @@
         // The bridge handed the page to the provider's own authorization flow, which may wait
         // for the user: no watchdog from here on.
         exchanging = true;
-        say("Continuing with " + config.displayName + "…");
+        say(t.continuingWith);
       } else if (error.outcome === "pending") {
-        stop("Waiting for your administrator", error.message || "Your request was sent to an administrator for approval. You can come back once it is approved.");
+        stop(t.pendingTitle, english && error.message ? error.message : t.pending);
       } else if (error.outcome === "denied") {
-        stop("Sign-in was declined", error.message || "The authorization was declined.");
+        stop(t.deniedTitle, english && error.message ? error.message : t.declined);
       } else {
         fallback(error.message);
       }

@@ -1,6 +1,6 @@
 """The DingTalk (钉钉) provider: in-client free-login codes, the authorization component, browser OAuth.
 
-It follows the fact sheet (``shared/providers/dingtalk.md``), for both internal apps (企业内部应用,
+It follows ``docs/providers/dingtalk.md`` (with the public sources), for both internal apps (企业内部应用,
 ``app_type: internal``, ``client_id`` = AppKey) and third-party enterprise apps (ISV,
 ``app_type: isv``, ``client_id`` = SuiteKey). The flows:
 
@@ -64,6 +64,7 @@ from gateway.errors import (
     ProviderUnavailable,
     ReauthRequired,
 )
+from gateway.i18n import register as register_messages
 from gateway.providers import (
     CallbackResult,
     ErrorRule,
@@ -90,6 +91,23 @@ from gateway.tokens import AppTokenCache
 from plugins.dingtalk.crypto import CallbackCrypto, CallbackCryptoError, valid_aes_key, valid_token
 
 log = logging.getLogger("gateway.providers.dingtalk")
+
+# Its name and the Chinese of its own error codes, on the pages (gateway/i18n.py).
+register_messages({
+    "name.DingTalk": {"en": "DingTalk", "zh-Hans": "钉钉"},
+    "error.corp_unknown": {
+        "en": "DingTalk did not say which organisation you are in; open the app from the DingTalk workbench.",
+        "zh-Hans": "钉钉没有告知你所在的组织：请从钉钉工作台打开此应用。"},
+    "error.tenant_mismatch": {
+        "en": "You chose another organisation at the DingTalk login; this app belongs to a different one.",
+        "zh-Hans": "你在钉钉登录时选择了另一个组织，而此应用属于其他组织。请重新登录，并选择拥有此应用的组织。"},
+    "error.user_not_member": {
+        "en": "DingTalk says you are not a member of this organisation.",
+        "zh-Hans": "钉钉显示你不是该组织的成员。"},
+    "error.app_not_installed": {
+        "en": "Your DingTalk organisation has not installed this app.",
+        "zh-Hans": "你所在的钉钉组织尚未安装（授权）此应用，请联系组织管理员添加。"},
+})
 
 AppType = Literal["internal", "isv"]
 UserIdField = Literal["userid", "unionid"]

@@ -4,7 +4,7 @@ One plugin serves both brands. Feishu (China) and Lark (international) are the s
 different hosts, and an app registered on one brand only works on that brand's hosts (the old
 endpoints even answer 20046 "brand inconsistency"), so ``brand`` is a setting and never a guess.
 
-The flow, as the fact sheet (``shared/providers/lark.md``) describes it:
+The flow, as ``docs/providers/lark.md`` describes it (with the public sources):
 
 1. Inside the client, ``bridge.js`` asks ``tt.requestAccess`` (or the older ``tt.requestAuthCode``)
    for a one-time code. Outside it, the browser goes to ``accounts…/open-apis/authen/v1/authorize``
@@ -31,6 +31,7 @@ import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.errors import ProviderError, ProviderMisconfigured, ProviderUnavailable, ReauthRequired
+from gateway.i18n import register as register_messages
 from gateway.providers import (
     ErrorRule,
     Flow,
@@ -52,6 +53,12 @@ from gateway.providers import (
     transient,
     unwrap,
 )
+
+# The brands as their readers know them, on the pages (gateway/i18n.py).
+register_messages({
+    "name.Feishu": {"en": "Feishu", "zh-Hans": "飞书"},
+    "name.Lark": {"en": "Lark", "zh-Hans": "Lark"},
+})
 
 Brand = Literal["feishu", "lark"]
 UserIdField = Literal["open_id", "union_id", "user_id"]

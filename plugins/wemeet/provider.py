@@ -1,6 +1,6 @@
 """The Tencent Meeting (腾讯会议 / WeMeet) provider: in-client auth code or browser OAuth, then tokens.
 
-For third-party (OAuth 2.0) apps, as the fact sheet (``shared/providers/wemeet.md``) describes them:
+For third-party (OAuth 2.0) apps, as ``docs/providers/wemeet.md`` describes them (with the public sources):
 
 1. Inside the client (User-Agent token ``app/tencent_wemeet``), ``bridge.js`` asks
    ``wemeet.permission.requestAgentAuthCode({sdkId})`` for an ``authCode``; when that is missing or
@@ -45,6 +45,7 @@ from gateway.errors import (
     ProviderUnavailable,
     ReauthRequired,
 )
+from gateway.i18n import register as register_messages
 from gateway.providers import (
     CallbackResult,
     ErrorRule,
@@ -69,6 +70,17 @@ from gateway.providers import (
 
 log = logging.getLogger("gateway.providers.wemeet")
 
+# Its name and the Chinese of its own error codes, on the pages (gateway/i18n.py).
+register_messages({
+    "name.Tencent Meeting": {"en": "Tencent Meeting", "zh-Hans": "腾讯会议"},
+    "error.token_rejected": {
+        "en": "Tencent Meeting rejected the access token; a new sign-in is needed.",
+        "zh-Hans": "腾讯会议不再接受此访问令牌，需要重新登录。"},
+    "error.admin_rejected": {
+        "en": "Your organisation's Tencent Meeting administrator has not allowed this app.",
+        "zh-Hans": "你所在组织的腾讯会议管理员没有允许此应用，因此无法登录。请联系管理员批准后再登录。"},
+})
+
 DISPLAY_NAME = "Tencent Meeting"
 
 DEFAULT_WEB_BASE_URL = "https://meeting.tencent.com"
@@ -92,6 +104,12 @@ _ABSOLUTE_TIME_FLOOR = 1_000_000_000  # 2001-09-09: anything smaller is not a un
 
 #: ``status`` of the profile (a string): "2" 注销 (deregistered), "4" 禁用 (disabled).
 _INACTIVE_STATUS = {"2": "deregistered", "4": "disabled"}
+
+
+_ADMIN_REFUSED = (
+    "Your organisation's Tencent Meeting administrator has not allowed this app, so you cannot sign in "
+    "with it. Ask them to approve it, then sign in again."
+)
 
 
 class WeMeetSettings(ProviderSettings):
@@ -311,6 +329,10 @@ class WeMeetProvider(Provider):
         if code:
             return CallbackResult(state=state, code=code)
         error = params.get("error") or None
+        if error == "unauthorized_client":
+            # The enterprise administrator refused the app (how the real redirect says so is
+            # undocumented; the emulator sends RFC 6749's unauthorized_client): not "you declined".
+            raise LoginDenied(_ADMIN_REFUSED, code="admin_rejected")
         if error:
             return CallbackResult(state=state, error=error, error_description=params.get("error_description", ""))
         return CallbackResult(
