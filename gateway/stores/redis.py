@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -196,10 +195,12 @@ class RedisStore(Store):
         ack_timeout_s: float = 0.5,
         durable_write_window_s: float = 0.6,
         node_kwargs: dict[str, Any] | None = None,
+        seeds: list[str] | None = None,
     ) -> None:
         self._client = client
         # Cluster: how to connect to one node (the notification subscription's own connection).
         self._node_kwargs = node_kwargs or {}
+        self._seeds = seeds or []  # "host:port" of the Cluster's seed nodes
         # redis-py's pools raise when exhausted; a burst of requests queues here instead.
         self._slots = asyncio.Semaphore(max_connections)
         self._sentinel = sentinel
@@ -239,11 +240,11 @@ class RedisStore(Store):
         client: Redis | RedisCluster
         sentinel: Sentinel | None = None
         node_kwargs: dict[str, Any] = {}
+        seeds = [urlsplit(seed) for seed in config.seed_urls()] if config.mode == "cluster" else []
         if config.mode == "cluster":
             client = _cluster_client(config, common)
             node_kwargs = {**common, **_credentials(config.seed_urls()[0]), "max_connections": 2,
                            "health_check_interval": 2}  # a silent dead node noticed within seconds
-            seeds = [urlsplit(seed) for seed in config.seed_urls()]
             where = "cluster via " + ", ".join(f"{seed.hostname}:{seed.port or 6379}" for seed in seeds)
         elif config.mode == "sentinel":
             master: dict[str, Any] = {}
@@ -283,7 +284,7 @@ class RedisStore(Store):
             ack_timeout_s=min(0.5, config.command_timeout_s / 2),
             durable_write_window_s=config.durable_write_window_s if failover else min(
                 config.durable_write_window_s, 0.6),
-            node_kwargs=node_kwargs,
+            node_kwargs=node_kwargs, seeds=[f"{seed.hostname}:{seed.port or 6379}" for seed in seeds],
         )
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -451,9 +452,11 @@ class RedisStore(Store):
         await self._client.initialize()  # the first topology (a no-op once known)
         if avoid is not None:
             await self._client.nodes_manager.initialize()  # afresh: the failed node may be gone
-        nodes = self._client.get_nodes()
-        random.shuffle(nodes)  # the replicas of a fleet spread over the nodes
-        nodes.sort(key=lambda node: node.name == avoid)
+        # The seed nodes first, in their order (an operator knows where the subscriptions are),
+        # then the others; the node that just failed last.
+        rank = {name: index for index, name in enumerate(self._seeds)}
+        nodes = sorted(self._client.get_nodes(),
+                       key=lambda node: (node.name == avoid, rank.get(node.name, len(rank))))
         problem: BaseException | None = None
         for node in nodes:
             client = Redis(host=node.host, port=int(node.port), **self._node_kwargs)
