@@ -142,6 +142,7 @@ class ClusterSite:
             port = free_port()
             nodes.append(RedisProcess(workdir, port, "--cluster-enabled", "yes", "--cluster-config-file",
                                       f"nodes-{port}.conf", "--cluster-node-timeout", "1000",
+                                      "--appenddirname", f"appendonly-{port}",
                                       "--cluster-port", str(free_port()), *extra).start())
         site = cls(workdir, nodes)
         created = subprocess.run(

@@ -441,8 +441,8 @@ class RedisStore(Store):
                 await asyncio.wait_for(self._subscribed.wait(), self._connect_timeout_s)
 
     async def _subscription(self, avoid: str | None) -> tuple[PubSub, str, Redis | None]:
-        """A pub/sub connection for the events channel, where it is, and the client to close
-        with it. On a Cluster: its own connection to any node that answers (a classic PUBLISH
+        """A pub/sub connection for the events channel, where it is (a Cluster node's name), and
+        the client to close with it. On a Cluster: its own connection to any node that answers (a classic PUBLISH
         reaches every node), the one that just failed last; not one of the command client's
         connections, which it drops whenever it reloads the topology."""
         if not isinstance(self._client, RedisCluster):
@@ -463,7 +463,7 @@ class RedisStore(Store):
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                return pubsub, f"node {node.name}", client
+                return pubsub, node.name, client
             except _FAILURES as exc:
                 problem = exc
                 with contextlib.suppress(Exception):
