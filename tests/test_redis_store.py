@@ -24,6 +24,8 @@ import redis.asyncio as aioredis
 from gateway.config import StoreConfig
 from gateway.errors import StoreUnavailable
 from gateway.providers import TokenSet
+from gateway.stores import LockTimeout
+from gateway.stores.memory import MemoryStore
 from gateway.stores.redis import RedisStore
 from gateway.tokens import AppTokenCache, TokenManager
 from tests.conftest import HTML, GatewayStarter, RedisProcess, browser_login, free_port
@@ -364,3 +366,118 @@ def test_replica_acknowledgements_default_to_one_with_sentinel_only() -> None:
     assert StoreConfig(backend="redis", mode="cluster", url="redis://h:1").acks_needed() == 0
     assert StoreConfig(backend="redis", url="redis://h:1", replica_acks=2).acks_needed() == 2
     assert StoreConfig(backend="redis", mode="sentinel", sentinels=["h:1"], replica_acks=0).acks_needed() == 0
+
+
+# -- failovers: what the store says about them, and what the token refresh does with it ---------------
+
+
+def test_an_outage_is_logged_once_and_its_end_once_even_when_answers_interleave(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One Cluster master dead: commands to the others succeed between the failures. Issue 14
+    failure 3 logged a pair of lines per request."""
+    from gateway.stores import redis as module
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    health = module._Health("redis cluster via a:1")
+    with caplog.at_level("WARNING", logger="gateway.stores.redis"):
+        for _ in range(30):
+            health.failed("get: ConnectionError: refused")
+            now[0] += 0.1
+            health.answered()  # another master answered
+            now[0] += 0.1
+        assert health.reason is not None
+        now[0] += 1.0  # a second without a failure
+        health.answered()
+        assert health.reason is None
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    assert "is unreachable" in caplog.records[0].getMessage()
+    assert "is reachable again" in caplog.records[1].getMessage()
+
+
+async def test_a_cluster_whose_seeds_are_all_dead_is_unavailable_not_an_error() -> None:
+    """``RedisClusterException`` is not a ``RedisError``: it used to escape as a 500."""
+    urls = [f"redis://:hunter2-secret@127.0.0.1:{free_port()}" for _ in range(2)]
+    store = RedisStore.from_config(StoreConfig(backend="redis", mode="cluster", urls=urls, connect_timeout_s=0.5))
+    try:
+        for call in (store.get("k"), store.set("k", b"v", 1), store.ping(), store.publish("t", "m"),
+                     store.set_versioned_replicated("k", b"v", 1)):
+            with pytest.raises(StoreUnavailable):
+                await call
+        assert store.last_error is not None and "hunter2" not in store.last_error
+    finally:
+        await store.aclose()
+
+
+async def test_a_cluster_is_found_through_the_next_seed_when_the_first_is_dead(redis_cluster_url: str) -> None:
+    urls = [f"redis://127.0.0.1:{free_port()}", redis_cluster_url.removesuffix("/0")]
+    store = RedisStore.from_config(StoreConfig(backend="redis", mode="cluster", urls=urls, connect_timeout_s=0.5,
+                                               key_prefix=f"t:{uuid.uuid4().hex[:10]}:"))
+    try:
+        await store.ping()
+        assert await store.set_versioned_replicated("k", b"v", 60) == (1, True)  # a cluster does not WAIT
+        assert await store.get("k") == b"v"
+    finally:
+        await store.aclose()
+
+
+async def test_a_write_waits_for_a_replica_and_says_when_none_acknowledged(tmp_path: Path) -> None:
+    master = RedisProcess(tmp_path).start()
+    replica = RedisProcess(tmp_path, None, "--replicaof", "127.0.0.1", str(master.port)).start()
+    config = StoreConfig(backend="redis", url=master.url, replica_acks=1, command_timeout_s=0.5)
+    store = RedisStore.from_config(config)
+    try:
+        watcher = aioredis.Redis(port=replica.port)
+        for _ in range(200):  # the replica's first sync
+            if (await watcher.info("replication")).get("master_link_status") == "up":
+                break
+            await asyncio.sleep(0.05)
+        await watcher.aclose()
+        assert await store.set_versioned_replicated("k", b"v", 60) == (1, True)
+        async with store.lock("name", lease_s=5, wait_s=1) as lease:
+            assert lease.fence > 0
+        replica.stop(hard=True)
+        started = time.monotonic()
+        assert await store.set_versioned_replicated("k", b"w", 60, expected_version=1) == (2, False)
+        assert time.monotonic() - started < 2  # WAIT's own timeout, not the socket's
+        with pytest.raises(LockTimeout):  # a lock no replica has is not relied on
+            await store.acquire("name", lease_s=5, wait_s=1)
+    finally:
+        await store.aclose()
+        replica.stop()
+        master.stop()
+
+
+class _FailingOver(MemoryStore):
+    """A master demoted right after it took the rotated tokens: the first write 'succeeds', no
+    replica acknowledges it, and it is gone; the next ones land on the new master."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.durable_write_window_s = 5.0
+        self.attempts: list[int | None] = []
+
+    async def set_versioned_replicated(
+        self, key: str, value: bytes, ttl_s: float, *, expected_version: int | None = None
+    ) -> tuple[int | None, bool]:
+        self.attempts.append(expected_version)
+        if len(self.attempts) == 1:
+            return (expected_version or 0) + 1, False  # written on the old master: discarded
+        return await self.set_versioned(key, value, ttl_s, expected_version=expected_version), True
+
+
+async def test_a_rotation_written_to_a_demoted_master_is_written_again_on_the_new_one() -> None:
+    clock = Clock()
+    provider = FakeProvider(clock, delay_s=0.01)
+    store = _FailingOver()
+    manager = TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock)
+    old = tokens("old", issued_at=clock.now, lifetime_s=7200)
+    key = await manager.save("fake", "t1", "u1", old)
+    clock.now = old.expires_at - 60
+    fresh = await manager.current(key, "fake")
+    assert fresh.refresh_token == "rt-1"
+    assert store.attempts == [1, 1]  # the lost write, then again over the record it started from
+    assert await manager.load(key) == fresh
+    assert provider.calls == ["rt-old"]  # one rotation
+    assert await manager.current(key, "fake") == fresh and provider.calls == ["rt-old"]
