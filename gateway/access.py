@@ -36,8 +36,9 @@ class AccessRules:
     def is_public_uri(self, original_uri: str | None) -> bool:
         """``is_public`` for a request URI as forward-auth receives it (``X-Original-URI``: raw,
         query included). The app behind the proxy receives that URI as it is, so one the edge
-        would have to rewrite (dot or empty segments), refuse, or that holds an encoded separator
-        is never public: the gateway cannot make the app route what it judged."""
+        would have to rewrite (dot or empty segments), refuse, or that is ``never_public`` (an
+        encoded separator, escapes that are not UTF-8) is never public: the gateway cannot make
+        the app route what it judged."""
         if not original_uri or not self.has_public_paths:
             return False
         raw = original_uri.split("?", 1)[0].encode("latin-1", "replace")
@@ -45,7 +46,7 @@ class AccessRules:
             target = normalize_target("", raw)
         except EdgeRejected:
             return False
-        return not target.rewritten and not target.encoded_separator and self.is_public(target.path)
+        return not target.rewritten and not target.never_public and self.is_public(target.path)
 
     def tenant_allowed(self, tenant: str) -> bool:
         tenants = self.allowed_tenants

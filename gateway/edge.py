@@ -292,11 +292,18 @@ class Target(NamedTuple):
 
     path: str  # decoded once, as ASGI's ``scope["path"]``
     raw_path: bytes
-    #: An encoded ``/`` or ``\\`` is in the path: the app may split it where the gateway did not,
-    #: so such a path is never public.
+    #: An encoded ``/`` or ``\\`` is in the path: the app may split it where the gateway did not.
     encoded_separator: bool
     #: Dot or empty segments were resolved: what the client sent was not what is judged.
     rewritten: bool
+    #: The escapes are not UTF-8 (``%c0%ae``, an overlong ``.``): servers disagree on what they
+    #: mean (some decoders read a dot), while ``path`` holds U+FFFD for each.
+    undecodable: bool = False
+
+    @property
+    def never_public(self) -> bool:
+        """The app may route this path differently from the gateway: it is never public."""
+        return self.encoded_separator or self.undecodable
 
 
 def normalize_path(path: str) -> str:
@@ -349,9 +356,12 @@ def normalize_target(path: str, raw_path: bytes | None) -> Target:
     resolved = _resolve(segments)
     rewritten = resolved != text
     encoded_separator = any(separator in raw for separator in _ENCODED_SEPARATORS)
-    decoded = unquote(resolved)
+    try:
+        decoded, undecodable = unquote(resolved, errors="strict"), False
+    except UnicodeDecodeError:
+        decoded, undecodable = unquote(resolved), True
     slashed = decoded.replace("\\", "/")
     if encoded_separator and normalize_path(slashed) != slashed:
         # Read with %2F (or \\) as a separator the path has dot or empty segments; read without, none.
         raise EdgeRejected("The request path means different things to different servers.", code="bad_path")
-    return Target(decoded, resolved.encode("latin-1"), encoded_separator, rewritten)
+    return Target(decoded, resolved.encode("latin-1"), encoded_separator, rewritten, undecodable)

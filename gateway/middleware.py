@@ -86,7 +86,7 @@ class AuthGateway:
             return
         path = scope["path"]
         raw_path = scope.get("raw_path")
-        encoded_separator = False
+        never_public = False
         # Nothing for normalize_target to do without "//", "/." or an escape (37: b"%"): tested
         # inline, a function call less per request.
         if "//" in path or "/." in path or path[:1] != "/" or (raw_path is not None and 37 in raw_path):
@@ -96,7 +96,7 @@ class AuthGateway:
                 self._requests[_DENIED] += 1
                 await self._deny(scope, receive, send, gateway_error_response(scope, exc))
                 return
-            path, encoded_separator = target.path, target.encoded_separator
+            path, never_public = target.path, target.never_public
             scope = {**scope, "path": path, "raw_path": target.raw_path}
         own = path == self._prefix or path.startswith(self._prefix_slash)
         client = scope.get("client")
@@ -114,7 +114,7 @@ class AuthGateway:
                 return
             await self.handshake(scope, receive, send)
             return
-        if self._access.has_public_paths and not encoded_separator and self._access.is_public(path):
+        if self._access.has_public_paths and not never_public and self._access.is_public(path):
             self._requests[_PUBLIC] += 1
             await self.app(scope, receive, send)
             return

@@ -317,6 +317,19 @@ async def test_property_no_identity_header_the_app_sees_came_from_the_client(
     await gateway.aclose()
 
 
+
+
+@pytest.mark.parametrize("raw", ["/public/%c0%ae%c0%ae/admin/x", "/public/%C0%AE%C0%AE%C0%AFadmin",
+                                 "/public/%e0%80%ae%e0%80%ae/admin", "/public/%ff/x"])
+async def test_escapes_that_are_not_utf8_are_never_public(raw: str) -> None:
+    """``%c0%ae`` is an overlong UTF-8 ``.``: a lenient decoder (old IIS, some Java servlet
+    containers) reads ``/public/../admin``, while the gateway's decoded path holds U+FFFD."""
+    app, seen = recording_app()
+    gateway = AuthGateway(app, gateway_config())
+    status, _ = await call(gateway, "GET", raw.encode(), [(b"host", b"app.test")])
+    assert status == 401 and seen == []
+    assert normalize_target(unquote(raw), raw.encode()).never_public
+    await gateway.aclose()
 @pytest.mark.parametrize("raw", ["/admin/../public/x", "/admin/%2e%2e/public/x", "/admin/x/../../public/y",
                                  "/admin/..%2fpublic/x", "/admin/..%2F..%2Fpublic/x", "/admin/x//../../public/y",
                                  "/public/../admin/x", "/public/%2e%2e/admin/x", "/public/..;/admin/x",
@@ -401,7 +414,8 @@ async def test_forward_auth_believes_only_the_configured_uri_header_and_only_fro
     assert await forward_auth(gateway, [(b"x-forwarded-uri", b"/public/x")], client="203.0.113.9") == 401
     assert await forward_auth(gateway, [(b"x_forwarded_uri", b"/public/x")]) == 401
     for escape in (b"/admin/../public/x", b"/admin/%2e%2e/public/x", b"/admin/..%2fpublic/x",
-                   b"/admin/x//../../public/y", b"/public//x", b"/public%2fx", b"/public/x%00"):
+                   b"/admin/x//../../public/y", b"/public//x", b"/public%2fx", b"/public/x%00",
+                   b"/public/%c0%ae%c0%ae/admin"):
         assert await forward_auth(gateway, [(b"x-forwarded-uri", escape)]) == 401, escape
     ticket = await sign_in(gateway)
     signed_in = [(b"cookie", f"gw_session={ticket}".encode()), (b"x-forwarded-uri", b"/admin/..%2fpublic/x")]
