@@ -15,6 +15,7 @@ import uvicorn
 import yaml
 
 from gateway.config import ConfigFileError, GatewayConfig, load_config, masked_dict
+from gateway.errors import ConfigError
 
 
 def redact_query(target: str) -> str:
@@ -94,7 +95,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-    _serve_app(build_sidecar(config), host, port, access_log=config.listen.access_log)
+    try:
+        app = build_sidecar(config)
+    except ConfigError as exc:
+        # What the file cannot say by itself (a key file that cannot be created, a missing
+        # package): one line that names it, not a traceback.
+        print(f"{args.config}: the gateway cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    _serve_app(app, host, port, access_log=config.listen.access_log)
     return 0
 
 

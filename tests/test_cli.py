@@ -56,7 +56,7 @@ def test_demo_walks_the_browser_flow_and_the_simulated_client() -> None:
     with running("demo", "--port", str(port), ready=f"{base}/demo/"), \
             httpx.Client(base_url=base, headers={"user-agent": BROWSER_UA}, timeout=10) as client:
         home = client.get("/demo/", headers=HTML)
-        assert "simulated lark client" in home.text
+        assert "/demo/client/lark?provider=lark" in home.text  # the tour: "Open in the simulated client"
 
         assert client.get("/", headers=HTML).headers["location"] == "/_gateway/login?next=%2F"
         app = client.get("/_gateway/login?provider=lark&next=/", headers=HTML, follow_redirects=True)
@@ -159,3 +159,16 @@ def test_check_config_reports_unset_variables_and_key_errors_together(tmp_path: 
         "(or write ${UPSTREAM_URL:-default} for a default)",
         "  session.secrue: unknown key `secrue` under session — did you mean `secure`?",
     ])
+
+
+def test_serve_says_in_one_line_what_stops_it_starting(tmp_path: Path) -> None:
+    # A valid file the gateway still cannot start with: its identity key cannot be created there.
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"session: {{secrets: ['{SECRET}'], secure: false}}\n"
+                      "identity: {signing_key_file: /proc/no-such-dir/identity.pem}\n", encoding="utf-8")
+    result = _gateway("serve", "--config", str(config), "--port", str(free_port_block(1)))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{config}: the gateway cannot start: identity.signing_key_file: cannot create a key in "
+        "/proc/no-such-dir: No such file or directory")
+    assert "Traceback" not in result.stderr

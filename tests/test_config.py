@@ -129,7 +129,9 @@ def test_interpolate_leaves_other_values_alone() -> None:
     [
         ("session: {secrets: ['${NOT_SET_ANYWHERE}']}\n", "session.secrets[0]"),
         (f"public_url: ${{NOT_SET_ANYWHERE}}\nsession: {{secrets: ['{SECRET_A}']}}\n", "public_url"),
-        ("providers:\n  lark: {plugin: lark, app_secret: '${NOT_SET_ANYWHERE}'}\n", "providers.lark.app_secret"),
+        (f"session: {{secrets: ['{SECRET_A}']}}\n"
+         "providers:\n  lark: {plugin: lark, app_id: cli_1, app_secret: '${NOT_SET_ANYWHERE}'}\n",
+         "providers.lark.app_secret"),
     ],
 )
 def test_missing_variable_reported_with_its_path(tmp_path: Path, text: str, path: str) -> None:
