@@ -25,6 +25,7 @@ from gateway.sandbox import serve_apps
 from plugins.dingtalk.crypto import CallbackCrypto
 from plugins.dingtalk.sandbox import (
     _FAKE_JSSDK,
+    APP_PERMISSIONS,
     DEFAULT_USERS,
     OTHER_CORP_ID,
     SANDBOX_APP_KEY,
@@ -354,6 +355,9 @@ async def test_the_authorization_component(lab: Lab) -> None:
     assert lab.sandbox.app_permissions_granted(SANDBOX_CORP_ID) == {"qyapi_base", "Contact.User.Read",
                                                                      "Pro.HrmDismission.ReadWrite"}
     lab.sandbox.set_current_user(LISI.userid)
+    # The organisation's administrator granted them already: a member's request goes through.
+    assert (await ask(type="1", rpcScope="Pro.HrmDismission.ReadWrite"))["status"] == "ok"
+    lab.sandbox.revoke_app_grants()
     assert (await ask(type="1", rpcScope="Pro.HrmDismission.ReadWrite"))["status"] == "toAdmin"
     assert lab.sandbox.approve_admin_requests() == 1
     for status in ("cancel", "failed", "toAdmin"):
@@ -480,3 +484,55 @@ def test_settings_point_the_plugin_at_the_hosts() -> None:
     assert (isv["client_id"], isv["app_type"], isv["corp_id"]) == (SANDBOX_SUITE_KEY, "isv", None)
     assert len(isv["callback_aes_key"]) == 43
     assert sandbox.demo_settings(urls)["jssdk_url"] == "http://a/_sandbox/dingtalk.open.js"
+
+
+# -- what the demo tour drives: approvals, consent, expiry, the timeline ------------------------
+
+
+async def test_an_approved_to_admin_request_goes_through_on_the_next_sign_in(lab: Lab) -> None:
+    base = lab.urls["login"] + "/_sandbox"
+    url = lab.urls["api"] + "/_sandbox/jsapi/open_auth"
+    body = {"type": "1", "clientId": SANDBOX_APP_KEY, "corpId": SANDBOX_CORP_ID, "rpcScope": ".default",
+            "fieldScope": ""}
+    lab.sandbox.set_current_user(LISI.userid)  # a member, not an administrator
+    assert (await lab.http.post(base + "/app_grants/revoke")).json() == {"revoked": True}
+    for _ in range(2):  # asking again before anyone answers: still waiting, one request
+        assert (await lab.http.post(url, json=body)).json() == {"status": "toAdmin", "result": None}
+    waiting = (await lab.http.get(base + "/admin_requests")).json()
+    assert [(item["requested_by"], item["approved"]) for item in waiting] == [(LISI.userid, False)]
+    assert (await lab.http.post(base + "/admin_requests/approve")).json() == {"approved": 1}
+    assert (await lab.http.post(url, json=body)).json() == {"status": "ok", "result": None}
+    assert lab.sandbox.app_permissions_granted(SANDBOX_CORP_ID) == set(APP_PERMISSIONS)
+    # Another organisation has granted nothing: its members still wait.
+    lab.sandbox.set_current_user(ALICE.userid)
+    other = {**body, "clientId": SANDBOX_SUITE_KEY, "corpId": OTHER_CORP_ID}
+    assert (await lab.http.post(url, json=other)).json()["status"] == "toAdmin"
+    kinds = [event["kind"] for event in (await lab.http.get(base + "/events")).json()["events"]]
+    assert kinds.count("approval") == 4  # three toAdmin answers and one approval
+
+
+async def test_a_refusing_user_says_no_on_the_login_page_and_in_the_component(lab: Lab) -> None:
+    base = lab.urls["api"] + "/_sandbox"
+    assert (await lab.http.post(base + "/user_consent", json={"mode": "deny"})).json() == {"mode": "deny"}
+    login = await lab.http.get(lab.urls["login"] + "/oauth2/auth", params={
+        "client_id": SANDBOX_APP_KEY, "redirect_uri": REDIRECT, "response_type": "code", "scope": "openid",
+        "prompt": "consent", "state": "s1"})
+    assert login.status_code == 302
+    assert parse_qs(urlsplit(login.headers["location"]).query) == {"error": ["access_denied"], "state": ["s1"]}
+    user = {"type": "0", "clientId": SANDBOX_APP_KEY, "corpId": SANDBOX_CORP_ID, "rpcScope": "Contact.User.Read"}
+    assert (await lab.http.post(base + "/jsapi/open_auth", json=user)).json() == {"status": "cancel", "result": None}
+    kinds = [event["kind"] for event in (await lab.http.get(base + "/events")).json()["events"]]
+    assert kinds.count("refused") == 2
+
+
+async def test_expiring_the_user_tokens_now(lab: Lab) -> None:
+    code = lab.sandbox.mint_user_code(scopes=["Contact.User.Read"])
+    tokens = (await lab.user_token(code=code, grantType="authorization_code")).json()
+    assert (await lab.me(tokens["accessToken"])).status_code == 200
+    assert (await lab.http.post(lab.urls["oapi"] + "/_sandbox/tokens/expire")).json() == {"expired": 1}
+    assert (await lab.me(tokens["accessToken"])).json()["code"] == "accesstoken.expired"
+    refreshed = await lab.user_token(refreshToken=tokens["refreshToken"], grantType="refresh_token")
+    assert refreshed.status_code == 200 and (await lab.me(refreshed.json()["accessToken"])).status_code == 200
+    events = (await lab.http.get(lab.urls["api"] + "/_sandbox/events")).json()["events"]
+    assert [event["kind"] for event in events if event["kind"] in ("exchange", "refresh", "tokens")] == [
+        "exchange", "tokens", "refresh", "tokens"]

@@ -537,3 +537,42 @@ async def test_fake_jssdk_failures_make_the_bridge_fall_back(
     rejected = (await run_page(lab, tmp_path))["rejected"]
     assert rejected["outcome"] == "fallback" and rejected["message"].startswith(message)
     assert lab.sandbox.stats["jsapi_code"] == 0
+
+
+# -- what the demo tour drives: consent, expiry, the timeline --------------------------------
+
+
+async def test_a_refusing_user_says_no_on_the_page_and_in_the_client(lab: Lab) -> None:
+    consent = lab.urls["open"] + "/_sandbox/user_consent"
+    assert (await lab.http.post(consent, json={"mode": "deny"})).json() == {"mode": "deny"}
+    refused = await lab.authorize()
+    assert refused.status_code == 302
+    assert parse_qs(urlsplit(refused.headers["location"]).query) == {"error": ["access_denied"], "state": ["st4te"]}
+    answer = await lab.http.post(lab.urls["accounts"] + "/_sandbox/jsapi/code", json={
+        "api": "requestAccess", "appID": lab.sandbox.app_id, "scopeList": ["offline_access"]})
+    assert answer.json()["errno"] == 2700002 and "access_denied" in answer.json()["errString"]
+    assert (await lab.http.post(consent, json={"mode": "ask"})).json() == {"mode": "ask"}
+    assert "Allow" in (await lab.authorize()).text  # the consent page itself
+    await lab.http.post(consent, json={"mode": "allow"})
+    assert await lab.browser_code()
+
+
+async def test_expiring_the_access_tokens_now(lab: Lab) -> None:
+    tokens = (await lab.exchange(lab.sandbox.mint_client_code())).json()
+    assert (await lab.user_info(tokens["access_token"])).json()["code"] == 0
+    assert (await lab.http.post(lab.urls["accounts"] + "/_sandbox/tokens/expire")).json() == {"expired": 1}
+    assert (await lab.user_info(tokens["access_token"])).json()["code"] == 99991677  # "token expire"
+    fresh = (await lab.refresh(tokens["refresh_token"])).json()
+    assert (await lab.user_info(fresh["access_token"])).json()["code"] == 0
+
+
+async def test_the_events_tell_each_step_without_secrets(lab: Lab) -> None:
+    code = await lab.browser_code()
+    tokens = (await lab.exchange(code, redirect_uri=REDIRECT_URI)).json()
+    await lab.refresh(tokens["refresh_token"])
+    answer = (await lab.http.get(lab.urls["open"] + "/_sandbox/events")).json()
+    assert [event["kind"] for event in answer["events"]] == [
+        "call", "code", "exchange", "tokens", "refresh", "revoked", "tokens"]
+    text = " ".join(event["text"] for event in answer["events"])
+    assert code not in text and tokens["access_token"] not in text and tokens["refresh_token"] not in text
+    assert "2 h" in text and "7 d" in text  # the documented lifetimes, as the sandbox issues them

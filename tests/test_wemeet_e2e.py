@@ -209,10 +209,11 @@ async def test_a_refusal_gets_a_clear_page(start: Starter, wemeet: ServedWeMeet)
                                    data={"ticket": ticket.group(1), "decision": "deny"})
         assert denied.status_code == 403 and denied.url.path == "/_gateway/callback/wemeet"
         assert "declined" in denied.text and "Try again" in denied.text and "Traceback" not in denied.text
-        # The enterprise administrator refuses instead: the same clear page.
+        # The enterprise administrator refuses instead: a clear page that says so, not "you declined".
         wemeet.sandbox.approve(LI_SI.open_id, "rejected")
         refused = await client.get("/app", headers=HTML, follow_redirects=True)
-        assert refused.status_code == 403 and "declined" in refused.text
+        assert refused.status_code == 403 and "administrator" in refused.text and "admin_rejected" in refused.text
+        assert "declined" not in refused.text
 
 
 # -- the in-client exchange ------------------------------------------------------------------------------

@@ -423,9 +423,12 @@ async def test_an_enterprise_users_first_authorization_waits_for_the_administrat
         assert lab.sandbox.applications == set()
         query = location_query(await lab.authorize())
         assert (await lab.exchange(query["auth_code"][0])).json()["data"]["open_corp_id"] == WANG.open_corp_id
-        # An administrator who refuses: the redirect says access_denied.
+        # An administrator who refuses: not the user's access_denied (the sandbox's own wire choice).
         await lab.http.post(lab.urls["api"] + "/_sandbox/approve", json={"open_id": WANG.open_id, "answer": "rejected"})
-        assert location_query(await lab.authorize()) == {"error": ["access_denied"], "state": ["St4te"]}
+        refused = location_query(await lab.authorize())
+        assert refused["error"] == ["unauthorized_client"] and refused["state"] == ["St4te"]
+        assert "administrator" in refused["error_description"][0]
+        assert (await lab.jsapi(api="authorize"))["bizCode"] == 4  # "other": the bridge goes on to the page
         bad = await lab.http.post(lab.urls["web"] + "/_sandbox/approve", json={"open_id": WANG.open_id, "answer": "x"})
         assert bad.status_code == 400
 
@@ -624,3 +627,48 @@ async def test_a_hung_client_falls_back_in_bounded_time(served: Lab, tmp_path: P
     assert time.monotonic() - started < 5
     assert lab.sandbox.stats["jsapi_code"] == 0
 
+
+
+# -- what the demo tour drives: consent, expiry, the timeline ---------------------------------------
+
+
+async def test_a_refusing_user_is_asked_and_says_no_everywhere(lab: Lab) -> None:
+    consent = lab.urls["web"] + "/_sandbox/user_consent"
+    assert (await lab.http.post(consent, json={"mode": "deny"})).json() == {"mode": "deny"}
+    assert location_query(await lab.authorize()) == {"error": ["access_denied"], "state": ["St4te"]}
+    # 张三 authorized the app before, but a refusing user counts as not having done so.
+    assert (await lab.jsapi(api="requestAgentAuthCode", sdkId=lab.sandbox.sdk_id))["errCode"] == 10002
+    assert await lab.jsapi(api="authorize") == {"bizCode": 3, "bizMessage": "用户拒绝授权"}
+    assert (await lab.http.post(consent, json={"mode": "maybe"})).status_code == 400
+    assert (await lab.http.post(consent, json={"mode": "allow"})).json() == {"mode": "allow"}
+    assert "auth_code" in location_query(await lab.authorize())
+    assert (await lab.http.get(consent)).json() == {"mode": "allow"}
+
+
+async def test_expiring_the_access_tokens_now(lab: Lab) -> None:
+    data = (await lab.exchange(lab.sandbox.mint_client_code())).json()["data"]
+    assert lab.sandbox.is_live(data["access_token"])
+    expired = await lab.http.post(lab.urls["api"] + "/_sandbox/tokens/expire")
+    assert expired.json() == {"expired": 1}
+    assert not lab.sandbox.is_live(data["access_token"])
+    # The refresh token still works: that is how the gateway gets a new access token.
+    refreshed = await lab.http.post(lab.urls["web"] + "/wemeet-webapi/v2/oauth2/oauth/refresh_token", json={
+        "refresh_token": data["refresh_token"], "sdk_id": lab.sandbox.sdk_id, "open_id": data["open_id"]})
+    assert refreshed.status_code == 200 and lab.sandbox.is_live(refreshed.json()["data"]["access_token"])
+
+
+async def test_the_events_tell_each_step_in_order_without_secrets(lab: Lab) -> None:
+    query = location_query(await lab.authorize())
+    data = (await lab.exchange(query["auth_code"][0])).json()["data"]
+    second = location_query(await lab.authorize())
+    await lab.exchange(second["auth_code"][0])  # a new exchange kills the previous pair
+    answer = (await lab.http.get(lab.urls["web"] + "/_sandbox/events")).json()
+    kinds = [event["kind"] for event in answer["events"]]
+    assert kinds == ["call", "code", "exchange", "tokens", "call", "code", "exchange", "revoked", "tokens"]
+    assert answer["last"] == answer["events"][-1]["seq"]
+    assert all(event["at"] > 0 for event in answer["events"])
+    text = " ".join(event["text"] for event in answer["events"])
+    assert data["access_token"] not in text and data["refresh_token"] not in text and query["auth_code"][0] not in text
+    later = (await lab.http.get(lab.urls["web"] + "/_sandbox/events", params={"after": answer["last"] - 1})).json()
+    assert [event["kind"] for event in later["events"]] == ["tokens"]
+    assert (await lab.http.get(lab.urls["web"] + "/_sandbox/events", params={"after": "x"})).status_code == 400

@@ -6,8 +6,10 @@ provider host (Lark: ``open`` and ``accounts``), because official SDKs take a ho
 ``gateway sandbox`` gives each host its own loopback port and prints the ``providers:`` YAML.
 
 Every emulator also serves, on each of its hosts, a small admin API under ``/_sandbox/`` that
-tests and the demo use: ``GET stats`` and ``POST``/``DELETE faults`` come from ``Sandbox``
-itself; an emulator adds its own (current user, JSSDK mode, the simulated client's codes...).
+tests and the demo use: ``GET stats``, ``GET events`` (what happened, with timestamps: the demo's
+timeline), ``POST``/``DELETE faults``, ``POST user_consent`` (the simulated user allows, is asked,
+or refuses) and ``POST tokens/expire`` come from ``Sandbox`` itself; an emulator adds its own
+(current user, JSSDK mode, the simulated client's codes, administrator approvals...).
 
 How to write one: see ``Sandbox``. The helpers below (body readers, redirects, the consent
 form, CORS headers; ``gateway.providers.str_field`` for body fields) serve every emulator.
@@ -20,12 +22,13 @@ import contextlib
 import html
 import json
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -48,6 +51,28 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Content-Type",
     "Access-Control-Max-Age": "600",
 }
+
+
+ConsentMode = Literal["allow", "ask", "deny"]
+CONSENT_MODES: tuple[ConsentMode, ...] = get_args(ConsentMode)
+#: How many events an emulator keeps (the oldest go first): enough for a demo's timeline.
+EVENT_LOG_SIZE = 500
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """One thing that happened at the emulator, for a timeline: a call, a code or tokens issued,
+    tokens that died, a refusal, an administrator's answer. ``at`` is wall-clock time (unix
+    seconds; not the emulator's ``clock`` knob, which tests move). ``text`` never holds a secret."""
+
+    seq: int
+    at: float
+    kind: str  # call | jsapi | code | exchange | tokens | refresh | identity | revoked | refused | approval | admin
+    text: str
+    endpoint: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "at": self.at, "kind": self.kind, "text": self.text, "endpoint": self.endpoint}
 
 
 @dataclass
@@ -87,6 +112,11 @@ class Sandbox:
        are not integers, and ``fault_extras`` for extra string fields of a fault.
     5. A simulated client's JSSDK (served with ``script_response``) has its modes in
        ``jsapi_modes`` and the current one in ``jsapi_mode``.
+    6. For a timeline, name each endpoint in ``call_labels`` (``"token:refresh_token"`` for one
+       grant type): every call is then recorded as an event of that kind and text. Record what a
+       call does with ``record_event`` (a code minted, tokens issued or killed). Honour
+       ``auto_consent`` and ``refuse_consent`` wherever the provider asks the user, and implement
+       ``expire_access_tokens``.
 
     Tests then use the same knobs on every emulator: ``stats["name"]``, ``delay_s``,
     ``inject_fault("name", code, times=..., delay_s=..., status=...)`` and ``clear_faults()``,
@@ -106,10 +136,20 @@ class Sandbox:
     #: ``POST /_sandbox/jsapi_mode`` ``{"mode": ...}`` sets ``jsapi_mode`` to one of them.
     jsapi_modes: ClassVar[tuple[str, ...]] = ()
     jsapi_mode: str
+    #: Endpoint name (or ``"<endpoint>:<grant_type>"``) -> (event kind, text) for the timeline.
+    call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    #: The user consents without being asked (True), or sees the provider's consent page/dialog.
+    auto_consent: bool = True
+    #: The simulated user refuses wherever the provider asks them (consent page, dialog, JSAPI
+    #: consent sheet), and counts as not having authorized the app before: the provider's own
+    #: answer to a refusal, without a person clicking "Deny".
+    refuse_consent: bool = False
 
     def __init__(self, *, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s  # every API call waits this long first: a slow provider
         self._stats: Counter[str] = Counter()
+        self._events: deque[SandboxEvent] = deque(maxlen=EVENT_LOG_SIZE)
+        self._event_seq = 0
         self._faults: list[Fault] = []
         #: The URLs the hosts are served on, once known (``transport``, ``provider_settings``).
         self._base_urls: dict[str, str] = {}
@@ -138,6 +178,11 @@ class Sandbox:
         settings). One by default, named after the plugin; an emulator of several app kinds
         (DingTalk's internal and ISV apps) returns one entry per kind."""
         return {self.plugin: self.demo_settings(base_urls)}
+
+    def expire_access_tokens(self) -> int:
+        """Every user access token issued so far expires now (the demo's "expire the access token
+        now"): a use of one answers the provider's "expired" error. Returns how many did."""
+        return 0
 
     async def demo_started(self, gateway_url: str, path_prefix: str) -> None:
         """Called once the demo gateway answers: push what a real provider would push (e.g. an
@@ -202,12 +247,36 @@ class Sandbox:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    # -- events: what happened, for a timeline ----------------------------------------------
+
+    def record_event(self, kind: str, text: str, endpoint: str = "") -> None:
+        """Note one step (never a secret in ``text``: it is shown on pages)."""
+        self._event_seq += 1
+        self._events.append(SandboxEvent(self._event_seq, time.time(), kind, text, endpoint))
+
+    def events(self, after: int = 0) -> list[SandboxEvent]:
+        """The events recorded after sequence number ``after``, oldest first."""
+        return [event for event in self._events if event.seq > after]
+
+    def set_consent(self, mode: ConsentMode) -> None:
+        """``allow``: consent without asking; ``ask``: the provider's consent page or dialog;
+        ``deny``: the user refuses."""
+        self.auto_consent = mode == "allow"
+        self.refuse_consent = mode == "deny"
+
+    @property
+    def consent_mode(self) -> ConsentMode:
+        return "deny" if self.refuse_consent else "allow" if self.auto_consent else "ask"
+
     async def take_call(self, endpoint: str, grant_type: str = "") -> Fault | None:
         """Count one call of ``endpoint`` (and of ``grant_type``), wait out ``delay_s``, and
         take the first fault injected for it; its own delay is waited out too."""
         self._stats[endpoint] += 1
         if grant_type:
             self._stats[grant_type] += 1
+        label = self.call_labels.get(f"{endpoint}:{grant_type}") or self.call_labels.get(endpoint)
+        if label is not None:
+            self.record_event(label[0], label[1], endpoint)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         names = {endpoint, f"{endpoint}:{grant_type}"} if grant_type else {endpoint}
@@ -249,7 +318,10 @@ class Sandbox:
         """The ``/_sandbox/`` routes served on every host; extend with ``super().admin_routes()``."""
         routes: list[BaseRoute] = [
             Route("/_sandbox/stats", self._admin_stats, methods=["GET"]),
+            Route("/_sandbox/events", self._admin_events, methods=["GET"]),
             Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
+            Route("/_sandbox/user_consent", self._admin_user_consent, methods=["GET", "POST"]),
+            Route("/_sandbox/tokens/expire", self._admin_expire_tokens, methods=["POST"]),
         ]
         if self.jsapi_modes:
             routes.append(Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]))
@@ -257,6 +329,30 @@ class Sandbox:
 
     async def _admin_stats(self, request: Request) -> Response:
         return JSONResponse(dict(self._stats))
+
+    async def _admin_events(self, request: Request) -> Response:
+        raw = request.query_params.get("after", "0")
+        if not raw.isdigit() or len(raw) > 12:
+            return JSONResponse({"error": "after must be a sequence number (digits)"}, 400)
+        events = self.events(int(raw))
+        return JSONResponse({"events": [event.as_dict() for event in events], "last": self._event_seq})
+
+    async def _admin_user_consent(self, request: Request) -> Response:
+        if request.method == "POST":
+            wanted = str_field(await read_body(request) or {}, "mode")
+            mode = next((mode for mode in CONSENT_MODES if mode == wanted), None)
+            if mode is None:
+                return JSONResponse({"error": f"unknown consent mode {wanted!r}", "modes": list(CONSENT_MODES)}, 400)
+            self.set_consent(mode)
+            self.record_event("admin", {"allow": "the user will consent without being asked",
+                                        "ask": "the user will see the consent page",
+                                        "deny": "the user will refuse the authorization"}[mode])
+        return JSONResponse({"mode": self.consent_mode})
+
+    async def _admin_expire_tokens(self, request: Request) -> Response:
+        count = self.expire_access_tokens()
+        self.record_event("admin", f"{count} access token(s) expired now")
+        return JSONResponse({"expired": count})
 
     async def _admin_faults(self, request: Request) -> Response:
         if request.method == "DELETE":

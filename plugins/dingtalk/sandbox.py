@@ -33,9 +33,11 @@ The emulator also plays DingTalk's HTTP event callback: ``push_suite_ticket`` en
 ``suite_ticket`` event with the callback Token and EncodingAESKey, POSTs it to ``callback_url``
 and checks the encrypted ``success`` reply, as DingTalk does (it counts a wrong reply as 71009).
 
-Every host serves the admin API under ``/_sandbox/``: ``GET stats``, ``POST faults`` (``DELETE``
-clears), ``POST current_user``, ``POST jsapi_mode``, ``POST open_auth_status``, ``POST
-suite_ticket`` (rotate and push), ``POST check_url``, ``POST admin_requests/approve``, the
+Every host serves the admin API under ``/_sandbox/``: ``GET stats``, ``GET events``, ``POST faults``
+(``DELETE`` clears), ``POST user_consent``, ``POST tokens/expire``, ``POST current_user``, ``POST
+jsapi_mode``, ``POST open_auth_status``, ``POST suite_ticket`` (rotate and push), ``POST check_url``,
+``GET admin_requests``, ``POST admin_requests/approve``, ``POST app_grants/revoke`` (the
+organisations forget the app permissions their administrators granted), the
 CORS endpoints the fake JSSDK calls (``jsapi/code``, ``jsapi/open_auth``) and the fake
 ``dingtalk.open.js`` itself. Paths are spelled out here rather than imported from the provider,
 so a typo on one side cannot hide behind the same typo on the other.
@@ -53,7 +55,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -324,6 +326,19 @@ class DingTalkSandbox(Sandbox):
     plugin = "dingtalk"
     client_user_agent = "AliApp(DingTalk/7.8.1) com.laiwang.DingTalk/46766536 Channel/201200 language/zh-Hans-CN"
     jsapi_modes = JSAPI_MODES
+    call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "authorize": ("call", "the browser opened the DingTalk login page (login.dingtalk.com/oauth2/auth)"),
+        "jsapi_code": ("jsapi", "JSAPI: the page asked the client for a free-login code (dd.requestAuthCode)"),
+        "open_auth": ("jsapi", "JSAPI: the page opened the authorization component (openAuth)"),
+        "userAccessToken:authorization_code": ("exchange", "the gateway exchanged the authCode (userAccessToken)"),
+        "userAccessToken:refresh_token": ("refresh", "the gateway refreshed the user token (grantType=refresh_token)"),
+        "users_me": ("identity", "the gateway read the user (contact/users/me)"),
+        "getuserinfo": ("exchange", "the gateway exchanged the free-login code (topapi/v2/user/getuserinfo)"),
+        "getbyunionid": ("identity", "the gateway looked up the member's userid (topapi/user/getbyunionid)"),
+        "accessToken": ("call", "the gateway fetched the internal app's token (oauth2/accessToken)"),
+        "corpAccessToken": ("call", "the gateway fetched the suite's corp token (oauth2/corpAccessToken)"),
+        "gettoken": ("call", "the gateway fetched the app token (gettoken)"),
+    }
     fault_code_types = (int, str)
     fault_extras = ("sub_code",)
 
@@ -428,14 +443,29 @@ class DingTalkSandbox(Sandbox):
         return self.suite_ticket
 
     def approve_admin_requests(self) -> int:
-        """An administrator approves every pending type 1 request; returns how many."""
+        """An administrator approves every pending type 1 request; returns how many. The next
+        openAuth type 1 of that organisation answers ``ok``: the permissions are granted."""
         count = 0
         for request in self.admin_requests:
             if not request.approved:
                 request.approved = True
                 self._app_grants.setdefault(request.corp_id, set()).update(request.scopes)
                 count += 1
+        self.record_event("approval", f"an administrator approved {count} request(s) for the app's permissions")
         return count
+
+    def revoke_app_grants(self) -> None:
+        """Every organisation forgets the app permissions its administrators granted (and the
+        requests waiting for them): the next non-admin's openAuth type 1 answers ``toAdmin``."""
+        self._app_grants.clear()
+        self.admin_requests.clear()
+
+    def expire_access_tokens(self) -> int:
+        now = self.clock()
+        live = [access for access in self._access.values() if not access.revoked and access.expires_at > now]
+        for access in live:
+            access.expires_at = now  # contact/users/me now answers accesstoken.expired
+        return len(live)
 
     def app_permissions_granted(self, corp_id: str) -> set[str]:
         return set(self._app_grants.get(corp_id, set()))
@@ -602,12 +632,14 @@ class DingTalkSandbox(Sandbox):
     def _mint_free(self, user: DingUser, corp_id: str, client_id: str | None) -> str:
         code = _token("", 16)
         self._free_codes[code] = _FreeLoginCode(user.userid, corp_id, client_id, self.clock() + CODE_TTL_S)
+        self.record_event("code", f"free-login code issued for {user.name} (single use, 5 min)")
         return code
 
     def _mint_user(self, user: DingUser, client_id: str, scopes: frozenset[str], with_corp: bool) -> str:
         code = _token("", 16)
         self._user_codes[code] = _UserCode(user.unionid, user.corp_id, client_id, scopes, with_corp,
                                            self.clock() + CODE_TTL_S)
+        self.record_event("code", f"authCode issued for {user.name} (single use, 5 min)")
         return code
 
     def _client_ok(self, client_id: str, client_secret: str) -> bool:
@@ -733,6 +765,7 @@ class DingTalkSandbox(Sandbox):
             refresh.access_token = access_token
             return {"accessToken": access_token, "refreshToken": value, "expireIn": self.access_ttl_s}
         refresh.state = "used"
+        self.record_event("revoked", "the used refresh token and the access token it replaced are dead now")
         return self._issue_user_tokens(refresh.unionid, refresh.corp_id, client_id, refresh.scopes)
 
     def _issue_user_tokens(self, unionid: str, corp_id: str, client_id: str, scopes: frozenset[str]) -> dict[str, Any]:
@@ -741,6 +774,8 @@ class DingTalkSandbox(Sandbox):
         self._access[access_token] = _UserAccess(unionid, client_id, now + self.access_ttl_s)
         self._refresh[refresh_token] = _UserRefresh(unionid, corp_id, client_id, scopes,
                                                     now + REFRESH_TOKEN_TTL_S, access_token)
+        self.record_event("tokens", f"user token issued: access token {self.access_ttl_s // 60} min, "
+                                    "refresh token 30 d")
         return {"accessToken": access_token, "refreshToken": refresh_token, "expireIn": self.access_ttl_s}
 
     async def _users_me(self, request: Request) -> Response:
@@ -865,6 +900,9 @@ class DingTalkSandbox(Sandbox):
             corp_id = wanted
         consent = _Consent(person.unionid, corp_id, client_id, redirect_uri, query.get("state"), delegated,
                            "corpid" in scopes, self.clock() + CONSENT_TTL_S)
+        if self.refuse_consent:  # what pressing 取消 (Deny) on the login page answers
+            self.record_event("refused", "the user refused on the DingTalk login page: access_denied")
+            return redirect_to(redirect_uri, {"error": "access_denied", "state": consent.state})
         if self.auto_consent:
             return self._grant_consent(consent)
         ticket = _token("", 12)
@@ -888,6 +926,7 @@ class DingTalkSandbox(Sandbox):
         if consent is None or self.clock() >= consent.expires_at:
             return HTMLResponse("<!doctype html><p>This login request has expired.</p>", status_code=400)
         if decision != "allow":
+            self.record_event("refused", "the user pressed 取消 (Deny) on the login page: access_denied")
             return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         return self._grant_consent(consent)
 
@@ -943,16 +982,26 @@ class DingTalkSandbox(Sandbox):
             scopes = self.app_permissions if rpc == [".default"] else set(rpc)
             if not scopes or scopes - self.app_permissions or fields:
                 return {"status": "failed", "result": None}  # 500104 / 500204
-            if user.admin or forced == "ok":
+            granted = self._app_grants.get(corp_id, set())
+            if user.admin or forced == "ok" or scopes <= granted:
+                # An administrator grants at once; a member gets ok once an administrator has
+                # approved these permissions for the organisation (approve_admin_requests).
                 self._app_grants.setdefault(corp_id, set()).update(scopes)
                 return {"status": "ok", "result": None}
-            self.admin_requests.append(AdminRequest(corp_id, client_id, frozenset(scopes), user.userid))
+            if not any(not request.approved and request.corp_id == corp_id and request.scopes == scopes
+                       for request in self.admin_requests):
+                self.admin_requests.append(AdminRequest(corp_id, client_id, frozenset(scopes), user.userid))
+            self.record_event("approval", f"{user.name} is not an administrator: the request went to one (toAdmin)")
             return {"status": "toAdmin", "result": None}
         requested = frozenset(rpc + fields)
         if not requested or requested - self.delegated_permissions:
             return {"status": "failed", "result": None}  # 500104 应用未添加该权限点
+        if self.refuse_consent and forced is None:  # the panel is shown and the user closes it
+            self.record_event("refused", "the user refused in the authorization component: cancel")
+            return {"status": "cancel", "result": None}
         if not self.auto_consent and forced is None and body.get("consent") is not True:
             if body.get("consent") is False:
+                self.record_event("refused", "the user refused in the authorization component: cancel")
                 return {"status": "cancel", "result": None}
             return {"consent_required": True, "scopes": sorted(requested)}
         return {"status": "ok", "result": {"authCode": self._mint_user(user, client_id, requested, False)}}
@@ -975,7 +1024,9 @@ class DingTalkSandbox(Sandbox):
             Route("/_sandbox/open_auth_status", self._admin_open_auth_status, methods=["POST"]),
             Route("/_sandbox/suite_ticket", self._admin_suite_ticket, methods=["POST"]),
             Route("/_sandbox/check_url", self._admin_check_url, methods=["POST"]),
+            Route("/_sandbox/admin_requests", self._admin_requests, methods=["GET"]),
             Route("/_sandbox/admin_requests/approve", self._admin_approve, methods=["POST"]),
+            Route("/_sandbox/app_grants/revoke", self._admin_revoke_grants, methods=["POST"]),
             Route("/_sandbox/jsapi/code", self._jsapi_code, methods=["POST", "OPTIONS"]),
             Route("/_sandbox/jsapi/open_auth", self._open_auth, methods=["POST", "OPTIONS"]),
             Route("/_sandbox/dingtalk.open.js", self._jssdk, methods=["GET"]),
@@ -1016,6 +1067,18 @@ class DingTalkSandbox(Sandbox):
 
     async def _admin_approve(self, request: Request) -> Response:
         return JSONResponse({"approved": self.approve_admin_requests()})
+
+    async def _admin_requests(self, request: Request) -> Response:
+        return JSONResponse([
+            {"corp_id": item.corp_id, "client_id": item.client_id, "scopes": sorted(item.scopes),
+             "requested_by": item.requested_by, "approved": item.approved}
+            for item in self.admin_requests
+        ])
+
+    async def _admin_revoke_grants(self, request: Request) -> Response:
+        self.revoke_app_grants()
+        self.record_event("admin", "the organisations' administrators have not granted the app's permissions yet")
+        return JSONResponse({"revoked": True})
 
 
 # The simulated client's dingtalk.open.js. ES5 only: it runs in old webviews too. It defines what the

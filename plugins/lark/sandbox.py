@@ -22,9 +22,10 @@ Two hosts, as in production (official SDKs take a host, not a path):
   ``/_sandbox/h5-js-sdk.js``;
 - ``accounts``: ``/open-apis/authen/v1/authorize`` (plus its consent form) and ``/oauth/v3/token``.
 
-Both serve the admin API under ``/_sandbox/``: ``GET stats``, ``POST faults`` (``DELETE`` clears),
-``POST current_user``, ``POST jsapi_mode`` and ``POST jsapi/code`` (CORS-enabled: the fake JSSDK
-mints in-client codes there). Paths are spelled out here rather than imported from the provider,
+Both serve the admin API under ``/_sandbox/``: ``GET stats``, ``GET events``, ``POST faults``
+(``DELETE`` clears), ``POST user_consent``, ``POST tokens/expire``, ``POST current_user``, ``POST
+jsapi_mode`` and ``POST jsapi/code`` (CORS-enabled: the fake JSSDK mints in-client codes there).
+Paths are spelled out here rather than imported from the provider,
 so a typo on one side cannot hide behind the same typo on the other.
 
 All state lives on the instance; the ``clock`` knob lets a test move time forward.
@@ -43,7 +44,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -244,6 +245,14 @@ def _token(prefix: str, nbytes: int) -> str:
     return prefix + secrets.token_urlsafe(nbytes)
 
 
+def _duration(seconds: float) -> str:
+    """``7200`` -> "2 h", for the timeline."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
 def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
     if not _PKCE_VERIFIER.fullmatch(verifier):
         return False
@@ -302,6 +311,17 @@ class LarkSandbox(Sandbox):
     plugin = "lark"
     client_user_agent = "Lark/7.30.8 LarkLocale/en_US ChannelName/Feishu"
     jsapi_modes = JSAPI_MODES
+    call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "authorize": ("call", "the browser opened the authorization page (accounts host)"),
+        "jsapi_code": ("jsapi", "JSAPI: the page asked the client for a code (tt.requestAccess)"),
+        "token:authorization_code": ("exchange", "the gateway exchanged the code (authen/v2/oauth/token)"),
+        "token_v3:authorization_code": ("exchange", "the gateway exchanged the code (oauth/v3/token)"),
+        "token:refresh_token": ("refresh", "the gateway refreshed the user token (grant_type=refresh_token)"),
+        "token_v3:refresh_token": ("refresh", "the gateway refreshed the user token (v3, refresh_token)"),
+        "user_info": ("identity", "the gateway read the user (authen/v1/user_info)"),
+        "app_access_token": ("call", "the gateway fetched an app_access_token"),
+        "tenant_access_token": ("call", "the gateway fetched a tenant_access_token"),
+    }
 
     def __init__(
         self,
@@ -359,6 +379,14 @@ class LarkSandbox(Sandbox):
         if user not in self.users:
             raise KeyError(f"no sandbox user {user!r}")
         return self._mint(user, api, frozenset(scopes) if api == "requestAccess" else frozenset())
+
+    def expire_access_tokens(self) -> int:
+        now = self.clock()
+        live = [access for access in self._access.values()
+                if access.expires_at > now and (access.dies_at is None or access.dies_at > now)]
+        for access in live:
+            access.expires_at = now  # user_info now answers 99991677 "token expire"
+        return len(live)
 
     def revoke(self, open_id: str) -> None:
         """Revoke every token of a user (an admin or the user removed the authorization)."""
@@ -446,6 +474,8 @@ class LarkSandbox(Sandbox):
             challenge=challenge,
             challenge_method=challenge_method,
         )
+        minutes = int(CODE_TTL_S[api] // 60)
+        self.record_event("code", f"{api} code issued for {self.users[open_id].name} (single use, {minutes} min)")
         return code
 
     # -- token endpoints (v2 on open, v3 on accounts) -----------------------------------------
@@ -532,6 +562,8 @@ class LarkSandbox(Sandbox):
         replaced = self._access.get(refresh.access_token)
         if replaced is not None:
             replaced.dies_at = min(replaced.expires_at, now + ROTATION_GRACE_S)
+        self.record_event("revoked", "the used refresh token is dead now; the replaced access token "
+                                     f"works {ROTATION_GRACE_S} s more")
         return self._issue(refresh.open_id, refresh.scopes, authorized_at=refresh.authorized_at, issuer=issuer)
 
     def _issue(
@@ -556,6 +588,10 @@ class LarkSandbox(Sandbox):
             )
             answer["refresh_token"] = refresh_token
             answer["refresh_token_expires_in"] = max(0, int(expires_at - now))
+        lifetimes = f"access token {_duration(self.access_ttl_s)}"
+        if "refresh_token" in answer:
+            lifetimes += f", refresh token {_duration(answer['refresh_token_expires_in'])}"
+        self.record_event("tokens", f"tokens issued to {self.users[open_id].name}: {lifetimes}")
         return answer
 
     # -- user_info ----------------------------------------------------------------------------
@@ -668,6 +704,9 @@ class LarkSandbox(Sandbox):
             challenge_method=method,
             expires_at=self.clock() + CONSENT_TTL_S,
         )
+        if self.refuse_consent:  # what pressing "Deny" on the consent page answers
+            self.record_event("refused", "the user refused on the consent page: access_denied")
+            return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         if self.auto_consent:
             return self._grant_consent(consent)
         ticket = _token("", 16)
@@ -697,6 +736,7 @@ class LarkSandbox(Sandbox):
         if consent is None or self.clock() >= consent.expires_at:
             return HTMLResponse("<!doctype html><p>This authorization request has expired.</p>", status_code=400)
         if str_field(form, "decision") != "allow":
+            self.record_event("refused", "the user pressed Deny on the consent page: access_denied")
             return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         return self._grant_consent(consent)
 
@@ -729,6 +769,9 @@ class LarkSandbox(Sandbox):
         requested = frozenset(scope_list)
         if requested - self.enabled_scopes:
             return self._auth_failed("20027", "the app has not enabled a requested scope"), 400
+        if self.refuse_consent:  # the consent sheet is shown (nothing counts as granted) and refused
+            self.record_event("refused", "the user refused the consent sheet: requestAccess failed (errno 2700002)")
+            return self._auth_failed("access_denied", "the user denied the authorization"), 400
         new = requested - self._grants.get(open_id, set())
         if new and not self.auto_consent and body.get("consent") is not True:
             if body.get("consent") is False:  # the user closed the consent sheet

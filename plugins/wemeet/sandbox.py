@@ -21,16 +21,19 @@ against it has a fair chance against the real thing:
 
 What the sheet leaves open is filled in here, and marked as the sandbox's own choice: the bodies of
 the ``wemeet-webapi`` errors (``{"code": 400, "message", "nonce"}``), the rejection objects of the
-fake JS-SDK (``{errCode, errMsg}``), the refusal redirect (``error=access_denied``), the pending
-redirect (``state`` only) and the mapping of ``scopes`` to ``scopes_v2``. Header names reach an
+fake JS-SDK (``{errCode, errMsg}``), the user's refusal redirect (``error=access_denied``), the
+administrator's refusal redirect (``error=unauthorized_client``, RFC 6749's "the client is not
+authorized": the enterprise does not allow the app), the pending redirect (``state`` only) and the
+mapping of ``scopes`` to ``scopes_v2``. Header names reach an
 ASGI app lower-cased, so the exact case of ``AccessToken``/``OpenId`` cannot be checked here; the
 provider's tests check it on the wire.
 
 Two hosts, as in production: ``web`` (meeting.tencent.com: authorize page, ``/wemeet-webapi``,
 the fake JS-SDK at ``/_sandbox/wemeet-js-sdk.js``) and ``api`` (api.meeting.qq.com). Both serve the
-admin API under ``/_sandbox/``: ``GET stats``, ``GET users``, ``POST faults`` (``DELETE`` clears),
-``POST current_user``, ``POST approve``, ``POST jsapi_mode`` and ``POST jsapi/code`` (CORS: the
-fake JS-SDK mints its codes there). Paths are spelled out here rather than imported from the
+admin API under ``/_sandbox/``: ``GET stats``, ``GET events``, ``GET users``, ``POST faults``
+(``DELETE`` clears), ``POST user_consent``, ``POST tokens/expire``, ``POST current_user``, ``POST
+approve`` (the administrator's answer: approved, pending or rejected), ``POST jsapi_mode`` and ``POST
+jsapi/code`` (CORS: the fake JS-SDK mints its codes there). Paths are spelled out here rather than imported from the
 provider, so a typo on one side cannot hide behind the same typo on the other.
 
 All state lives on the instance; the ``clock`` knob lets a test move time forward.
@@ -47,7 +50,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -241,6 +244,14 @@ class WeMeetSandbox(Sandbox):
     plugin = "wemeet"
     client_user_agent = CLIENT_UA
     jsapi_modes = JSAPI_MODES
+    call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "authorize": ("call", "the browser opened the authorization page (marketplace/authorize.html)"),
+        "jsapi_code": ("jsapi", "JSAPI: the page asked the client for a code (wemeet.permission)"),
+        "access_token": ("exchange", "the gateway exchanged the auth_code (oauth/access_token)"),
+        "refresh_token": ("refresh", "the gateway refreshed the user token (oauth/refresh_token)"),
+        "user_info": ("identity", "the gateway checked the token (oauth/user_info)"),
+        "profile": ("identity", "the gateway read the user (v1/users/info/basic)"),
+    }
 
     def __init__(
         self,
@@ -306,6 +317,10 @@ class WeMeetSandbox(Sandbox):
             raise KeyError(f"no sandbox user {open_id!r}")
         self.approval[open_id] = answer
         self.applications.discard(open_id)
+        name = self.users[open_id].username
+        self.record_event("approval", {"approved": f"the administrator approved the app for {name}",
+                                       "pending": f"{name}'s enterprise has not approved the app yet",
+                                       "rejected": f"the administrator refused the app for {name}"}[answer])
 
     def is_authorized(self, open_id: str) -> bool:
         return open_id in self._authorized
@@ -326,6 +341,13 @@ class WeMeetSandbox(Sandbox):
         """Whether the REST API would still accept this access token (ignoring scopes)."""
         access = self._access.get(access_token)
         return access is not None and access.alive and self.clock() < access.expires_at
+
+    def expire_access_tokens(self) -> int:
+        now = self.clock()
+        live = [access for access in self._access.values() if access.alive and access.expires_at > now]
+        for access in live:
+            access.expires_at = now  # the REST API now answers 190303
+        return len(live)
 
     def revoke(self, open_id: str) -> None:
         """The user (or their administrator) cancels the app's authorization: every token dies."""
@@ -384,6 +406,7 @@ class WeMeetSandbox(Sandbox):
     def _mint(self, open_id: str) -> str:
         code = _token(24)
         self._codes[code] = _Code(open_id, self.clock() + CODE_TTL_S)
+        self.record_event("code", f"auth_code issued for {self.users[open_id].username} (single use, 5 min)")
         return code
 
     def _granted(self, user: WeMeetUser) -> list[str]:
@@ -394,6 +417,8 @@ class WeMeetSandbox(Sandbox):
         if live is not None:
             self._access[live[0]].alive = False
             self._refresh[live[1]].alive = False
+            self.record_event("revoked", f"{self.users[open_id].username}'s previous access and refresh "
+                                         "tokens are dead now (no grace)")
 
     def _issue(self, open_id: str) -> tuple[str, str, int]:
         """A new token pair for the user; the previous pair dies now (rotation, sheet section 5)."""
@@ -404,6 +429,8 @@ class WeMeetSandbox(Sandbox):
         self._access[access] = _Access(open_id, float(expires))
         self._refresh[refresh] = _Refresh(open_id, now + self.refresh_ttl_s)
         self._live[open_id] = (access, refresh)
+        self.record_event("tokens", f"tokens issued to {self.users[open_id].username}: access token "
+                                    f"{self.access_ttl_s // 3600} h, refresh token {self.refresh_ttl_s // 86400} d")
         return access, refresh, expires
 
     def _check_fields(self, body: Mapping[str, Any], expected: tuple[str, ...]) -> None:
@@ -588,10 +615,14 @@ class WeMeetSandbox(Sandbox):
     def _decide(self, open_id: str, redirect_uri: str, state: str) -> Response:
         approval = self.approval[open_id]
         if approval == "rejected":
-            return redirect_to(redirect_uri, {"error": "access_denied", "state": state})
+            # The administrator said no: not the user's refusal (the sandbox's own wire choice).
+            return redirect_to(redirect_uri, {"error": "unauthorized_client", "state": state,
+                                              "error_description": "the enterprise administrator refused the app"})
         if approval == "pending":
             # The first authorization of an enterprise account asks its administrator first.
             self.applications.add(open_id)
+            self.record_event("approval", "first authorization of an enterprise account: the request went to "
+                                          "its administrator (no auth_code)")
             if self.pending_redirect:
                 return redirect_to(redirect_uri, {"state": state})
             return HTMLResponse(
@@ -599,6 +630,9 @@ class WeMeetSandbox(Sandbox):
                 "<h1>申请已提交 Request submitted</h1>"
                 "<p>Your enterprise administrator must approve this application first.</p>"
             )
+        if self.refuse_consent:  # what pressing "Deny" on the authorization page answers
+            self.record_event("refused", "the user refused on the authorization page: access_denied")
+            return redirect_to(redirect_uri, {"error": "access_denied", "state": state})
         if open_id in self._authorized or self.auto_consent:
             self._authorized.add(open_id)
             return redirect_to(redirect_uri, {"auth_code": self._mint(open_id), "state": state})
@@ -621,6 +655,7 @@ class WeMeetSandbox(Sandbox):
         if consent is None or self.clock() >= consent.expires_at:
             return self._error_page("This authorization request has expired.")
         if str_field(form, "decision") != "allow":
+            self.record_event("refused", "the user pressed Deny on the authorization page: access_denied")
             return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
         self._authorized.add(consent.open_id)
         return redirect_to(consent.redirect_uri, {"auth_code": self._mint(consent.open_id), "state": consent.state})
@@ -642,17 +677,21 @@ class WeMeetSandbox(Sandbox):
         if api == "requestAgentAuthCode":
             if str_field(body, "sdkId") != self.sdk_id:
                 return {"errCode": 10001, "errMsg": "requestAgentAuthCode:fail invalid sdkId"}
-            if open_id not in self._authorized or self.approval[open_id] != "approved":
+            if open_id not in self._authorized or self.approval[open_id] != "approved" or self.refuse_consent:
                 return {"errCode": 10002, "errMsg": "requestAgentAuthCode:fail the user has not authorized the app"}
             return {"authCode": self._mint(open_id)}
         if api == "authorize":
             approval = self.approval[open_id]
             if approval == "pending":
                 self.applications.add(open_id)
+                self.record_event("approval", "authorize: the request went to the enterprise administrator (bizCode 1)")
                 return {"bizCode": 1, "bizMessage": "申请授权成功"}
             if approval == "rejected":
                 return {"bizCode": 4, "bizMessage": "the enterprise administrator refused the application"}
             consent = body.get("consent")
+            if self.refuse_consent:
+                self.record_event("refused", "the user refused in the authorization dialog (bizCode 3)")
+                return {"bizCode": 3, "bizMessage": "用户拒绝授权"}
             if open_id in self._authorized or self.auto_consent or consent is True:
                 self._authorized.add(open_id)
                 return {"authCode": self._mint(open_id)}
