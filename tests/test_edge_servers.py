@@ -160,6 +160,8 @@ async def test_sidecar_a_signed_in_user_cannot_forge_an_identity_or_make_the_pro
     assert len(seen["HTTP_X_AUTH_IDENTITY"]) == 1 and seen["HTTP_X_AUTH_IDENTITY"] != ["forged"]
     forwarded = [(k, v) for k, v in received["headers"] if fold(k.encode()) in (b"xforwardedfor", b"xrealip")]
     assert forwarded == [("x-forwarded-for", "127.0.0.1")], forwarded
+    # upstream.preserve_host (the default): the client's Host, exactly once, never beside the upstream's.
+    assert [v for k, v in received["headers"] if k.lower() == "host"] == ["app.test"]
 
 
 SMUGGLED = b"0\r\n\r\nGET /admin HTTP/1.1\r\nHost: app.test\r\nx-auth-user: admin\r\n\r\n"
