@@ -555,12 +555,11 @@ class UpstreamProxy:
         answers 503 with. The sentence names the cause, never the upstream's address (readyz is
         public); the log line (``health``) has the address."""
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self._tls else None
+        pool = self._connections()  # its TLS context: loading the CA store once, not per probe
         try:
             async with asyncio.timeout(min(self._timeout_s, _PROBE_TIMEOUT_S)):
                 transport, _ = await loop.create_connection(
-                    asyncio.Protocol, self._host, self._port, ssl=context,
-                    server_hostname=self._host if self._tls else None)
+                    asyncio.Protocol, pool.host, pool.port, ssl=pool.ssl, server_hostname=pool.server_hostname)
         except (OSError, TimeoutError) as exc:
             cause = os_error_cause(exc)
             self.health.failed(cause, exc)

@@ -29,7 +29,7 @@ CAUSES: dict[str, str] = {
     "refused": "connection refused",
     "timeout": "no answer in time",
     "reset": "connection reset or closed before the answer",
-    "unreachable": "unreachable (no route, or the name does not resolve)",
+    "unreachable": "no route to it, or its name does not resolve",
     "invalid": "an answer the gateway cannot pass on safely",
 }
 FAILURES = "gateway_upstream_failures_total"
