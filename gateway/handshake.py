@@ -505,7 +505,8 @@ class Handshake:
         origin = request.headers.get("origin")
         if origin is not None:
             if origin.rstrip("/") != self.config.origin:
-                if _host_key(urlsplit(origin).netloc) == _host_key(request.headers.get("host", "")):
+                origin_host = _host_key(urlsplit(origin).netloc)
+                if origin_host and origin_host == _host_key(request.headers.get("host", "")):
                     # Our own page, served at the browser's address, which is not public_url's.
                     raise self._public_url_mismatch(origin.rstrip("/"))
                 raise GatewayError("This request must come from the app's own pages.", code="cross_origin",

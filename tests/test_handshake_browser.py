@@ -418,7 +418,7 @@ async def test_a_public_url_host_the_browser_does_not_use_is_explained(
         at_localhost = running.url.replace("127.0.0.1", "localhost")
         await page.goto(at_localhost + TARGET)
         await page.wait_for_url(re.compile(r"/_gateway/callback/lark\?"), timeout=10_000)
-        await expect(page.locator("h1")).to_have_text("无法处理此请求")
+        await expect(page.locator("h1")).to_have_text("请通过应用的正式地址打开")
         await expect(page.locator("main > p").first).to_contain_text(
             f"此应用配置的地址是 {running.url}，但此页面是通过 {at_localhost} 打开的")
         await expect(page.locator("code")).to_have_text("public_url_mismatch")
