@@ -313,7 +313,7 @@ class Handshake:
 
     def _note_foreign_host(self, request: Request, state: str, next_path: str) -> None:
         """Remember a login started at a host other than public_url's (see the module docstring)."""
-        host = request.headers.get("host", "")
+        host = _browser_host(request)
         if host and _host_key(host) != self._public_host:
             self._foreign_logins[state] = (host, next_path)
             while len(self._foreign_logins) > _FOREIGN_LOGINS_KEPT:
@@ -506,7 +506,7 @@ class Handshake:
         if origin is not None:
             if origin.rstrip("/") != self.config.origin:
                 origin_host = _host_key(urlsplit(origin).netloc)
-                if origin_host and origin_host == _host_key(request.headers.get("host", "")):
+                if origin_host and origin_host == _host_key(_browser_host(request)):
                     # Our own page, served at the browser's address, which is not public_url's.
                     raise self._public_url_mismatch(origin.rstrip("/"))
                 raise GatewayError("This request must come from the app's own pages.", code="cross_origin",
@@ -664,6 +664,13 @@ def _script_messages(locale: Locale, name: str) -> dict[str, str]:
         "networkFailed": text("page.network_failed", locale),
         "gatewayTimeout": text("page.gateway_timeout", locale),
     }
+
+
+def _browser_host(request: Request) -> str:
+    """The host the browser used: a trusted proxy's X-Forwarded-Host (the edge removed any other
+    sender's), else Host."""
+    forwarded = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+    return forwarded or request.headers.get("host", "")
 
 
 def _host_key(host: str) -> str:

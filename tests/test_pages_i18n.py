@@ -172,3 +172,19 @@ async def test_a_login_at_public_urls_own_host_is_unchanged(start_gateway: Gatew
         answer = await elsewhere.get(consent.headers["location"], headers=HTML)
     assert answer.status_code == 400 and "state_mismatch" in answer.text
     assert "started in another browser" in answer.text
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [(["127.0.0.1/32"], "state_mismatch"), ([], "public_url_mismatch")])
+async def test_the_browsers_host_behind_a_proxy(
+    start_gateway: GatewayStarter, trusted: list[str], expected: str
+) -> None:
+    # A proxy that rewrites Host says the browser's in X-Forwarded-Host: believed from a trusted
+    # proxy only (the edge drops it otherwise), so a login there is not mistaken for a mismatch.
+    async with start_gateway(access={"trusted_proxies": trusted}) as running, \
+            running.client() as starts, running.client() as elsewhere:
+        public_host = urlsplit(running.url).netloc
+        login = await starts.get("/_gateway/login?next=/inbox",
+                                 headers={**HTML, "host": "internal:9999", "x-forwarded-host": public_host})
+        consent = await elsewhere.get(login.headers["location"], headers=HTML)
+        answer = await elsewhere.get(consent.headers["location"], headers=HTML)
+    assert answer.status_code == 400 and f"<code>{expected}</code>" in answer.text
