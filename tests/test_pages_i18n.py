@@ -188,3 +188,15 @@ async def test_the_browsers_host_behind_a_proxy(
         consent = await elsewhere.get(login.headers["location"], headers=HTML)
         answer = await elsewhere.get(consent.headers["location"], headers=HTML)
     assert answer.status_code == 400 and f"<code>{expected}</code>" in answer.text
+
+
+async def test_the_chooser_in_chinese(start_gateway: GatewayStarter, lark: ServedLark) -> None:
+    both = {"feishu": lark.settings(), "lark": lark.settings(brand="lark")}
+    async with start_gateway(providers=both) as running, running.client() as client:
+        zh = await client.get("/_gateway/login?next=/inbox", headers={**HTML, **ZH_CLIENT})
+        en = await client.get("/_gateway/login?next=/inbox", headers={**HTML, **EN_BROWSER})
+    assert zh.status_code == en.status_code == 200
+    assert html_lang(zh) == "zh-Hans" and "<h1>登录</h1><p>请选择登录方式。</p>" in zh.text
+    assert sorted(re.findall(r'<a class="button" href="[^"]+">([^<]+)</a>', zh.text)) == ["Lark", "飞书"]
+    assert "<h1>Sign in</h1><p>Choose how to sign in.</p>" in en.text
+    assert sorted(re.findall(r'<a class="button" href="[^"]+">([^<]+)</a>', en.text)) == ["Feishu", "Lark"]
