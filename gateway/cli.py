@@ -178,10 +178,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.demo import PortBusy, run_demo
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_demo(host=args.host, port=args.port))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_demo(host=args.host, port=args.port))
+    except PortBusy as exc:
+        print(f"gateway demo: {exc}", file=sys.stderr)  # one line: which port, and what to do
+        return 2
     return 0
 
 
@@ -195,9 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(handler=cmd_serve)
 
-    demo = commands.add_parser("demo", help="gateway + demo app + provider emulators, no accounts needed")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    demo = commands.add_parser(
+        "demo", help="gateway + demo app + provider emulators, no accounts needed",
+        description="The gateway in front of a demo app, with every provider emulator and the simulated "
+                    "clients. Open http://HOST:PORT/demo/ for the tour.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=8000,
+                      help="the first of a block of consecutive ports: the demo gateway listens on PORT, the "
+                           "emulators' hosts on the next ones (8 ports in all; printed at start-up; "
+                           "default: %(default)s)")
     demo.set_defaults(handler=cmd_demo)
 
     sandbox = commands.add_parser("sandbox", help="the provider emulators alone, one port per provider host")

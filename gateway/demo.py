@@ -1,11 +1,15 @@
 """``gateway demo``: the gateway in front of a small app, every provider emulator, simulated clients.
 
-Nothing to configure and no account anywhere. Open the printed URL:
+Nothing to configure and no account anywhere. Open the printed URL: ``/demo/`` is the tour
+(``gateway/demo_tour.py``, pages in ``gateway/demo_pages.py``). For each provider:
 
 - "Open in the browser" walks the browser OAuth redirect against the emulator;
-- "Open in the simulated <client>" makes the gateway see that client's User-Agent (a cookie the
+- "Open in the simulated client" makes the gateway see that client's User-Agent (a cookie the
   demo reads, as the real client would add its token to the UA) and the page loads the
-  emulator's fake JSSDK, so the in-client silent handshake runs as it would in the app.
+  emulator's fake JSSDK, so the in-client silent handshake runs as it would in the app;
+- switches make the emulator behave as the provider does when the user refuses, when an
+  administrator must approve first, when the access token expires, and when the user signs in
+  again on a second device; the timeline shows each step as it happens.
 """
 
 from __future__ import annotations
@@ -13,24 +17,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
+import logging
 import secrets
-from collections.abc import Mapping
+import socket
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 import jwt
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import GatewayConfig
+from gateway.demo_pages import app_page, demo_page, favicon, static_file, tour_page
+from gateway.demo_tour import BURST, EMULATOR_TITLES, Tour, TourError
 from gateway.identity import IdentitySigner
 from gateway.middleware import AuthGateway
-from gateway.pages import page
 from gateway.sandbox import Sandbox, available_sandboxes, serve_apps
+
+log = logging.getLogger("gateway.demo")
 
 DEMO_CLIENT_COOKIE = "demo_client"
 
@@ -66,62 +77,170 @@ def _cookie(scope: Scope, name: str) -> str | None:
     return None
 
 
-def demo_app(signer_holder: dict[str, IdentitySigner], clients: Mapping[str, str], prefix: str) -> Starlette:
-    """The app behind the gateway: it shows the identity it received and verifies the JWT."""
+def _verified_claims(token: str, signer: IdentitySigner) -> tuple[dict[str, Any], str]:
+    """The identity JWT's claims and what the check said (the app verifies, as upstreams should)."""
+    try:
+        claims = jwt.decode(token, jwt.PyJWK(signer.jwks()["keys"][0]).key, algorithms=["EdDSA"],
+                            audience=signer.audience, issuer=signer.issuer)
+        return dict(claims), "verified with the gateway's JWKS"
+    except jwt.PyJWTError as exc:
+        return {}, f"NOT verified: {exc}"
+
+
+def _same_origin(request: Request, public_url: str) -> bool:
+    """A demo action comes from the demo's own pages (a browser always sends Origin on a POST)."""
+    origin = request.headers.get("origin")
+    return origin is None or origin.rstrip("/") == public_url.rstrip("/")
+
+
+async def _json_body(request: Request) -> dict[str, Any] | None:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return None
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _problem(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def demo_app(
+    signer_holder: dict[str, IdentitySigner], clients: Mapping[str, str], prefix: str, tour: Tour | None = None
+) -> Starlette:
+    """The app behind the gateway: it shows the identity it received and verifies the JWT. With a
+    ``tour``, ``/demo/`` is the tour (switches and timeline) and ``/demo/api/`` drives it."""
+
+    def identity(request: Request) -> tuple[dict[str, str], dict[str, Any], str]:
+        headers = {k: v for k, v in request.headers.items() if k.startswith("x-auth-")}
+        claims, verdict = _verified_claims(headers.get("x-auth-identity", ""), signer_holder["signer"])
+        return headers, claims, verdict
 
     async def home(request: Request) -> Response:
-        headers = {k: v for k, v in request.headers.items() if k.startswith("x-auth-")}
-        token = headers.get("x-auth-identity", "")
-        signer = signer_holder["signer"]
-        try:
-            claims = jwt.decode(token, jwt.PyJWK(signer.jwks()["keys"][0]).key, algorithms=["EdDSA"],
-                                audience=signer.audience, issuer=signer.issuer)
-            verdict = "verified with the gateway's JWKS"
-        except jwt.PyJWTError as exc:
-            claims, verdict = {}, f"NOT verified: {exc}"
-        rows = "".join(
-            f"<tr><td><code>{html.escape(k)}</code></td><td>{html.escape(v[:80])}</td></tr>"
-            for k, v in sorted(headers.items())
-        )
-        name = unquote(headers.get("x-auth-name", ""))
-        body = (
-            f"<h1>Hello, {html.escape(name or headers.get('x-auth-user', '?'))}</h1>"
-            "<p>This page is the demo app behind the gateway. It received these headers:</p>"
-            f"<table>{rows}</table><p>Identity JWT: {html.escape(verdict)}</p>"
-            f"<pre>{html.escape(str(claims))}</pre>"
-            f'<form method="post" action="{prefix}/logout"><button>Sign out</button></form>'
-            '<p><a class="button secondary" href="/demo/">Demo home</a></p>'
-        )
-        return page("Demo app", body)
+        headers, claims, verdict = identity(request)
+        name = unquote(headers.get("x-auth-name", "")) or headers.get("x-auth-user", "?")
+        if tour is not None and claims:
+            title = tour.providers[claims["provider"]].title if claims.get("provider") in tour.providers else "?"
+            tour.note("identity", f"the app received the identity of {name} ({title}), JWT {verdict}")
+        return app_page(name, claims, verdict, headers, prefix)
+
+    async def whoami(request: Request) -> Response:
+        headers, claims, verdict = identity(request)
+        burst = request.query_params.get("burst", "")
+        if tour is not None and burst.isdigit() and int(burst) <= BURST:
+            name = claims.get("name") or claims.get("user", "?")
+            tour.note("app", f"request {burst} of {BURST}: the app received {name}'s identity")
+        return JSONResponse({"claims": claims, "verified": verdict, "headers": sorted(headers)},
+                            headers={"cache-control": "no-store"})
 
     async def demo_home(request: Request) -> Response:
-        links = '<a class="button" href="/demo/client/none">Open in the browser</a>'
-        for plugin in clients:
-            links += (f'<a class="button secondary" href="/demo/client/{html.escape(plugin)}">'
-                      f"Open in the simulated {html.escape(plugin)} client</a>")
-        body = (
-            "<h1>In-client SSO gateway: demo</h1>"
-            "<p>The app at <code>/</code> sits behind the gateway. Pick how to open it: in a plain browser "
-            "(OAuth redirect to the provider emulator) or inside a simulated client (silent JSAPI handshake).</p>"
-            f"<p>{links}</p>"
-            f'<form method="post" action="{prefix}/logout"><button>Sign out</button></form>'
-        )
-        return page("Gateway demo", body)
+        if tour is None:
+            return _plain_home(clients, prefix)
+        state = {entry["name"]: entry for entry in (await _tour_state(tour))["providers"]}
+        return tour_page(tour.providers.values(), state, prefix)
 
     async def choose_client(request: Request) -> Response:
+        """Open the app as a plain browser (``none``) or inside a simulated client; with
+        ``?provider=`` straight to that provider's sign-in, else to the app."""
         plugin = request.path_params["plugin"]
-        response = RedirectResponse("/", status_code=303)
+        target = "/"
+        name = request.query_params.get("provider", "")
+        if tour is not None and name in tour.providers:
+            provider = tour.providers[name]
+            target = f"{prefix}/login?{urlencode({'provider': name, 'next': provider.next_path})}"
+            how = f"in the simulated {provider.title} client" if plugin in clients else "in the browser"
+            tour.note("open", f"open the app with {provider.title} {how}")
+        response = RedirectResponse(target, status_code=303)
         if plugin in clients:
             response.set_cookie(DEMO_CLIENT_COOKIE, plugin, path="/", httponly=True, samesite="lax")
         else:
             response.delete_cookie(DEMO_CLIENT_COOKIE, path="/")
         return response
 
+    async def tour_api(request: Request) -> Response:
+        """``/demo/api/<action>`` (public: nothing here needs the identity) and ``/demo-api/<action>``
+        (behind the gateway: the actions on the signed-in user's tokens)."""
+        if tour is None:
+            return _problem(404, "no_tour", "This demo app runs without the tour.")
+        action = request.path_params["action"]
+        try:
+            if action == "timeline" and request.method == "GET":
+                after = request.query_params.get("after", "0")
+                return JSONResponse(await tour.timeline(int(after) if after.isdigit() and len(after) < 12 else 0),
+                                    headers={"cache-control": "no-store"})
+            if action == "state" and request.method == "GET":
+                return JSONResponse(await _tour_state(tour), headers={"cache-control": "no-store"})
+            if request.method != "POST":
+                return _problem(405, "method_not_allowed", "Use POST for the tour's actions.")
+            if not _same_origin(request, tour.public_url):
+                return _problem(403, "cross_origin", "The tour's actions come from the tour page only.")
+            body = await _json_body(request)
+            if body is None:
+                return _problem(415, "unsupported_media_type", "Send a JSON object.")
+            return JSONResponse(await _tour_action(tour, action, body, identity(request)[1], request.url.path))
+        except TourError as exc:
+            return _problem(exc.status, exc.code, exc.message)
+
     return Starlette(routes=[
         Route("/", home),
+        Route("/whoami", whoami),
+        Route("/favicon.ico", lambda request: favicon()),
         Route("/demo/", demo_home),
+        Route("/demo/static/{name}", lambda request: static_file(request.path_params["name"])),
         Route("/demo/client/{plugin}", choose_client),
+        Route("/demo/api/{action}", tour_api, methods=["GET", "POST"]),
+        Route("/demo-api/{action}", tour_api, methods=["POST"]),
     ])
+
+
+async def _tour_state(tour: Tour) -> dict[str, Any]:
+    try:
+        return await tour.state()
+    except TourError as exc:
+        log.warning("the tour could not read the emulators' state: %s", exc.message)
+        return {"providers": [{"name": name} for name in tour.providers]}
+
+
+async def _tour_action(tour: Tour, action: str, body: Mapping[str, Any], claims: Mapping[str, Any],
+                       path: str) -> dict[str, Any]:
+    name = body.get("provider")
+    if not isinstance(name, str):
+        raise TourError(400, "provider_missing", "Say which provider (provider: a name).")
+    if action == "switch":
+        switch, on = body.get("switch"), body.get("on")
+        if switch not in ("deny", "approval") or not isinstance(on, bool):
+            raise TourError(400, "bad_switch", "Send switch (deny or approval) and on (true or false).")
+        await tour.set_switch(name, switch, on)
+        return await tour.state()
+    if action in ("approve", "reject"):
+        await tour.answer_approval(name, "approved" if action == "approve" else "rejected")
+        return await tour.state()
+    if action in ("expire", "second-device"):
+        if not path.startswith("/demo-api/"):
+            raise TourError(404, "unknown_action", "This action acts on your session: POST it to /demo-api/.")
+        if claims.get("provider") != name:
+            title = tour.provider(name).title
+            raise TourError(409, "not_signed_in_with", f"Sign in with {title} first: this acts on your session.")
+        if action == "expire":
+            return await tour.expire_access_token(claims)
+        return await tour.second_device(claims)
+    raise TourError(404, "unknown_action", f"The tour has no action {action!r}.")
+
+
+def _plain_home(clients: Mapping[str, str], prefix: str) -> Response:
+    """``/demo/`` without the tour (an app built with ``demo_app`` alone, as some tests do)."""
+    links = '<a class="button" href="/demo/client/none">Open in the browser</a>'
+    for plugin in clients:
+        links += (f'<a class="button secondary" href="/demo/client/{html.escape(plugin)}">'
+                  f"Open in the simulated {html.escape(plugin)} client</a>")
+    body = (
+        "<h1>In-client SSO gateway: demo</h1>"
+        f"<p>{links}</p>"
+        f'<form method="post" action="{html.escape(prefix)}/logout"><button>Sign out</button></form>'
+    )
+    return demo_page("Gateway demo", body, page_kind="plain")
 
 
 def demo_config(host: str, port: int, providers: dict[str, dict[str, Any]]) -> GatewayConfig:
@@ -133,31 +252,117 @@ def demo_config(host: str, port: int, providers: dict[str, dict[str, Any]]) -> G
     )
 
 
-async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
+#: What the tour adds to the emulators' own demo settings: DingTalk signs in through the
+#: authorization component (a user token to refresh; the administrator's approval of the app's
+#: permissions first) instead of the silent free-login code.
+TOUR_SETTINGS: dict[str, dict[str, Any]] = {
+    "dingtalk": {"scopes": ["Contact.User.Read"], "app_scopes": [".default"]},
+    "dingtalk-isv": {"scopes": ["Contact.User.Read"], "app_scopes": [".default"]},
+}
+
+
+class PortBusy(Exception):
+    """A port the demo needs is taken by another program."""
+
+    def __init__(self, port: int, what: str) -> None:
+        super().__init__(port)
+        self.port, self.what = port, what
+
+    def __str__(self) -> str:
+        return f"port {self.port} is busy ({self.what} needs it): stop what uses it, or pick another --port"
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class RunningDemo:
+    url: str
+    gateway: AuthGateway
+    sandboxes: dict[str, Sandbox]
+    #: Each emulator's hosts: emulator -> role -> base URL.
+    hosts: dict[str, dict[str, str]]
+    tour: Tour
+    #: The gateway's server task: it ends on Ctrl-C (uvicorn captures the signal, then re-raises it).
+    serving: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def running_demo(host: str = "127.0.0.1", port: int = 8000) -> AsyncIterator[RunningDemo]:
+    """The whole demo, served: the gateway on ``port``, each emulator host on the next ports."""
     sandboxes: dict[str, Sandbox] = {name: cls() for name, cls in sorted(available_sandboxes().items())}
+    wanted = {port: "the demo gateway"}
+    for name, sandbox in sandboxes.items():
+        for role in sandbox.hosts():
+            wanted[port + len(wanted)] = f"the {EMULATOR_TITLES.get(name, name)} emulator's {role} host"
+    for candidate, what in wanted.items():
+        if _port_taken(host, candidate):
+            raise PortBusy(candidate, what)
     async with contextlib.AsyncExitStack() as stack:
         providers: dict[str, dict[str, Any]] = {}
+        hosts: dict[str, dict[str, str]] = {}
         next_port = port + 1
-        for sandbox in sandboxes.values():
-            urls = await stack.enter_async_context(serve_apps(sandbox.hosts(), host=host, port=next_port))
+        for name, sandbox in sandboxes.items():
+            try:
+                urls = await stack.enter_async_context(serve_apps(sandbox.hosts(), host=host, port=next_port))
+            except SystemExit:  # uvicorn could not bind after all (taken since the check)
+                raise PortBusy(next_port, f"the {EMULATOR_TITLES.get(name, name)} emulator") from None
             next_port += len(urls)
-            providers.update(sandbox.demo_providers(urls))
+            hosts[name] = urls
+            for provider_name, settings in sandbox.demo_providers(urls).items():
+                providers[provider_name] = {**settings, **TOUR_SETTINGS.get(provider_name, {})}
         config = demo_config(host, port, providers)
+        tour = Tour({name: next(iter(urls.values())) for name, urls in hosts.items()}, config.public_url,
+                    config.path_prefix)
+        stack.push_async_callback(tour.aclose)
         clients = {name: sandbox.client_user_agent for name, sandbox in sandboxes.items()}
         holder: dict[str, IdentitySigner] = {}
-        gateway = AuthGateway(demo_app(holder, clients, config.path_prefix), config)
+        gateway = AuthGateway(demo_app(holder, clients, config.path_prefix, tour), config)
+        stack.push_async_callback(gateway.aclose)
         holder["signer"] = gateway.runtime.signer
+        tour.runtime = gateway.runtime
+        # No access log: the tour's timeline shows the steps (and uvicorn's would print the query
+        # strings of the suiteTicket push and the callbacks).
         server = uvicorn.Server(uvicorn.Config(SimulatedClient(gateway, clients), host=host, port=port,
-                                               log_level="info", proxy_headers=False))
+                                               log_level="warning", access_log=False, proxy_headers=False))
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has no "started" event)
             await asyncio.sleep(0.02)
-        if server.started:
+        if not server.started:
+            with contextlib.suppress(SystemExit, Exception):
+                await serving
+            raise PortBusy(port, "the demo gateway")
+        try:
             for sandbox in sandboxes.values():
                 await sandbox.demo_started(config.public_url, config.path_prefix)
-            print(f"\n  Demo ready: open http://{host}:{port}/demo/\n", flush=True)
-        await serving
-        await gateway.aclose()
+            yield RunningDemo(config.public_url, gateway, sandboxes, hosts, tour, serving)
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await serving
+
+
+def startup_lines(demo: RunningDemo) -> list[str]:
+    """What ``gateway demo`` prints once everything answers: which emulator is on which port."""
+    lines = [f"  {'Demo gateway + app':<28} {demo.url}"]
+    for name, urls in demo.hosts.items():
+        title = f"{EMULATOR_TITLES.get(name, name)} emulator"
+        lines.append(f"  {title:<28} " + ", ".join(f"{role} {url}" for role, url in urls.items()))
+    return ["", *lines, "", f"  Demo ready: open {demo.url}/demo/", ""]
+
+
+async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """``gateway demo``: serve until interrupted. Raises ``PortBusy`` before serving anything."""
+    async with running_demo(host, port) as demo:
+        print("\n".join(startup_lines(demo)), flush=True)
+        await demo.serving
 
 
 if __name__ == "__main__":

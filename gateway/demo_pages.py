@@ -1,0 +1,179 @@
+"""The demo's own pages: the tour (``/demo/``) and the app page (``/``), laid out for a 390 px webview.
+
+The demo app sits behind the gateway but is its own app, so it sets its own Content-Security-Policy
+the way the gateway's pages do (``gateway/pages.py``): nothing inline, its script and stylesheet
+from its own origin (``/demo/static/``), fetches to itself only. Everything shown is escaped here;
+error codes appear as a small labelled detail, never as if they were text.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import HTMLResponse, Response
+
+from gateway.demo_tour import TourProvider
+
+STATIC = Path(__file__).with_name("static")
+#: The files under /demo/static/ (name -> media type); nothing else is served from there.
+STATIC_FILES = {"demo.js": "application/javascript", "demo.css": "text/css"}
+
+DEMO_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+# A key on a blue tile: the favicon, inline SVG (no binary file to keep).
+FAVICON_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">'
+    '<rect width="64" height="64" rx="14" fill="#3370ff"/>'
+    '<circle cx="24" cy="32" r="11" fill="none" stroke="#fff" stroke-width="6"/>'
+    '<path d="M34 32h20M46 32v9M53 32v6" stroke="#fff" stroke-width="6" stroke-linecap="round"/></svg>'
+)
+
+#: The steps of a sign-in, as the timeline marks them.
+STEPS = (("jsapi", "JSAPI call"), ("code", "code"), ("exchange", "exchange"), ("tokens", "tokens"),
+         ("identity", "identity"))
+
+
+def favicon() -> Response:
+    return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
+
+
+def static_file(name: str) -> Response:
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        return Response("Not found", status_code=404, media_type="text/plain")
+    return Response((STATIC / name).read_bytes(), media_type=media_type, headers={"cache-control": "no-cache"})
+
+
+def demo_page(title: str, body_html: str, *, page_kind: str, status_code: int = 200) -> HTMLResponse:
+    """A complete demo page (``body_html`` already escaped); ``page_kind`` tells demo.js what to run."""
+    document = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f"<title>{html.escape(title)}</title>"
+        '<link rel=icon href="/favicon.ico" type="image/svg+xml">'
+        '<link rel=stylesheet href="/demo/static/demo.css">'
+        '<script src="/demo/static/demo.js" defer></script></head>'
+        f'<body data-page="{html.escape(page_kind)}"><main>{body_html}</main></body></html>'
+    )
+    return HTMLResponse(document, status_code=status_code, headers={
+        "cache-control": "no-store", "content-security-policy": DEMO_CSP,
+        "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+    })
+
+
+def _timeline_panel() -> str:
+    legend = " → ".join(f'<span class="kind k-{kind}">{html.escape(label)}</span>' for kind, label in STEPS)
+    return (
+        '<section class="panel" id="timeline-panel"><h2>Timeline</h2>'
+        f'<p class="legend">{legend}</p>'
+        '<p class="hint">Every step the emulators and the app see, as it happens (time since the step before).</p>'
+        '<ol id="timeline" aria-live="polite"></ol>'
+        '<p><button type="button" class="secondary small" id="timeline-clear">Clear</button></p></section>'
+    )
+
+
+def _switch(provider: TourProvider, switch: str, label: str, help_text: str, *, on: bool,
+            applicable: bool = True) -> str:
+    checked = " checked" if on else ""
+    disabled = "" if applicable else " disabled"
+    return (
+        f'<label class="switch{" off" if not applicable else ""}">'
+        f'<input type="checkbox" data-provider="{html.escape(provider.name)}" data-switch="{switch}"'
+        f"{checked}{disabled}>"
+        f' <span>{html.escape(label)}</span></label><p class="hint">{html.escape(help_text)}</p>'
+    )
+
+
+_APPROVAL_HELP = {
+    "": "Feishu/Lark has no approval step for a user: an administrator makes the app available in the console.",
+    "dingtalk": "Signs in as 李四, a member (not an administrator): the authorization component sends the "
+                "app's permissions to an administrator (toAdmin). Approve below, then open again.",
+    "wemeet": "The first authorization of an enterprise account waits for its administrator. Approve (or "
+              "refuse) below, then open again.",
+}
+_DENY_HELP = {
+    "lark": "The consent page or the client's consent sheet is refused (access_denied / errno 2700002).",
+    "dingtalk": "The login page or the authorization component is refused (access_denied / cancel).",
+    "wemeet": "The authorization page or dialog is refused (access_denied / bizCode 3).",
+}
+
+
+def _provider_card(provider: TourProvider, state: Mapping[str, Any]) -> str:
+    name = html.escape(provider.name)
+    shared = ("<p class=\"hint\">Both DingTalk apps share one emulator: a switch applies to both.</p>"
+              if provider.emulator == "dingtalk" else "")
+    approve = ""
+    if provider.approval:
+        approve = (f'<p class="admin"><button type="button" class="small" data-action="approve" data-provider="{name}">'
+                   "Approve as the administrator</button>")
+        if provider.approval == "wemeet":
+            approve += (f' <button type="button" class="small secondary" data-action="reject" data-provider="{name}">'
+                        "Refuse as the administrator</button>")
+        answered = str(state.get("approval_status") or "")
+        status = html.escape(f"administrator: {answered}" if answered else "")  # as demo.js writes it
+        approve += f' <span class="status" data-status="{name}">{status}</span></p>'
+    return (
+        f'<section class="panel provider" id="provider-{name}"><h2>{html.escape(provider.title)}</h2>'
+        f'<p class="open"><a class="button" href="/demo/client/none?provider={name}">Open in the browser</a>'
+        f'<a class="button secondary" href="/demo/client/{html.escape(provider.emulator)}?provider={name}">'
+        "Open in the simulated client</a></p>"
+        + _switch(provider, "deny", "The user denies", _DENY_HELP[provider.emulator], on=bool(state.get("deny")))
+        + _switch(provider, "approval", "The admin must approve", _APPROVAL_HELP[provider.approval],
+                  on=bool(state.get("approval")), applicable=bool(provider.approval))
+        + approve
+        + f'<p class="actions"><button type="button" class="small" data-action="expire" data-provider="{name}">'
+        "Expire the access token now</button>"
+        f'<button type="button" class="small" data-action="second-device" data-provider="{name}">'
+        "Sign in again on a second device</button></p>"
+        '<p class="hint">These two act on your session: sign in with this provider first. Expiring sends '
+        "5 requests at once: watch one refresh in the timeline. A second device gets new tokens: watch what "
+        "happens to the old ones.</p>"
+        + shared + "</section>"
+    )
+
+
+def _shortened(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
+def tour_page(providers: Iterable[TourProvider], states: Mapping[str, Mapping[str, Any]], prefix: str) -> HTMLResponse:
+    cards = "".join(_provider_card(provider, states.get(provider.name, {})) for provider in providers)
+    body = (
+        "<h1>In-client SSO gateway: the tour</h1>"
+        "<p>The app at <code>/</code> sits behind the gateway. Open it with a provider, in a plain browser "
+        "(the OAuth redirect to the provider's emulator) or inside a simulated client (the silent JSAPI "
+        "handshake), and use the switches to see what real users meet.</p>"
+        '<section class="panel" id="identity-panel"><h2>Your session</h2>'
+        '<p id="identity-summary">Not signed in.</p><pre id="identity-claims" class="json" hidden></pre>'
+        f'<form method="post" action="{html.escape(prefix)}/logout"><button class="secondary small">Sign out</button>'
+        "</form></section>"
+        '<p id="tour-message" class="message" role="status" hidden></p>'
+        + cards + _timeline_panel()
+    )
+    return demo_page("Gateway demo: the tour", body, page_kind="tour")
+
+
+def app_page(
+    name: str, claims: Mapping[str, Any], verdict: str, headers: Mapping[str, str], prefix: str
+) -> HTMLResponse:
+    """The app behind the gateway: the identity it received, readable on a phone."""
+    rows = "".join(
+        f"<tr><th><code>{html.escape(key)}</code></th><td>{html.escape(_shortened(value))}</td></tr>"
+        for key, value in sorted(headers.items())
+    )
+    body = (
+        f"<h1>Hello, {html.escape(name)}</h1>"
+        "<p>This page is the demo app behind the gateway. It received these headers:</p>"
+        f'<table class="headers">{rows}</table>'
+        f"<p>Identity JWT: {html.escape(verdict)}</p>"
+        f'<pre class="json">{html.escape(json.dumps(dict(claims), indent=2, ensure_ascii=False))}</pre>'
+        f'<p><a class="button" href="/demo/">Back to the tour</a></p>'
+        f'<form method="post" action="{html.escape(prefix)}/logout"><button class="secondary">Sign out</button></form>'
+        + _timeline_panel()
+    )
+    return demo_page("Demo app", body, page_kind="app")

@@ -1,0 +1,265 @@
+"""The demo tour's state and actions: switches that drive the emulators, and the timeline.
+
+The tour (``gateway demo``'s ``/demo/`` page) lets a newcomer make each provider behave as it does
+for real users: the user refuses, an administrator must approve first, the access token expires,
+the user signs in again on a second device. Every switch goes through an emulator's admin API
+under ``/_sandbox/`` (over HTTP, as any client of ``gateway sandbox`` would drive it); the
+emulators stay strict and answer what the provider documents for that situation.
+
+The timeline merges what the emulators record (``GET /_sandbox/events``: JSAPI calls, codes,
+exchanges, tokens issued or killed, identity lookups) with what the demo app itself sees (the
+identity it received), in one sequence the page polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import httpx
+
+from gateway.errors import GatewayError
+from gateway.tokens import token_key
+
+log = logging.getLogger("gateway.demo")
+
+Switch = Literal["deny", "approval"]
+#: How many timeline entries the demo keeps (the oldest go first).
+TIMELINE_SIZE = 400
+#: The parallel requests the page sends after "expire the access token now".
+BURST = 5
+
+
+@dataclass(frozen=True)
+class TourProvider:
+    """One provider as the tour shows it. ``approval``: how its administrator approval works in
+    the emulator ("" when the provider has no such step)."""
+
+    name: str  # the key under providers: (URLs, X-Auth-Provider)
+    title: str
+    emulator: str  # the Sandbox's plugin name
+    approval: Literal["", "dingtalk", "wemeet"] = ""
+    next_path: str = "/"
+
+
+#: The tour's providers, in the order shown. The names are the ones used everywhere in the docs.
+TOUR: tuple[TourProvider, ...] = (
+    TourProvider("lark", "Feishu/Lark", "lark"),
+    TourProvider("dingtalk", "DingTalk (internal app)", "dingtalk", approval="dingtalk"),
+    # A third-party app serves many organisations: its homepage URL says which (?corpid=$CORPID$).
+    TourProvider("dingtalk-isv", "DingTalk (third-party app)", "dingtalk", approval="dingtalk",
+                 next_path="/?corpid=dingsandbox0a1b2c3d4e5f"),
+    TourProvider("wemeet", "Tencent Meeting", "wemeet", approval="wemeet"),
+)
+EMULATOR_TITLES = {"lark": "Feishu/Lark", "dingtalk": "DingTalk", "wemeet": "Tencent Meeting"}
+
+# DingTalk: an administrator and a member of the same organisation (plugins/dingtalk/sandbox.py).
+DINGTALK_ADMIN, DINGTALK_MEMBER = "zhangsan01", "lisi0002"
+
+
+class TourError(Exception):
+    """An action that cannot be done now; ``status`` and a sentence for the page."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Tour:
+    """What the tour page drives. ``admin_urls``: one base URL per emulator (any of its hosts
+    serves the admin API); ``runtime``: the demo gateway's (for the token record that "expire the
+    access token now" moves, and the provider a second device's old refresh token is tried with)."""
+
+    def __init__(self, admin_urls: Mapping[str, str], public_url: str, path_prefix: str) -> None:
+        self.admin_urls = dict(admin_urls)
+        self.public_url = public_url
+        self.path_prefix = path_prefix
+        self.providers = {provider.name: provider for provider in TOUR if provider.emulator in self.admin_urls}
+        self.switches: dict[tuple[str, Switch], bool] = {}
+        self.runtime: Any = None  # gateway.runtime.Runtime, set once the gateway is built
+        self.http = httpx.AsyncClient(timeout=10)
+        self._timeline: list[dict[str, Any]] = []
+        self._seq = 0
+        self._cursors = dict.fromkeys(self.admin_urls, 0)
+        self._pulling = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- the timeline ---------------------------------------------------------------------------
+
+    def note(self, kind: str, text: str, source: str = "demo app") -> None:
+        """Add one step seen by the demo itself."""
+        self._append({"at": time.time(), "kind": kind, "text": text, "source": source})
+
+    def _append(self, event: dict[str, Any]) -> None:
+        self._seq += 1
+        self._timeline.append({**event, "seq": self._seq})
+        del self._timeline[:-TIMELINE_SIZE]
+
+    async def timeline(self, after: int) -> dict[str, Any]:
+        """The entries after ``after``, the emulators' newest events pulled in first."""
+        async with self._pulling:  # two polls at once must not pull the same events twice
+            for emulator, url in self.admin_urls.items():
+                try:
+                    answer = await self.http.get(f"{url}/_sandbox/events", params={"after": self._cursors[emulator]})
+                    events = answer.json()["events"]
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue  # an emulator that does not answer now is asked again on the next poll
+                for event in events:
+                    self._cursors[emulator] = max(self._cursors[emulator], int(event["seq"]))
+                    self._append({"at": event["at"], "kind": event["kind"], "text": event["text"],
+                                  "source": f"{EMULATOR_TITLES.get(emulator, emulator)} emulator"})
+        return {"events": [event for event in self._timeline if event["seq"] > after], "last": self._seq}
+
+    # -- switches -------------------------------------------------------------------------------
+
+    def provider(self, name: str) -> TourProvider:
+        provider = self.providers.get(name)
+        if provider is None:
+            raise TourError(404, "unknown_provider", f"The demo has no provider named {name!r}.")
+        return provider
+
+    async def _admin(self, emulator: str, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        try:
+            answer = await self.http.request(method, f"{self.admin_urls[emulator]}/_sandbox/{path}", json=body)
+        except httpx.HTTPError as exc:
+            title = EMULATOR_TITLES[emulator]
+            raise TourError(502, "emulator_unavailable",
+                            f"The {title} emulator did not answer ({type(exc).__name__}).") from None
+        if answer.status_code >= 400:
+            raise TourError(502, "emulator_refused", f"The {EMULATOR_TITLES[emulator]} emulator refused: {answer.text}")
+        return answer.json() if answer.content else None
+
+    def _emulator_names(self, emulator: str) -> list[str]:
+        """The providers that share an emulator: a switch on one applies to all of them."""
+        return [name for name, provider in self.providers.items() if provider.emulator == emulator]
+
+    async def set_switch(self, name: str, switch: Switch, on: bool) -> None:
+        provider = self.provider(name)
+        emulator = provider.emulator
+        title = EMULATOR_TITLES[emulator]
+        if switch == "deny":
+            await self._admin(emulator, "POST", "user_consent", {"mode": "deny" if on else "allow"})
+        elif provider.approval == "dingtalk":
+            # A member (not an administrator) of an organisation that has not granted the app's
+            # permissions: openAuth type 1 answers toAdmin until an administrator approves.
+            await self._admin(emulator, "POST", "current_user", {"userid": DINGTALK_MEMBER if on else DINGTALK_ADMIN})
+            if on:
+                await self._admin(emulator, "POST", "app_grants/revoke")
+        elif provider.approval == "wemeet":
+            # The first authorization of an enterprise account waits for its administrator.
+            open_id = await self._wemeet_user()
+            answer = "pending" if on else "approved"
+            await self._admin(emulator, "POST", "approve", {"open_id": open_id, "answer": answer})
+        else:
+            raise TourError(409, "not_applicable", f"{provider.title} has no administrator approval step: an "
+                                                   "administrator makes the app available in the console.")
+        for shared in self._emulator_names(emulator):
+            self.switches[(shared, switch)] = on
+        what = {"deny": "the user refuses", "approval": "an administrator must approve"}[switch]
+        self.note("switch", f"{title}: {what} — {'on' if on else 'off'}")
+
+    async def _wemeet_user(self) -> str:
+        users = await self._admin("wemeet", "GET", "users")
+        return str(next(user["open_id"] for user in users if user["current"]))
+
+    async def answer_approval(self, name: str, answer: Literal["approved", "rejected"]) -> None:
+        """The administrator answers the waiting request (DingTalk approves only: a refusal there
+        is a member's toAdmin left unanswered)."""
+        provider = self.provider(name)
+        if provider.approval == "dingtalk" and answer == "approved":
+            await self._admin("dingtalk", "POST", "admin_requests/approve")
+        elif provider.approval == "wemeet":
+            await self._admin("wemeet", "POST", "approve", {"open_id": await self._wemeet_user(), "answer": answer})
+        else:
+            raise TourError(409, "not_applicable", f"{provider.title} has no such administrator answer.")
+
+    async def state(self) -> dict[str, Any]:
+        """Each provider's switches, and what its administrator has answered so far."""
+        providers = []
+        for name, provider in self.providers.items():
+            approval = ""
+            if provider.approval == "dingtalk":
+                requests = await self._admin("dingtalk", "GET", "admin_requests")
+                waiting = sum(1 for request in requests if not request["approved"])
+                approved = sum(1 for request in requests if request["approved"])
+                approval = f"{waiting} waiting" if waiting else "approved" if approved else ""
+            elif provider.approval == "wemeet":
+                users = await self._admin("wemeet", "GET", "users")
+                approval = next(user["approval"] for user in users if user["current"])
+            providers.append({
+                "name": name, "title": provider.title,
+                "deny": self.switches.get((name, "deny"), False),
+                "approval": self.switches.get((name, "approval"), False) if provider.approval else None,
+                "approval_status": approval,
+            })
+        return {"providers": providers}
+
+    # -- actions on the signed-in user ----------------------------------------------------------
+
+    def _record_key(self, claims: Mapping[str, Any]) -> tuple[str, str, str]:
+        return str(claims.get("provider", "")), str(claims.get("tenant") or ""), str(claims.get("user", ""))
+
+    async def expire_access_token(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """The access token expires now, at the emulator and in the gateway's record (as if its
+        lifetime had passed): the next requests make the gateway refresh, once."""
+        provider_name, tenant, user = self._record_key(claims)
+        provider = self.provider(provider_name)
+        key = token_key(provider_name, tenant, user)
+        tokens = await self.runtime.tokens.load(key)
+        if tokens is None:
+            raise TourError(409, "not_signed_in", "The gateway holds no tokens for this sign-in: sign in again first.")
+        await self._admin(provider.emulator, "POST", "tokens/expire")
+        await self.runtime.tokens.save(provider_name, tenant, user, replace(tokens, expires_at=time.time()))
+        await self.runtime.authenticator.tokens_replaced(key)  # the cached session must look again
+        if tokens.refresh_token:
+            self.note("demo", f"the gateway's copy of the {provider.title} access token now expires too: the next "
+                              f"{BURST} requests arrive at once and share one refresh")
+        else:
+            self.note("demo", f"this {provider.title} sign-in has no refresh token (a free-login code): the gateway "
+                              "ends the session and the handshake runs again")
+        return {"burst": BURST, "refreshable": bool(tokens.refresh_token)}
+
+    async def second_device(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """The same user signs in again elsewhere (a browser OAuth walked by the demo with its own
+        cookies). The provider issues new tokens (Tencent Meeting kills the previous ones at once);
+        the gateway replaces the user's one token record, which this browser's session shares.
+        Then the first device's old refresh token is tried once, to show what the provider says."""
+        provider_name, tenant, user = self._record_key(claims)
+        provider = self.provider(provider_name)
+        key = token_key(provider_name, tenant, user)
+        old = await self.runtime.tokens.load(key)
+        self.note("demo", f"a second device signs in to {provider.title} (the browser OAuth, its own cookies)")
+        login = f"{self.public_url}{self.path_prefix}/login"
+        async with httpx.AsyncClient(timeout=15, follow_redirects=True,
+                                     headers={"user-agent": "Mozilla/5.0 (second device) Chrome/131.0 Safari/537.36",
+                                              "accept": "text/html"}) as device:
+            answer = await device.get(login, params={"provider": provider_name, "next": "/whoami"})
+        if answer.status_code != 200 or answer.headers.get("content-type", "").split(";")[0] != "application/json":
+            self.note("demo", f"the second device did not get in (HTTP {answer.status_code})")
+            return {"signed_in": False}
+        second = answer.json().get("claims", {})
+        same = self._record_key(second) == (provider_name, tenant, user)
+        self.note("demo", f"the second device is signed in as {second.get('name') or second.get('user')}; "
+                          + ("the gateway replaced this user's token record (one per user): this browser's "
+                             "session goes on with the new tokens" if same else "another user: nothing shared"))
+        result: dict[str, Any] = {"signed_in": True, "same_user": same}
+        if same and old is not None and old.refresh_token:
+            result["old_refresh"] = await self._try_old_refresh(provider_name, provider.title, old)
+        return result
+
+    async def _try_old_refresh(self, provider_name: str, title: str, old: Any) -> str:
+        self.note("demo", "the demo tries the first device's old refresh token once, as a gateway holding it would")
+        try:
+            await self.runtime.providers[provider_name].refresh(old)
+        except GatewayError as exc:
+            self.note("refused", f"{title} refused the old refresh token: {exc.message} (error code: {exc.code})")
+            return "refused"
+        self.note("demo", f"{title} still accepted the old refresh token: a new login does not end the earlier "
+                          "grant there (the gateway keeps only the newest tokens anyway)")
+        return "accepted"
