@@ -139,7 +139,7 @@ def message_page(
     body = (
         f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
         + (f"<p>{links}</p>" if links else "")
-        + f'<p class=meta>{html.escape(text("label.code", locale))}: <code>{html.escape(code)}</code></p>'
+        + f'<p class=meta>{html.escape(text("label.code", locale))}<code>{html.escape(code)}</code></p>'
         + folded
     )
     return page(title, body, status_code=status_code, headers=headers, locale=locale)

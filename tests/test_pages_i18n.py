@@ -41,10 +41,11 @@ async def test_an_error_page_in_chinese_and_in_english(start_gateway: GatewaySta
     assert_language(zh, "zh-Hans")
     assert_language(en, "en")
     assert "<title>找不到页面</title>" in zh.text and "没有配置这种登录方式。" in zh.text
-    assert "错误代码: <code>unknown_provider</code>" in zh.text
+    assert "错误代码：<code>unknown_provider</code>" in zh.text
     # The English sentence names the provider: kept as the folded detail of the Chinese page.
     assert ("<details><summary>详细信息（英文）</summary>"
             "<p>No provider named &#x27;nope&#x27; is configured.</p>") in zh.text
+    assert "Error code: <code>unknown_provider</code>" in en.text
     assert "<title>Not found</title>" in en.text and "No provider named &#x27;nope&#x27; is configured." in en.text
     assert "<details>" not in en.text and "找不到" not in en.text
 
