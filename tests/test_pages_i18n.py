@@ -201,3 +201,14 @@ async def test_the_chooser_in_chinese(start_gateway: GatewayStarter, lark: Serve
     assert sorted(re.findall(r'<a class="button" href="[^"]+">([^<]+)</a>', zh.text)) == ["Lark", "飞书"]
     assert "<h1>Sign in</h1><p>Choose how to sign in.</p>" in en.text
     assert sorted(re.findall(r'<a class="button" href="[^"]+">([^<]+)</a>', en.text)) == ["Feishu", "Lark"]
+
+
+async def test_the_rate_limit_page_names_the_wait_in_chinese(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(limits={"login_rate_per_min": 1, "login_burst": 1}) as running, \
+            running.client() as client:
+        first = await client.get("/_gateway/login?next=/", headers={**HTML, **ZH_CLIENT})
+        limited = await client.get("/_gateway/login?next=/", headers={**HTML, **ZH_CLIENT})
+    assert first.status_code == 302 and limited.status_code == 429
+    wait_s = int(limited.headers["retry-after"])
+    assert f"你所在的网络登录尝试过于频繁，请等待 {wait_s} 秒后再试。" in limited.text
+    assert "<title>尝试次数过多</title>" in limited.text and "<details>" not in limited.text
