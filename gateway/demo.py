@@ -150,7 +150,7 @@ def demo_app(
         if tour is not None and name in tour.providers:
             provider = tour.providers[name]
             target = f"{prefix}/login?{urlencode({'provider': name, 'next': provider.next_path})}"
-            how = f"in the simulated {provider.title} client" if plugin in clients else "in the browser"
+            how = "in the simulated client" if plugin in clients else "in the browser"
             tour.note("open", f"open the app with {provider.title} {how}")
         response = RedirectResponse(target, status_code=303)
         if plugin in clients:

@@ -83,6 +83,7 @@ class Tour:
         self.runtime: Any = None  # gateway.runtime.Runtime, set once the gateway is built
         self.http = httpx.AsyncClient(timeout=10)
         self._timeline: list[dict[str, Any]] = []
+        self._unsorted: list[dict[str, Any]] = []  # the demo's notes since the last poll
         self._seq = 0
         self._cursors = dict.fromkeys(self.admin_urls, 0)
         self._pulling = asyncio.Lock()
@@ -93,17 +94,15 @@ class Tour:
     # -- the timeline ---------------------------------------------------------------------------
 
     def note(self, kind: str, text: str, source: str = "demo app") -> None:
-        """Add one step seen by the demo itself."""
-        self._append({"at": time.time(), "kind": kind, "text": text, "source": source})
-
-    def _append(self, event: dict[str, Any]) -> None:
-        self._seq += 1
-        self._timeline.append({**event, "seq": self._seq})
-        del self._timeline[:-TIMELINE_SIZE]
+        """Add one step seen by the demo itself (numbered with the emulators' on the next poll)."""
+        self._unsorted.append({"at": time.time(), "kind": kind, "text": text, "source": source})
 
     async def timeline(self, after: int) -> dict[str, Any]:
-        """The entries after ``after``, the emulators' newest events pulled in first."""
+        """The entries after ``after``. Each poll pulls the emulators' new events and numbers them
+        with the demo's own notes since the last poll in the order they happened: what happened
+        before a poll is all in by then, so the sequence is the order of time."""
         async with self._pulling:  # two polls at once must not pull the same events twice
+            batch, self._unsorted = self._unsorted, []
             for emulator, url in self.admin_urls.items():
                 try:
                     answer = await self.http.get(f"{url}/_sandbox/events", params={"after": self._cursors[emulator]})
@@ -112,8 +111,12 @@ class Tour:
                     continue  # an emulator that does not answer now is asked again on the next poll
                 for event in events:
                     self._cursors[emulator] = max(self._cursors[emulator], int(event["seq"]))
-                    self._append({"at": event["at"], "kind": event["kind"], "text": event["text"],
+                    batch.append({"at": event["at"], "kind": event["kind"], "text": event["text"],
                                   "source": f"{EMULATOR_TITLES.get(emulator, emulator)} emulator"})
+            for event in sorted(batch, key=lambda entry: float(entry["at"])):
+                self._seq += 1
+                self._timeline.append({**event, "seq": self._seq})
+            del self._timeline[:-TIMELINE_SIZE]
         return {"events": [event for event in self._timeline if event["seq"] > after], "last": self._seq}
 
     # -- switches -------------------------------------------------------------------------------

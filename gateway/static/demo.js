@@ -105,7 +105,12 @@
     var list = byId("timeline");
     if (!list) { return; }
     request("/demo/api/timeline?after=" + cursor).then(function (data) {
-      for (var i = 0; i < data.events.length; i += 1) { addEvent(list, data.events[i]); }
+      var first = 0;
+      if (pageKind === "app" && cursor === 0) {
+        // The app page tells the sign-in that led here: from the last "open" on.
+        for (var k = 0; k < data.events.length; k += 1) { if (data.events[k].kind === "open") { first = k; } }
+      }
+      for (var i = first; i < data.events.length; i += 1) { addEvent(list, data.events[i]); }
       cursor = data.last;
     }, function () { /* the next poll asks again */ }).then(function () {
       setTimeout(poll, POLL_MS);
