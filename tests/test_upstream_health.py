@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
+import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,6 +28,7 @@ from gateway.cli import build_sidecar
 from gateway.middleware import AuthGateway
 from gateway.proxy import UpstreamProxy
 from gateway.sandbox import serve_apps
+from gateway.upstream_health import os_error_cause
 from tests.conftest import ConfigFactory, echo_app, free_port
 
 FAILURES = "gateway_upstream_failures_total"
@@ -191,3 +195,19 @@ async def test_readyz_includes_the_upstream_only_with_check_ready(
             answer = await client.get("/_gateway/readyz")
         assert answer.status_code == 200 and answer.json() == {"status": "ready"}
         assert len(upstream_lines(caplog)) == 2 and "answers again" in upstream_lines(caplog)[1]
+
+
+@pytest.mark.parametrize(("error", "cause"), [
+    (ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('127.0.0.1', 9)"), "refused"),
+    # A name with two addresses, both refused: asyncio's combined OSError has no errno of its own.
+    (OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 9, 0, 0), "
+             "[Errno 111] Connect call failed ('127.0.0.1', 9)"), "refused"),
+    (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "reset"),
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), "reset"),
+    (TimeoutError(), "timeout"),
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "unreachable"),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), "unreachable"),
+    (ssl.SSLCertVerificationError(1, "certificate verify failed"), "invalid"),
+])
+def test_each_connection_error_has_its_cause(error: BaseException, cause: str) -> None:
+    assert os_error_cause(error) == cause
