@@ -404,6 +404,7 @@ async def test_the_pending_and_error_pages_speak_the_language_and_fit_a_phone(
             await expect(page.locator("details p")).to_contain_text("x" * 300)
         await expect(page.locator("code")).to_have_text("unknown_provider")
         await assert_fits_a_phone(page, lang)
+        await page.screenshot(path=f"/tmp/error-phone-{lang}.png")
     assert client.errors == [] and refused == []
 
 
@@ -423,6 +424,7 @@ async def test_a_public_url_host_the_browser_does_not_use_is_explained(
             f"此应用配置的地址是 {running.url}，但此页面是通过 {at_localhost} 打开的")
         await expect(page.locator("code")).to_have_text("public_url_mismatch")
         await assert_fits_a_phone(page, "zh-Hans")
+        await page.screenshot(path="/tmp/public-url-mismatch-phone.png")
         # Its button opens the sign-in at the configured address, which then works.
         await page.locator("a.button").click()
         await page.wait_for_url(running.url + TARGET, timeout=10_000)
