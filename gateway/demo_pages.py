@@ -78,28 +78,34 @@ def _timeline_panel() -> str:
 
 
 def _switch(provider: TourProvider, switch: str, label: str, help_text: str, *, on: bool,
-            applicable: bool = True) -> str:
+            applicable: bool = True, answers: tuple[str, ...] = ()) -> str:
+    """A switch, what it makes happen, and the provider's answers as labelled codes."""
     checked = " checked" if on else ""
     disabled = "" if applicable else " disabled"
+    codes = ""
+    if answers:
+        codes = ' <small class="code">provider answers: ' + ", ".join(
+            f"<code>{html.escape(answer)}</code>" for answer in answers) + "</small>"
     return (
         f'<label class="switch{" off" if not applicable else ""}">'
         f'<input type="checkbox" data-provider="{html.escape(provider.name)}" data-switch="{switch}"'
         f"{checked}{disabled}>"
-        f' <span>{html.escape(label)}</span></label><p class="hint">{html.escape(help_text)}</p>'
+        f' <span>{html.escape(label)}</span></label><p class="hint">{html.escape(help_text)}{codes}</p>'
     )
 
 
 _APPROVAL_HELP = {
     "": "Feishu/Lark has no approval step for a user: an administrator makes the app available in the console.",
     "dingtalk": "Signs in as 李四, a member (not an administrator): the authorization component sends the "
-                "app's permissions to an administrator (toAdmin). Approve below, then open again.",
+                "app's permissions to an administrator. Approve below, then open again.",
     "wemeet": "The first authorization of an enterprise account waits for its administrator. Approve (or "
               "refuse) below, then open again.",
 }
+_APPROVAL_ANSWERS = {"": (), "dingtalk": ("toAdmin",), "wemeet": ("bizCode 1", "a redirect without auth_code")}
 _DENY_HELP = {
-    "lark": "The consent page or the client's consent sheet is refused (access_denied / errno 2700002).",
-    "dingtalk": "The login page or the authorization component is refused (access_denied / cancel).",
-    "wemeet": "The authorization page or dialog is refused (access_denied / bizCode 3).",
+    "lark": ("The consent page or the client's consent sheet is refused.", ("access_denied", "errno 2700002")),
+    "dingtalk": ("The login page or the authorization component is refused.", ("access_denied", "cancel")),
+    "wemeet": ("The authorization page or dialog is refused.", ("access_denied", "bizCode 3")),
 }
 
 
@@ -122,9 +128,11 @@ def _provider_card(provider: TourProvider, state: Mapping[str, Any]) -> str:
         f'<p class="open"><a class="button" href="/demo/client/none?provider={name}">Open in the browser</a>'
         f'<a class="button secondary" href="/demo/client/{html.escape(provider.emulator)}?provider={name}">'
         "Open in the simulated client</a></p>"
-        + _switch(provider, "deny", "The user denies", _DENY_HELP[provider.emulator], on=bool(state.get("deny")))
+        + _switch(provider, "deny", "The user denies", _DENY_HELP[provider.emulator][0], on=bool(state.get("deny")),
+                  answers=_DENY_HELP[provider.emulator][1])
         + _switch(provider, "approval", "The admin must approve", _APPROVAL_HELP[provider.approval],
-                  on=bool(state.get("approval")), applicable=bool(provider.approval))
+                  on=bool(state.get("approval")), applicable=bool(provider.approval),
+                  answers=_APPROVAL_ANSWERS[provider.approval])
         + approve
         + f'<p class="actions"><button type="button" class="small" data-action="expire" data-provider="{name}">'
         "Expire the access token now</button>"
