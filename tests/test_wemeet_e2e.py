@@ -270,6 +270,7 @@ async def test_two_devices_share_one_rotating_record(start: Starter, wemeet: Ser
 
         # Near expiry, one device's request refreshes; both then use the refreshed pair.
         await asyncio.sleep(2.2)
+        sandbox.access_ttl_s = 3600  # the refreshed pair is not due again however slow the machine
         third = headers_of(await phone.get("/a"))["x-auth-access-token"][0]
         assert third not in (first, second) and sandbox.is_live(third) and not sandbox.is_live(second)
         assert headers_of(await laptop.get("/b"))["x-auth-access-token"] == [third]
@@ -286,6 +287,7 @@ async def test_concurrent_requests_from_two_devices_near_expiry_refresh_exactly_
         await client_login(phone, running, sandbox.mint_client_code())
         await laptop.get("/", headers=HTML, follow_redirects=True)
         await asyncio.sleep(2.2)
+        sandbox.access_ttl_s = 3600  # the refreshed pair is not due again however slow the machine
         sandbox.delay_s = 0.2  # a provider that takes its time: every waiter piles up
         answers = await asyncio.gather(*(device.get(f"/r/{n}") for n in range(40) for device in (phone, laptop)))
     assert [a.status_code for a in answers] == [200] * 80
