@@ -239,10 +239,14 @@ class Tour:
         old = await self.runtime.tokens.load(key)
         self.note("demo", f"a second device signs in to {provider.title} (the browser OAuth, its own cookies)")
         login = f"{self.public_url}{self.path_prefix}/login"
-        async with httpx.AsyncClient(timeout=15, follow_redirects=True,
-                                     headers={"user-agent": "Mozilla/5.0 (second device) Chrome/131.0 Safari/537.36",
-                                              "accept": "text/html"}) as device:
-            answer = await device.get(login, params={"provider": provider_name, "next": "/whoami"})
+        try:
+            async with httpx.AsyncClient(timeout=15, follow_redirects=True, headers={
+                    "user-agent": "Mozilla/5.0 (second device) Chrome/131.0 Safari/537.36", "accept": "text/html"},
+            ) as device:
+                answer = await device.get(login, params={"provider": provider_name, "next": "/whoami"})
+        except httpx.HTTPError as exc:
+            self.note("demo", f"the second device did not get in ({type(exc).__name__})")
+            return {"signed_in": False}
         if answer.status_code != 200 or answer.headers.get("content-type", "").split(";")[0] != "application/json":
             self.note("demo", f"the second device did not get in (HTTP {answer.status_code})")
             return {"signed_in": False}
