@@ -377,6 +377,46 @@ class Metrics(_Section):
         return value
 
 
+class RelayRoute(_Section):
+    """One provider Open API path reachable through ``<prefix>/api/<provider>/<path>`` (docs/relay.md)."""
+
+    provider: str  # a name under providers:
+    # A glob over <path> (``*`` also crosses ``/``), e.g. "open-apis/calendar/v4/*"; no leading "/".
+    path: str = Field(min_length=1, max_length=512)
+    methods: list[Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]] = Field(default_factory=lambda: ["GET"])
+    token: Literal["user", "app"] = "user"
+    # Scopes the user's grant must hold before the call; consent is asked first when one is missing.
+    scopes: list[str] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _relative_glob(cls, value: str) -> str:
+        if value.startswith("/") or "://" in value or any(c in value for c in ("\\", ";", "%", "..", "@")):
+            raise ValueError("write the provider's path without a leading '/', e.g. open-apis/calendar/v4/*")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scope_names(cls, scopes: list[str]) -> list[str]:
+        for scope in scopes:
+            if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", scope):
+                raise ValueError(f"{scope!r} is not a scope name")
+        return scopes
+
+
+class Relay(_Section):
+    """Provider Open APIs through the gateway: nothing is reachable unless a route lists it."""
+
+    routes: list[RelayRoute] = Field(default_factory=list)
+    # Request bodies larger than this are refused (413 body_too_large) before anything is sent.
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Bodies up to this size are kept so the call can be made again after a token refresh; a
+    # larger one streams straight through, and an expired-token answer to it is passed on as is.
+    replay_body_bytes: int = Field(256 * 1024, ge=0)
+    # Extra scopes /consent may ask for beyond the routes' own (scopes=... nothing else accepts).
+    consent_scopes: list[str] = Field(default_factory=list)
+
+
 class GatewayConfig(BaseSettings):
     """The whole configuration. Build it with ``load_config`` (YAML) or directly in code."""
 
@@ -395,6 +435,7 @@ class GatewayConfig(BaseSettings):
     access: Access = Field(default_factory=Access)
     metrics: Metrics = Field(default_factory=Metrics)
     limits: Limits = Field(default_factory=Limits)
+    relay: Relay = Field(default_factory=Relay)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     _provider_settings: dict[str, ProviderSettings] = PrivateAttr(default_factory=dict)
@@ -442,6 +483,15 @@ class GatewayConfig(BaseSettings):
         if errors:
             raise ConfigFileError(errors)
         self._provider_settings = settings
+        return self
+
+    @model_validator(mode="after")
+    def _relay_providers(self) -> GatewayConfig:
+        # Not a ValueError, as above: the error names the route's own YAML path.
+        errors = [(f"relay.routes[{index}].provider", f"{route.provider!r} is not a name under providers")
+                  for index, route in enumerate(self.relay.routes) if route.provider not in self.providers]
+        if errors:
+            raise ConfigFileError(errors)
         return self
 
     def provider_settings(self) -> dict[str, ProviderSettings]:
