@@ -83,7 +83,8 @@ class Tour:
         self.runtime: Any = None  # gateway.runtime.Runtime, set once the gateway is built
         self.http = httpx.AsyncClient(timeout=10)
         self._timeline: list[dict[str, Any]] = []
-        self._unsorted: list[dict[str, Any]] = []  # the demo's notes since the last poll
+        #: The demo's notes since the last poll, and emulator events newer than that poll's start.
+        self._unsorted: list[dict[str, Any]] = []
         self._seq = 0
         self._cursors = dict.fromkeys(self.admin_urls, 0)
         self._pulling = asyncio.Lock()
@@ -102,6 +103,9 @@ class Tour:
         with the demo's own notes since the last poll in the order they happened: what happened
         before a poll is all in by then, so the sequence is the order of time."""
         async with self._pulling:  # two polls at once must not pull the same events twice
+            # Everything that happened up to now is in after this poll's fetches; what happens while
+            # they run waits for the next poll, so a later note cannot land before an earlier event.
+            cutoff = time.time()
             batch, self._unsorted = self._unsorted, []
             for emulator, url in self.admin_urls.items():
                 try:
@@ -113,7 +117,10 @@ class Tour:
                     self._cursors[emulator] = max(self._cursors[emulator], int(event["seq"]))
                     batch.append({"at": event["at"], "kind": event["kind"], "text": event["text"],
                                   "source": f"{EMULATOR_TITLES.get(emulator, emulator)} emulator"})
-            for event in sorted(batch, key=lambda entry: float(entry["at"])):
+            batch.extend(self._unsorted)  # notes taken while the emulators were asked
+            self._unsorted = [event for event in batch if float(event["at"]) > cutoff]
+            for event in sorted((event for event in batch if float(event["at"]) <= cutoff),
+                                key=lambda entry: float(entry["at"])):
                 self._seq += 1
                 self._timeline.append({**event, "seq": self._seq})
             del self._timeline[:-TIMELINE_SIZE]

@@ -251,3 +251,19 @@ async def test_the_tour_and_the_app_page_fit_a_phone(module_browser: Browser, de
     await expect(page.locator("#identity-claims")).to_be_visible(timeout=WAIT_MS)
     await expect(page.locator("#timeline li").first).to_be_visible(timeout=WAIT_MS)
     assert await page.evaluate(width) <= 390
+
+
+async def test_the_timeline_tells_an_in_client_sign_in_in_order(module_browser: Browser, demo: RunningDemo) -> None:
+    page = await open_tour(module_browser, demo)
+    assert await sign_in(page, demo, "lark", "client") == "Hello, 张三"
+    # The app page shows the sign-in that led to it, from the "open" on, in the order it happened.
+    await expect(page.locator("#timeline .ev-identity", has_text="the app received")).to_be_visible(timeout=WAIT_MS)
+    kinds = [kind.split()[-1].removeprefix("ev-") for kind in
+             await page.locator("#timeline li").evaluate_all("items => items.map(item => item.className)")]
+    steps = [kind for kind in kinds if kind in ("open", "jsapi", "code", "exchange", "tokens", "identity")]
+    assert steps == ["open", "jsapi", "code", "exchange", "tokens", "identity", "identity"], kinds
+    times = await page.locator("#timeline .when").all_text_contents()
+    assert times[0] == "start" and all(re.fullmatch(r"\+\d+(\.\d)? (ms|s|min)", when) for when in times[1:]), times
+    async with httpx.AsyncClient(timeout=10) as client:
+        timeline = (await client.get(demo.url + "/demo/api/timeline")).json()["events"]
+    assert [event["at"] for event in timeline] == sorted(event["at"] for event in timeline)
