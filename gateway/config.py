@@ -285,6 +285,10 @@ class Identity(_Section):
     jwt_audience: str = "upstream"
     jwt_ttl_s: int = Field(60, ge=5)
     signing_key_file: Path | None = None
+    # More keys the JWKS lists but that never sign (PEM files, private or public Ed25519 keys): the
+    # next key before it signs, the previous one after, so a key-file rotation works like a
+    # secret's (docs/upstream.md, "Rotating the identity key").
+    published_key_files: list[Path] = Field(default_factory=list)
 
 
 class Access(_Section):

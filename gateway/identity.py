@@ -10,6 +10,17 @@ Two rules make the identity unforgeable:
   that verify. The key comes from ``identity.signing_key_file`` (created there on first use) or is
   derived from the first session secret, so replicas that share secrets share the key.
 
+The JWKS lists every key a replica of the fleet may sign with, not only its own: each session
+secret's derived key (or the key file's), then ``identity.published_key_files``. So during the
+documented two-step rotation (add the new secret at the end everywhere, then move it to the front),
+a replica already signing with the new key and one still signing with the old both publish both
+keys, and a verifier that caches the JWKS (300 s) from either accepts tokens from both.
+
+Claims upstreams rely on: ``iss`` is ``public_url`` without a trailing slash; ``aud`` is
+``identity.jwt_audience``; ``jti`` identifies one issuance, not one request: a token is reused on
+the user's requests until half its ``jwt_ttl_s`` has passed (``gateway.auth``), so never treat a
+repeated ``jti`` as a replay.
+
 ``X-Auth-User`` and the ``user`` claim are unique only within one provider and tenant (a DingTalk
 userid is chosen by each organisation's admin); ``sub`` is globally unique: see ``subject``.
 """
@@ -21,7 +32,7 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +42,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.config import IdentityHeaders
+from gateway.config import GatewayConfig, IdentityHeaders
 from gateway.edge import fold
 from gateway.errors import ConfigError
 from gateway.sealing import derive_key
@@ -143,6 +154,58 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """The Ed25519 public key of a PEM file holding either the private or the public key (a key
+    ``identity.published_key_files`` lists: it is published, never used to sign)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"identity.published_key_files: cannot read {path}: {exc.strerror}") from None
+    try:
+        key: object = (serialization.load_pem_private_key(data, password=None) if b"PRIVATE KEY" in data
+                       else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError):
+        raise ConfigError(f"identity.published_key_files: {path} is not a PEM key") from None
+    if isinstance(key, Ed25519PrivateKey):
+        return key.public_key()
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    raise ConfigError(f"identity.published_key_files: {path} does not hold an Ed25519 key")
+
+
+def signer_for(config: GatewayConfig) -> IdentitySigner:
+    """The configured signer: it signs with ``identity.signing_key_file``'s key, or with the first
+    session secret's derived key; its JWKS also lists every other session secret's key (none when
+    a key file is set: those keys would let a leaked config mint identities again) and every key in
+    ``identity.published_key_files``."""
+    identity = config.identity
+    secrets_ = [secret.get_secret_value() for secret in config.session.secrets]
+    others: list[Ed25519PublicKey] = []
+    if identity.signing_key_file:
+        key = load_signing_key(identity.signing_key_file)
+    else:
+        key = derive_signing_key(secrets_[0])
+        others.extend(derive_signing_key(secret).public_key() for secret in secrets_[1:])
+    others.extend(load_public_key(path) for path in identity.published_key_files)
+    return IdentitySigner(key, issuer=config.public_url, audience=identity.jwt_audience,
+                          ttl_s=identity.jwt_ttl_s, published=others)
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """The JWK ``kid`` of a public key: its hash (12 bytes of SHA-256, base64url), so every replica
+    that holds the same key names it the same, and the name says nothing about a secret."""
+    return _b64url(hashlib.sha256(_raw(key)).digest()[:12])
+
+
+def public_jwk(key: Ed25519PublicKey) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(_raw(key)), "kid": key_id(key), "use": "sig",
+            "alg": "EdDSA"}
+
+
 def subject(identity: Identity) -> str:
     """The JWT ``sub``: ``provider:tenant:user``, each part percent-encoded (RFC 3986 unreserved
     characters kept, everything else, ``:`` and ``%`` included, as ``%XX`` of its UTF-8 bytes), so
@@ -152,14 +215,17 @@ def subject(identity: Identity) -> str:
 
 
 class IdentitySigner:
-    """Issues identity JWTs and publishes the JWKS that verifies them."""
+    """Issues identity JWTs and publishes the JWKS that verifies them: its own key first, then the
+    ``published`` ones (keys other replicas may sign with during a rotation), each listed once."""
 
-    def __init__(self, key: Ed25519PrivateKey, *, issuer: str, audience: str, ttl_s: int) -> None:
+    def __init__(self, key: Ed25519PrivateKey, *, issuer: str, audience: str, ttl_s: int,
+                 published: Sequence[Ed25519PublicKey] = ()) -> None:
         self._key = key
-        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.kid = _b64url(hashlib.sha256(public).digest()[:12])
-        self._public_jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(public), "kid": self.kid,
-                            "use": "sig", "alg": "EdDSA"}
+        self.kid = key_id(key.public_key())
+        jwks = {self.kid: public_jwk(key.public_key())}
+        for other in published:
+            jwks.setdefault(key_id(other), public_jwk(other))
+        self._jwks = list(jwks.values())
         self.issuer = issuer
         self.audience = audience
         self.ttl_s = ttl_s
@@ -187,4 +253,4 @@ class IdentitySigner:
         return jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self.kid}), float(expires)
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [self._public_jwk]}
+        return {"keys": [dict(jwk) for jwk in self._jwks]}

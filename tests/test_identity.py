@@ -15,15 +15,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import IdentityHeaders
+from gateway.config import GatewayConfig, IdentityHeaders
 from gateway.edge import fold
+from gateway.errors import ConfigError
 from gateway.identity import (
     Identity,
     IdentitySigner,
     derive_signing_key,
     encode_name,
     identity_headers,
+    load_public_key,
     load_signing_key,
+    signer_for,
     spoofable_names,
     strip_headers,
 )
@@ -316,3 +319,55 @@ def test_load_signing_key_refuses_other_key_types(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="Ed25519"):
         load_signing_key(path)
+
+
+# -- the JWKS: every key a replica may sign with ------------------------------------------------
+
+SECRET_A, SECRET_B = "k7Qp2xVb9LmN4rT6wZ1yH3sD8fG5jK0a", "Zx8Cv7Bn6Mm5Ll4Kk3Jj2Hh1Gg0Ff9Dd"
+
+
+def _config(secrets_: list[str], **identity: object) -> GatewayConfig:
+    return GatewayConfig(public_url="https://app.example.com", session={"secrets": secrets_}, identity=identity)
+
+
+def test_every_session_secret_key_is_published_and_the_first_signs() -> None:
+    signer = signer_for(_config([SECRET_A, SECRET_B]))
+    keys = signer.jwks()["keys"]
+    assert [key["kid"] for key in keys] == [signer.kid, signer_for(_config([SECRET_B])).kid]
+    # The token of a replica still signing with SECRET_B verifies with this replica's JWKS.
+    token, _ = signer_for(_config([SECRET_B, SECRET_A])).sign(Identity("lark", "u", "", ""))
+    assert _verify(token, {"keys": keys[1:]})["user"] == "u"
+
+
+def test_a_key_file_hides_the_secret_keys_and_adds_the_published_ones(tmp_path: Path) -> None:
+    nxt = Ed25519PrivateKey.generate()
+    public = tmp_path / "next.pub.pem"
+    public.write_bytes(nxt.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    signer = signer_for(_config([SECRET_A, SECRET_B], signing_key_file=tmp_path / "id.pem",
+                                published_key_files=[public, public]))
+    kids = [key["kid"] for key in signer.jwks()["keys"]]
+    secret_kids = {signer_for(_config([secret])).kid for secret in (SECRET_A, SECRET_B)}
+    assert len(kids) == 2 and kids[0] == signer.kid and not secret_kids & set(kids)  # listed once
+    assert _raw_public(load_public_key(public)) == _raw_public(nxt.public_key())
+
+
+def _raw_public(key: object) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read"),
+    (b"not a key", "is not a PEM key"),
+    (ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+     "does not hold an Ed25519 key"),
+])
+def test_a_published_key_file_that_cannot_be_used_is_a_config_error(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "published.pem"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"identity.published_key_files: .*{message}"):
+        signer_for(_config([SECRET_A], published_key_files=[path]))
