@@ -62,6 +62,7 @@ from gateway.sandbox import (
     script_response,
     without_query,
 )
+from plugins.lark import openapi
 
 CodeApi = Literal["browser", "requestAccess", "requestAuthCode"]
 JsapiMode = Literal["current", "old_client", "old_sdk", "hang", "sdk_error"]
@@ -321,6 +322,8 @@ class LarkSandbox(Sandbox):
         "user_info": ("identity", "the gateway read the user (authen/v1/user_info)"),
         "app_access_token": ("call", "the gateway fetched an app_access_token"),
         "tenant_access_token": ("call", "the gateway fetched a tenant_access_token"),
+        "calendars": ("call", "an app read the user's calendars through the relay (calendar/v4/calendars)"),
+        "tenant_query": ("call", "an app read the organisation with the tenant token (tenant/v2/tenant/query)"),
     }
 
     def __init__(
@@ -333,7 +336,7 @@ class LarkSandbox(Sandbox):
         refresh_ttl_s: int = 604800,
         auto_consent: bool = True,
         redirect_uris: Sequence[str] = (),
-        enabled_scopes: Sequence[str] = ("offline_access", USER_ID_SCOPE, EMAIL_SCOPE),
+        enabled_scopes: Sequence[str] = ("offline_access", USER_ID_SCOPE, EMAIL_SCOPE, *openapi.SCOPES),
         refresh_enabled: bool = True,
         jsapi_mode: JsapiMode = "current",
         delay_s: float = 0.0,
@@ -409,6 +412,7 @@ class LarkSandbox(Sandbox):
                 Route("/open-apis/auth/v3/app_access_token/internal", self._app_token, methods=["POST"]),
                 Route("/open-apis/auth/v3/tenant_access_token/internal", self._tenant_token, methods=["POST"]),
                 Route("/_sandbox/h5-js-sdk.js", self._jssdk, methods=["GET"]),
+                *openapi.routes(self),  # the Open API the relay calls (plugins/lark/openapi.py)
             ],
             "accounts": [
                 Route("/open-apis/authen/v1/authorize", self._authorize, methods=["GET"]),
@@ -806,6 +810,7 @@ class LarkSandbox(Sandbox):
             *super().admin_routes(),
             Route("/_sandbox/current_user", self._admin_current_user, methods=["POST"]),
             Route("/_sandbox/jsapi/code", self._jsapi_code, methods=["POST", "OPTIONS"]),
+            *openapi.admin_routes(self),
         ]
 
     async def _admin_current_user(self, request: Request) -> Response:
