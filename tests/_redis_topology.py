@@ -75,8 +75,8 @@ class SentinelSite:
             with (workdir / f"sentinel-{port}.log").open("ab") as log:
                 site.sentinels.append(subprocess.Popen([master.binary, str(conf), "--sentinel"], stdout=log,
                                                        stderr=subprocess.STDOUT))
-        wait_until("the replica to sync", lambda: b"master_link_status:up" in
-                   _client(replica.port).execute_command("INFO", "replication"), logs=site.logs())
+        wait_until("the replica to sync", lambda: _client(replica.port).info("replication").get(
+            "master_link_status") == "up", logs=site.logs())
         for port in site.sentinel_ports:  # each knows the replica and the two other Sentinels
             sentinel = _client(port)
             wait_until(f"Sentinel {port} to see the replica and its peers", lambda s=sentinel: (
@@ -111,8 +111,8 @@ class SentinelSite:
 
     def wait_replica_of(self, port: int, master_port: int, timeout_s: float = 30) -> None:
         wait_until(f"{port} to replicate {master_port}", lambda: (
-            f"master_port:{master_port}".encode() in (info := _client(port).execute_command("INFO", "replication"))
-            and b"master_link_status:up" in info), timeout_s, self.logs())
+            (info := _client(port).info("replication")).get("master_port") == master_port
+            and info.get("master_link_status") == "up"), timeout_s, self.logs())
 
     def stop(self) -> None:
         for process in self.sentinels:
@@ -177,8 +177,7 @@ class ClusterSite:
         wait_until("the cluster to be ok", ok, timeout_s, self.logs())
 
     def masters(self) -> list[RedisProcess]:
-        return [node for node in self.alive()
-                if b"role:master" in _client(node.port).execute_command("INFO", "replication")]
+        return [node for node in self.alive() if _client(node.port).info("replication")["role"] == "master"]
 
     def urls(self) -> list[str]:
         return [f"redis://127.0.0.1:{node.port}" for node in self.nodes]
@@ -204,6 +203,7 @@ class Traffic:
     answers: list[tuple[float, int, str]] = field(default_factory=list)  # (when, status, detail)
     signins: list[tuple[float, int]] = field(default_factory=list)
     tokens: Counter[str] = field(default_factory=Counter)
+    longest_s: float = 0.0  # the longest a session request took
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _answered: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -223,6 +223,7 @@ class Traffic:
             while not self._stop.is_set() and time.monotonic() - self.started_at < self.max_s:
                 url = self.urls[i % len(self.urls)]
                 i += 1
+                sent = time.monotonic()
                 try:
                     answer = await client.get(f"{url}/probe/{i}", headers={"cookie": f"{COOKIE}={self.ticket}"})
                 except httpx.HTTPError as exc:
@@ -234,6 +235,7 @@ class Traffic:
                         self.tokens[token] += 1
                         detail = ""
                     self.answers.append((time.monotonic(), answer.status_code, detail))
+                self.longest_s = max(self.longest_s, time.monotonic() - sent)
                 self._answered.set()
                 await asyncio.sleep(self.interval_s)
 
@@ -279,6 +281,13 @@ class Traffic:
         last = max(failures, default=moment)
         after = [when for when, status, _ in self.answers if status == 200 and when >= last]
         return (min(after) - moment) if after else None
+
+
+def sign_ins_as_another_user(sandbox: Any) -> None:
+    """From now on the emulator signs in another user: the traffic's sign-ins must not replace
+    the session user's token record (a new code exchange would stand in for the refresh)."""
+    others = [open_id for open_id in sandbox.users if open_id != sandbox.current_user]
+    sandbox.set_current_user(others[0])
 
 
 async def login(url: str) -> str:

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from tests._redis_topology import COOKIE, ClusterSite, Traffic, login, logout_reaches
+from tests._redis_topology import COOKIE, ClusterSite, Traffic, login, logout_reaches, sign_ins_as_another_user
 from tests.conftest import BROWSER_UA, HTML, GatewayStarter, ServedLark
 
 FIRST_TTL_S = 4
@@ -96,6 +96,7 @@ async def test_killing_the_seed_master_costs_503s_once_and_loses_nothing(
         lark.sandbox.access_ttl_s = FIRST_TTL_S
         ticket = await login(a.url)
         lark.sandbox.access_ttl_s = 3600
+        sign_ins_as_another_user(lark.sandbox)
         for running in (a, b):  # both subscriptions sit on the seed node, the first that answers
             store = running.gateway.runtime.store
             await store._listening()

@@ -25,7 +25,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests._redis_topology import COOKIE, TOKEN_HEADER, SentinelSite, Traffic, login, logout_reaches
+from tests._redis_topology import (
+    COOKIE,
+    TOKEN_HEADER,
+    SentinelSite,
+    Traffic,
+    login,
+    logout_reaches,
+    sign_ins_as_another_user,
+)
 from tests.conftest import BROWSER_UA, GatewayStarter, ServedLark
 
 FIRST_TTL_S = 4
@@ -68,7 +76,8 @@ def _check(traffic: Traffic, lark: ServedLark, what: str, started: float) -> Non
     statuses, signins = traffic.statuses(), traffic.signin_statuses()
     recovered = traffic.served_again_after(started)
     report(f"{what}: {sum(statuses.values())} session requests {dict(statuses)}, sign-ins {dict(signins)}, "
-           f"served again {recovered if recovered is None else round(recovered, 2)} s after it began, "
+           f"served again {recovered if recovered is None else round(recovered, 2)} s after it began, the longest "
+           f"request took {traffic.longest_s:.2f} s, "
            f"provider refresh calls {lark.sandbox.stats['refresh_token']}, tokens served {len(traffic.tokens)}")
     assert set(statuses) <= {200, 503}, traffic.failures()[:5]  # no 500, no 401: nobody logged out
     assert set(signins) <= {200, 503}, traffic.signins
@@ -87,6 +96,7 @@ async def test_a_refresh_due_during_a_forced_failover_rotates_once_and_nobody_is
         lark.sandbox.access_ttl_s = FIRST_TTL_S
         ticket = await login(a.url)
         lark.sandbox.access_ttl_s = 3600
+        sign_ins_as_another_user(lark.sandbox)
         first = await _served_token(b.url, ticket)
         old = site.master_port()
         traffic = Traffic([a.url, b.url], ticket).start()
@@ -119,6 +129,7 @@ async def test_a_killed_master_costs_503s_only_and_the_refresh_survives(
         lark.sandbox.access_ttl_s = FIRST_TTL_S
         ticket = await login(a.url)
         lark.sandbox.access_ttl_s = 3600
+        sign_ins_as_another_user(lark.sandbox)
         old = site.master_port()
         traffic = Traffic([a.url, b.url], ticket).start()
         await asyncio.sleep(1.0)

@@ -178,6 +178,13 @@ def _cluster_client(config: StoreConfig, common: dict[str, Any]) -> RedisCluster
     return RedisCluster(startup_nodes=nodes, **common, **_credentials(seeds[0]))
 
 
+def _replicating(replica: dict[str, Any]) -> bool:
+    """A replica as a Sentinel reports it is replicating (up, and says it is a replica)."""
+    flags = set(str(replica.get("flags", "")).split(","))
+    return not flags & {"s_down", "o_down", "disconnected"} and replica.get("role-reported") == "slave" \
+        and replica.get("master-link-status") == "ok"
+
+
 class RedisStore(Store):
     """``Store`` on Redis. Build it with ``RedisStore.from_config`` or around a redis-py client."""
 
@@ -222,6 +229,7 @@ class RedisStore(Store):
         self._watcher: asyncio.Task[None] | None = None  # Sentinel's +switch-master
         self._subscribed = asyncio.Event()
         self._closed = False
+        self._generation = 0  # Sentinel switches followed
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> RedisStore:
@@ -315,9 +323,10 @@ class RedisStore(Store):
 
     async def _run_acked(self, what: str, script: Any, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         """Run a write script, then ``WAIT`` on the same connection for ``replica_acks`` replicas:
-        (its answer, whether they acknowledged it or there is no replica to wait for)."""
+        (its answer, whether they acknowledged it or there is certainly none that could)."""
         if not self._acks:
             return await self._run(what, lambda: script(keys=keys, args=args)), True
+        master, generation = self._master_address(), self._generation
 
         async def call() -> list[Any]:
             pipe = cast(Redis, self._client).pipeline(transaction=False)  # one connection for both
@@ -328,17 +337,34 @@ class RedisStore(Store):
         result, acknowledged = await self._run(what, call)
         if int(acknowledged) >= self._acks:
             return result, True
-        return result, not await self._replicas_known()
+        return result, await self._no_replica_could(master, generation)
 
-    async def _replicas_known(self) -> bool:
-        """Whether the Sentinels know a healthy replica of the master (one a failover could
-        promote). None known: nothing to wait for (a replica that died, or none configured)."""
-        if self._sentinel is None:
-            return True  # replica_acks set explicitly on a standalone Redis: the operator knows
-        try:
-            return bool(await self._sentinel.discover_slaves(self._sentinel_master))
-        except _FAILURES:
-            return True  # unknown: keep waiting, the safe side
+    def _master_address(self) -> tuple[str, int] | None:
+        pool = cast(Redis, self._client).connection_pool
+        return pool.master_address if isinstance(pool, SentinelConnectionPool) else None
+
+    async def _no_replica_could(self, master: tuple[str, int] | None, generation: int) -> bool:
+        """No replica acknowledged a write: whether there is none that could have (then the write
+        stands, as on a master whose replica died). Only when the write certainly went to the
+        master the Sentinels name now (no switch followed meanwhile), no failover is in progress,
+        and they know no replica of it that is replicating: a replica killed, or the old master
+        not reconfigured yet (it still says it is a master). Unsure: False, the caller waits."""
+        if self._sentinel is None or master is None:
+            return False  # replica_acks set on a standalone Redis: the operator wants the wait
+        if self._master_address() != master or self._generation != generation:
+            return False
+        for node in self._sentinel.sentinels:
+            try:
+                state = cast(dict[str, Any], await node.sentinel_master(self._sentinel_master))
+                replicas = await node.sentinel_slaves(self._sentinel_master)
+            except _FAILURES:
+                continue  # the next Sentinel
+            flags = set(str(state.get("flags", "")).split(","))
+            if (str(state.get("ip")), int(state.get("port") or 0)) != master or \
+                    flags & {"failover_in_progress", "promoted", "s_down", "o_down"}:
+                return False
+            return not any(_replicating(replica) for replica in replicas)
+        return False
 
     # -- Store ------------------------------------------------------------------------------------
 
@@ -578,6 +604,7 @@ class RedisStore(Store):
         if old == address:
             return
         pool.master_address = address
+        self._generation += 1
         if old is None:
             return  # nothing connected yet
         # Connections in use are closed when they come back; idle ones now: the next command
