@@ -6,8 +6,11 @@ The public surface::
     app = AuthGateway(my_asgi_app, load_config("gateway.yaml"))
 
 Plugin authors subclass ``Provider`` (see ``gateway.providers``) and raise the errors below.
+An upstream verifies the identity the gateway sends with ``gateway.verify`` (``IdentityVerifier``,
+``RequireIdentity``: docs/upstream.md).
 """
 
+from gateway import verify
 from gateway.config import ConfigFileError, GatewayConfig, load_config
 from gateway.errors import (
     ConfigError,
@@ -33,6 +36,7 @@ from gateway.providers import (
     UserIdentity,
 )
 from gateway.stores import Store
+from gateway.verify import IdentityVerifier, RequireIdentity, VerificationError
 
 __version__ = "0.1.0"
 
@@ -45,6 +49,7 @@ __all__ = [
     "GatewayError",
     "Grant",
     "Identity",
+    "IdentityVerifier",
     "LoginContext",
     "LoginDenied",
     "LoginPending",
@@ -55,9 +60,12 @@ __all__ = [
     "ProviderSettings",
     "ProviderUnavailable",
     "ReauthRequired",
+    "RequireIdentity",
     "Store",
     "StoreUnavailable",
     "TokenSet",
     "UserIdentity",
+    "VerificationError",
     "load_config",
+    "verify",
 ]

@@ -152,6 +152,7 @@ class AuthGateway:
             return
         self._requests[_AUTHENTICATED] += 1
         headers.extend(authenticated.headers)  # ``headers`` is our own list, already in the scope
+        scope["gateway.identity"] = authenticated.identity  # our own copy of the scope (gateway.verify)
         await self.app(scope, receive, send)
 
     def _origin_allowed(self, headers: list[tuple[bytes, bytes]]) -> bool:
