@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import logging
 import sys
 from collections.abc import Sequence
@@ -14,8 +13,10 @@ from typing import Any
 import uvicorn
 import yaml
 
-from gateway.config import ConfigFileError, GatewayConfig, load_config, masked_dict
+from gateway.config import ConfigFileError, GatewayConfig, Logging, load_config, masked_dict
 from gateway.errors import ConfigError
+from gateway.logs import configure as configure_logging
+from gateway.logs import uvicorn_log_config
 
 
 def redact_query(target: str) -> str:
@@ -44,15 +45,20 @@ class RedactQuery(logging.Filter):
         return True
 
 
-def _log_config() -> dict[str, Any]:
-    """uvicorn's own logging setup, with ``RedactQuery`` on its access logger."""
-    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+def _log_config(settings: Logging | None = None) -> dict[str, Any]:
+    """uvicorn's logging setup: its own lines and its access log in the gateway's format
+    (``logging.format``, gateway/logs.py), with ``RedactQuery`` on its access logger."""
+    settings = settings or Logging()
+    config = uvicorn_log_config(settings.format, settings.level)
     config.setdefault("filters", {})["redact_query"] = {"()": RedactQuery}
     config["loggers"]["uvicorn.access"]["filters"] = ["redact_query"]
     return config
 
 
-def _serve_app(app: object, host: str, port: int, *, access_log: bool = False) -> None:
+def _serve_app(app: object, host: str, port: int, *, access_log: bool = False,
+               logging_settings: Logging | None = None) -> None:
+    settings = logging_settings or Logging()
+    configure_logging(settings.format, settings.level)  # the gateway's own loggers, same format
     uvicorn.run(
         app,  # type: ignore[arg-type]
         host=host,
@@ -61,9 +67,9 @@ def _serve_app(app: object, host: str, port: int, *, access_log: bool = False) -
         proxy_headers=False,
         server_header=False,  # the upstream's own Server and Date headers pass through
         date_header=False,
-        log_level="info",
+        log_level=settings.level.lower(),
         access_log=access_log,
-        log_config=_log_config(),
+        log_config=_log_config(settings),
         lifespan="on",
     )
 
@@ -102,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # package): one line that names it, not a traceback.
         print(f"{args.config}: the gateway cannot start: {exc.message}", file=sys.stderr)
         return 2
-    _serve_app(app, host, port, access_log=config.listen.access_log)
+    _serve_app(app, host, port, access_log=config.listen.access_log, logging_settings=config.logging)
     return 0
 
 
@@ -117,6 +123,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"  {problem[0]}: {problem[1]}", file=sys.stderr)
             return 2
     print(yaml.safe_dump(masked_dict(config), sort_keys=False, allow_unicode=True), end="")
+    from gateway.config_checks import config_warnings
+
+    for where, message in config_warnings(config):  # valid but insecure: said, exit 0 all the same
+        print(f"{args.file}: warning: {where}: {message}", file=sys.stderr)
     return 0
 
 
@@ -191,6 +201,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="In-client single sign-on gateway.")
+    from gateway import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the sidecar reverse proxy")

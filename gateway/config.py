@@ -52,6 +52,19 @@ class Listen(_Section):
     access_log: bool = False
 
 
+class Logging(_Section):
+    # One event per line. json: one JSON object per line (time, level, logger, message, then the
+    # event's fields), for a log shipper; text: one readable line; auto: text when stderr is a
+    # terminal, JSON otherwise (under systemd, Docker or Kubernetes stderr is not a terminal).
+    format: Literal["json", "text", "auto"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value  # ``level: debug`` as Python spells it
+
+
 class Upstream(_Section):
     url: str = "http://127.0.0.1:9000"
     timeout_s: float = Field(30.0, gt=0)
@@ -438,6 +451,7 @@ class GatewayConfig(BaseSettings):
     identity: Identity = Field(default_factory=Identity)
     access: Access = Field(default_factory=Access)
     metrics: Metrics = Field(default_factory=Metrics)
+    logging: Logging = Field(default_factory=Logging)
     limits: Limits = Field(default_factory=Limits)
     relay: Relay = Field(default_factory=Relay)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -72,6 +72,9 @@ _MAX_KNOWN_NAMES = 4096
 FORWARDING_HEADERS = (
     "Forwarded", "X-Real-IP", "X-Original-URI", "X-Original-URL", "X-Rewrite-URL", "X-Client-IP",
     "Client-IP", "True-Client-IP", "X-Cluster-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP",
+    # The request id (gateway/logs.py): a client's own would let it write into our logs and the
+    # app's under another request's name; only a trusted proxy's is kept.
+    "X-Request-Id",
 )
 _FOLDED_FORWARDING_PREFIX = b"xforwarded"
 # The one spelling of each that servers read.

@@ -129,6 +129,7 @@ MESSAGES: dict[str, dict[Locale, str]] = {
     "action.continue": {EN: "Continue", ZH: "继续"},
     "action.open_app": {EN: "Open {url}", ZH: "打开 {url}"},
     "label.code": {EN: "Error code: ", ZH: "错误代码："},  # the code follows, in <code>
+    "label.request_id": {EN: "Request ID: ", ZH: "请求编号："},  # the id follows, in <code>
     "label.details": {EN: "Details", ZH: "详细信息（英文）"},
     # -- the chooser, the handshake page and its script ------------------------------------------
     "page.choose": {EN: "Choose how to sign in.", ZH: "请选择登录方式。"},

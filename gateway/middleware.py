@@ -21,6 +21,7 @@ Per request (HTTP and WebSocket alike):
 from __future__ import annotations
 
 import logging
+import os
 
 import httpx
 from starlette.responses import Response
@@ -30,6 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.edge import Edge, EdgeRejected, first_header, normalize_target
 from gateway.errors import GatewayError
 from gateway.handshake import AUTH_OK_HEADERS, Handshake, login_required_response
+from gateway.logs import acceptable_request_id, request_id
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
 from gateway.runtime import Runtime
@@ -75,6 +77,8 @@ class AuthGateway:
         self._allowed_tenants = self._access.allowed_tenants
         self._requests = self.runtime.metrics.requests
         self._forward_auths = self.runtime.metrics.forward_auth
+        self._trusted = self._edge.trusted
+        self._set_request_id = request_id.set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -84,6 +88,16 @@ class AuthGateway:
             else:
                 await self.app(scope, receive, send)
             return
+        # The request id (gateway/logs.py): a trusted proxy's X-Request-Id, else a new one. Set in
+        # the request's context (uvicorn runs each request in a task of its own, so it ends with
+        # the request) before anything can log or answer an error.
+        client = scope.get("client")
+        peer = client[0] if client else None
+        proxied = self._proxy_request_id(scope["headers"]) if self._trusted and peer in self._trusted else None
+        generated = proxied is None
+        # gateway.logs.new_request_id, inlined: one call less per request.
+        rid = os.urandom(8).hex() if proxied is None else proxied
+        self._set_request_id(rid)
         path = scope["path"]
         raw_path = scope.get("raw_path")
         never_public = False
@@ -99,15 +113,19 @@ class AuthGateway:
             path, never_public = target.path, target.never_public
             scope = {**scope, "path": path, "raw_path": target.raw_path}
         own = path == self._prefix or path.startswith(self._prefix_slash)
-        client = scope.get("client")
         try:
             # The gateway's endpoints read its cookies; the app never sees them.
-            raw_ticket, headers = self._edge_headers(scope["headers"], client[0] if client else None,
-                                                     strip_cookies=not own)
+            raw_ticket, headers = self._edge_headers(scope["headers"], peer, strip_cookies=not own)
         except EdgeRejected as exc:
             self._requests[_DENIED] += 1
             await self._deny(scope, receive, send, gateway_error_response(scope, exc))
             return
+        if generated:
+            # The edge dropped a client's X-Request-Id (any spelling) unless a trusted proxy sent
+            # it; a trusted one's unfit value is replaced too. The app sees the id we log.
+            if self._trusted and peer in self._trusted:
+                headers = [item for item in headers if item[0] != b"x-request-id"]
+            headers.append((b"x-request-id", rid.encode("ascii")))
         scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change
         if own:
             if path == self._auth_path and kind == "http" and await self._forward_auth(scope, raw_ticket, send):
@@ -154,6 +172,12 @@ class AuthGateway:
         headers.extend(authenticated.headers)  # ``headers`` is our own list, already in the scope
         scope["gateway.identity"] = authenticated.identity  # our own copy of the scope (gateway.verify)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _proxy_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+        """A trusted proxy's X-Request-Id, if it is fit to log (gateway.logs.acceptable_request_id)."""
+        value = first_header(headers, b"x-request-id")
+        return acceptable_request_id(value) if value is not None else None
 
     def _origin_allowed(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """A WebSocket's Origin is ours or listed in ``access.websocket_origins`` (browsers always

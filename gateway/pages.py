@@ -32,6 +32,7 @@ from gateway.i18n import (
     locale_of,
     text,
 )
+from gateway.logs import request_id
 
 _STYLE = """
 html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
@@ -125,10 +126,12 @@ def message_page(
     headers: Mapping[str, str] | None = None,
     locale: Locale = EN,
     detail: str | None = None,
+    request: str | None = None,
 ) -> HTMLResponse:
     """A page that says what happened and offers links (label or label's message id -> URL) as
-    the way forward; the stable ``code`` is shown as a small labelled detail, and ``detail`` (the
-    English original of a translated message) folded away below it."""
+    the way forward; the stable ``code`` is shown as a small labelled detail (and the request id
+    ``request`` beside it, for the user to quote), and ``detail`` (the English original of a
+    translated message) folded away below it."""
     links = "".join(
         f'<a class="button{" secondary" if index else ""}" href="{html.escape(url)}">'
         f"{html.escape(label(key, locale))}</a>"
@@ -140,6 +143,8 @@ def message_page(
         f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
         + (f"<p>{links}</p>" if links else "")
         + f'<p class=meta>{html.escape(text("label.code", locale))}<code>{html.escape(code)}</code></p>'
+        + (f'<p class=meta>{html.escape(text("label.request_id", locale))}<code class=request-id>'
+           f'{html.escape(request)}</code></p>' if request else "")
         + folded
     )
     return page(title, body, status_code=status_code, headers=headers, locale=locale)
@@ -160,17 +165,20 @@ def error_response(
     """The one way the gateway answers an error: a page for browsers, JSON otherwise, in the
     request's language. ``message`` is the English sentence; the Chinese one comes from the
     catalogue by ``code`` or ``message_id`` (``fields`` fill its blanks). The JSON ``error`` is the
-    stable code."""
+    stable code; ``request_id`` (page and JSON) is the id every log line of this request carries."""
     locale = locale_of(scope)
+    current = request_id.get()
     sentence, detail = error_message(code, message, locale, message_id=message_id, **(fields or {}))
     all_headers = {"cache-control": "no-store", **language_headers(locale), **(headers or {})}
     if wants_html(Headers(scope=scope)):
         return message_page(
             error_title(code, status_code, locale), sentence, status_code=status_code, code=code,
-            actions=actions, headers=all_headers, locale=locale, detail=detail,
+            actions=actions, headers=all_headers, locale=locale, detail=detail, request=current,
         )
-    return JSONResponse({"error": code, "message": sentence, **(extra or {})}, status_code=status_code,
-                        headers=all_headers)
+    body: dict[str, object] = {"error": code, "message": sentence, **(extra or {})}
+    if current is not None:
+        body["request_id"] = current
+    return JSONResponse(body, status_code=status_code, headers=all_headers)
 
 
 def gateway_error_response(scope: Scope, exc: GatewayError, *, actions: Mapping[str, str] | None = None) -> Response:

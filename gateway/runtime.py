@@ -7,18 +7,25 @@ hot-path authenticator.
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import httpx
 
 from gateway.access import AccessRules
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.identity import signer_for, spoofable_names
+from gateway.logs import request_id
 from gateway.metrics import Metrics
 from gateway.providers import Provider, ProviderContext, load_plugin
 from gateway.sealing import Sealer
 from gateway.sessions import CookieCodec, SessionStore
 from gateway.stores import Store
+from gateway.stores.instrumented import InstrumentedStore
 from gateway.stores.memory import MemoryStore
 from gateway.tokens import AppTokenCache, TokenManager
 
@@ -48,10 +55,13 @@ class Runtime:
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.config = config
-        self.metrics = Metrics()
-        self.store = store if store is not None else make_store(config)
+        self.metrics = Metrics()  # a registry of its own: several gateways in a process never collide
+        backend = store if store is not None else make_store(config)
+        # Every component reaches the backend through this timed wrapper (gateway/stores/instrumented.py).
+        self.store: Store = InstrumentedStore(backend, self.metrics, config.store.backend)
         self._owns_http = http_client is None
-        self.http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self.http = http_client or httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, connect=5.0), event_hooks={"request": [_send_request_id]})
         store_config = config.store
         secrets = [secret.get_secret_value() for secret in config.session.secrets]
         sealer = Sealer(secrets)  # provider tokens are sealed at rest (gateway/sealing.py)
@@ -69,6 +79,7 @@ class Runtime:
                 app_tokens=self.app_tokens,
             )
             self.providers[name] = load_plugin(settings.plugin)(settings, context)
+            _time_provider_calls(self.providers[name], self.metrics)
         self.sessions = SessionStore(self.store, CookieCodec(secrets), max_age_s=config.session.max_age_s)
         self.tokens = TokenManager(
             self.store, self.providers, refresh_margin_s=config.tokens.refresh_margin_s,
@@ -78,9 +89,10 @@ class Runtime:
         self.signer = signer_for(config)  # its JWKS lists every key a replica may sign with
         self.authenticator = Authenticator(config, self.sessions, self.tokens, self.signer)
         self.metrics.gauge("gateway_session_cache_entries", lambda: self.authenticator.cache_size)
-        if isinstance(self.store, MemoryStore):
-            memory_store = self.store
+        if isinstance(backend, MemoryStore):
+            memory_store = backend
             self.metrics.gauge("gateway_store_entries", lambda: len(memory_store))
+            self.metrics.gauge("gateway_sessions_active", lambda: _sessions_in(memory_store))
         self.spoofable = spoofable_names(config.identity.headers)
         self.access = AccessRules(config.access)
 
@@ -90,3 +102,49 @@ class Runtime:
         if self._owns_http:
             await self.http.aclose()
         await self.store.aclose()
+
+
+async def _send_request_id(request: httpx.Request) -> None:
+    """Provider calls carry the id of the request that made them (the provider's support can
+    find them; our log lines carry the same id)."""
+    current = request_id.get()
+    if current is not None:
+        request.headers["x-request-id"] = current
+
+
+#: The provider methods timed into ``gateway_provider_request_duration_seconds`` (operation label):
+#: the code exchange with its user lookups, the token refresh, an app token fetch.
+TIMED_PROVIDER_CALLS = ("redeem", "refresh", "relay_app_token")
+
+
+def _time_provider_calls(provider: Provider, metrics: Metrics) -> None:
+    """Wrap the provider's calls on this instance: the plugins stay free of metrics code."""
+    for operation in TIMED_PROVIDER_CALLS:
+        method = getattr(provider, operation, None)
+        if method is not None:
+            setattr(provider, operation, _timed(method, metrics, provider.name, operation))
+
+
+def _timed(method: Callable[..., Awaitable[Any]], metrics: Metrics, provider: str,
+           operation: str) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await method(*args, **kwargs)
+            outcome = "ok"
+            return result
+        except GatewayError as exc:
+            outcome = exc.code  # a stable code: a bounded label
+            raise
+        finally:
+            metrics.observe("gateway_provider_request_duration_seconds", time.perf_counter() - started,
+                            provider, operation, outcome)
+
+    return timed
+
+
+def _sessions_in(store: MemoryStore) -> int:
+    """Session records in the memory store (``SessionStore`` keys them ``sess:<id>``)."""
+    return sum(1 for key in list(store._data) if key.startswith("sess:"))

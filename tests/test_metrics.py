@@ -11,18 +11,39 @@ from gateway.metrics import Metrics
 from tests.conftest import HTML, GatewayStarter, ServedLark, browser_login
 
 SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
 
 
-def samples(text: str) -> dict[str, float]:
+def _canonical(key: str) -> str:
+    """``name{labels}`` with its labels in name order: the format leaves their order free."""
+    name, brace, labels = key.partition("{")
+    if not brace:
+        return key
+    pairs = LABEL.findall(labels)
+    assert ",".join(f'{k}="{v}"' for k, v in pairs) == labels.rstrip("}"), key
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(pairs)) + "}"
+
+
+class Samples(dict[str, float]):
+    """Looked up in any label order."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(_canonical(key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(_canonical(key))
+
+
+def samples(text: str) -> Samples:
     """``{'name{labels}': value}`` of an exposition; every line is a comment or a valid sample."""
-    found: dict[str, float] = {}
+    found = Samples()
     for line in text.splitlines():
         if line.startswith("#"):
             assert re.match(r"^# (HELP|TYPE) [a-z_]+ \S", line), line
             continue
         match = SAMPLE.match(line)
         assert match, f"not a sample line: {line!r}"
-        found[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+        dict.__setitem__(found, _canonical(match.group(1) + (match.group(2) or "")), float(match.group(3)))
     return found
 
 
