@@ -2,7 +2,7 @@
 
 The sandbox's three hosts are served by ``HostRoutingTransport`` (no sockets), except where a real
 timeout is the point. Expected classifications come from the fact sheet
-(``shared/providers/dingtalk.md`` sections 9 and 10), written out here rather than read from the
+(``docs/providers/dingtalk.md`` and the sources it lists), written out here rather than read from the
 provider's tables, so a wrong table entry shows up.
 """
 

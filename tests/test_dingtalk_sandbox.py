@@ -1,8 +1,8 @@
 """The DingTalk emulator is strict: each rule of the fact sheet, checked over real HTTP.
 
 The three hosts are served by uvicorn on loopback (as ``gateway sandbox`` serves them); the clock
-knob moves time instead of sleeping. Error codes are the sheet's (sections 3, 4, 5, 6, 8 and 9 of
-``shared/providers/dingtalk.md``).
+knob moves time instead of sleeping. Error codes are the provider's documented ones
+(``docs/providers/dingtalk.md`` and the sources it lists).
 """
 
 from __future__ import annotations

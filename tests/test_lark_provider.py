@@ -2,7 +2,7 @@
 
 The sandbox's two hosts are served by ``HostRoutingTransport`` (no sockets), except where a real
 timeout is the point. Expected classifications come from the fact sheet
-(``shared/providers/lark.md`` sections 5.4, 9 and 10), written out here rather than read from the
+(``docs/providers/lark.md`` and the sources it lists), written out here rather than read from the
 provider's table, so the test catches a wrong table entry.
 """
 

@@ -1,8 +1,8 @@
 """The Lark / Feishu emulator is strict: each rule of the fact sheet, checked over real HTTP.
 
 The two hosts are served by uvicorn on loopback (as ``gateway sandbox`` serves them); the clock
-knob moves time instead of sleeping. Status codes and error codes are the sheet's (sections 4, 5,
-8 and 9 of ``shared/providers/lark.md``).
+knob moves time instead of sleeping. Status codes and error codes are the provider's documented
+ones (``docs/providers/lark.md`` and the sources it lists).
 """
 
 from __future__ import annotations

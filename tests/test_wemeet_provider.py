@@ -2,7 +2,7 @@
 
 The sandbox's two hosts are served by ``HostRoutingTransport`` (no sockets) except where a real
 socket is the point (timeouts, header case on the wire). Expectations come from the fact sheet
-(``shared/providers/wemeet.md``) and are written out here rather than read from the provider, so
+(``docs/providers/wemeet.md`` and its sources) and are written out here rather than read from the provider, so
 a wrong table entry shows up.
 """
 

@@ -2,9 +2,9 @@
 
 The two hosts are mounted in process (``HostRoutingTransport``: the same ASGI apps ``gateway
 sandbox`` serves); where node must reach them they run on loopback sockets. The clock knob moves
-time instead of sleeping. The rules are the sheet's (``shared/providers/wemeet.md``
-sections 3 to 7); where the sheet says "undocumented", the test checks the sandbox's documented
-choice and the plugin must not depend on it.
+time instead of sleeping. The rules are the provider's documented ones
+(``docs/providers/wemeet.md`` and its sources); where the documentation says nothing, the test
+checks the sandbox's documented choice and the plugin must not depend on it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A strict emulator of DingTalk's server side, for tests, the demo and ``gateway sandbox``.
 
-It follows ``shared/providers/dingtalk.md`` and is picky on purpose, so a client that works against
+It follows the provider's documentation (``docs/providers/dingtalk.md`` lists the sources)
+and is picky on purpose, so a client that works against
 it has a fair chance against the real thing. One instance emulates an internal app (AppKey, owned
 by the first organisation) and a third-party suite (SuiteKey, authorized by both organisations)
 side by side. Three hosts, as in production:

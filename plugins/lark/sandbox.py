@@ -1,6 +1,7 @@
 """A strict emulator of Lark / Feishu's server side, for tests, the demo and ``gateway sandbox``.
 
-It follows ``shared/providers/lark.md`` and is deliberately picky, so that a client which works
+It follows the provider's documentation (``docs/providers/lark.md`` lists the sources)
+and is deliberately picky, so that a client which works
 against it has a fair chance against the real thing:
 
 - one-time codes: browser codes live 5 min, ``requestAccess`` codes 3 min, ``requestAuthCode``

@@ -1,6 +1,7 @@
 """A strict emulator of Tencent Meeting's OAuth side, for tests, the demo and ``gateway sandbox``.
 
-It follows ``shared/providers/wemeet.md`` and is deliberately picky, so that a client which works
+It follows the provider's documentation (``docs/providers/wemeet.md`` lists the sources)
+and is deliberately picky, so that a client which works
 against it has a fair chance against the real thing:
 
 - ``auth_code``: single use, 5 minutes; exchanged with exactly ``{sdk_id, secret, auth_code}`` as
