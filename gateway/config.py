@@ -652,16 +652,98 @@ def validate_providers(
     return settings, errors
 
 
-def build_config(data: Mapping[str, Any]) -> GatewayConfig:
-    """Validate a config mapping (already interpolated); env overrides apply on top."""
+FILE_SUFFIX = "_file"
+
+
+def _section_fields(name: str, section: Mapping[str, Any], parent: str) -> Mapping[str, Any] | None:
+    """The fields of the model that validates ``section`` (a top-level section, or a provider's
+    keys: its plugin's settings model); None when unknown (left to validation to report)."""
+    if parent == "providers":
+        try:
+            return load_plugin(str(section.get("plugin"))).settings_model.model_fields
+        except ConfigError:
+            return None
+    model = _model_at(GatewayConfig, (name,)) if not parent else None
+    return model.model_fields if model is not None else None
+
+
+def _is_list(field: Any) -> bool:
+    return getattr(field.annotation, "__origin__", None) is list
+
+
+def read_secret_files(
+    data: Mapping[str, Any], base_dir: Path | None = None
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """``<key>_file: PATH`` in any section whose model has a field ``<key>`` (and none named
+    ``<key>_file``, as ``identity.signing_key_file``) becomes ``<key>: <the file's content>``:
+    secrets mounted as files (Kubernetes, Docker secrets, systemd credentials) instead of written
+    in the YAML or the environment, e.g. ``session.secrets_file``, ``metrics.bearer_token_file``,
+    ``store.url_file``, ``providers.lark.app_secret_file``. The trailing newline is dropped; for a
+    list (``session.secrets_file``) each non-empty line is an item. A relative path is relative to
+    ``base_dir`` (the config file's directory). Returns the data and the ``(yaml path, message)``
+    of each file that cannot be used; the secret itself never appears in a message."""
+    result = dict(data)
+    errors: list[tuple[str, str]] = []
+
+    def resolve(section: Mapping[str, Any], name: str, parent: str) -> dict[str, Any]:
+        fields = _section_fields(name, section, parent)
+        where = f"{parent}.{name}" if parent else name
+        resolved = dict(section)
+        for key, value in section.items():
+            if not isinstance(key, str) or not key.endswith(FILE_SUFFIX) or fields is None:
+                continue
+            target = key[: -len(FILE_SUFFIX)]
+            if key in fields or target not in fields:
+                continue
+            del resolved[key]
+            if target in section:
+                errors.append((f"{where}.{key}", f"set {target} or {key}, not both"))
+                continue
+            if not isinstance(value, str) or not value:
+                errors.append((f"{where}.{key}", "must be the path of a file"))
+                continue
+            path = Path(value) if base_dir is None or Path(value).is_absolute() else base_dir / value
+            try:
+                content = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+                errors.append((f"{where}.{key}", f"cannot read {path}: {reason}"))
+                continue
+            items = [line.strip() for line in content.splitlines() if line.strip()]
+            if not items:
+                errors.append((f"{where}.{key}", f"{path} is empty"))
+                continue
+            resolved[target] = items if _is_list(fields[target]) else content.rstrip("\r\n")
+        return resolved
+
+    for name, section in data.items():
+        if name == "providers" and isinstance(section, Mapping):
+            result[name] = {provider: resolve(settings, provider, "providers") if isinstance(settings, Mapping)
+                            else settings for provider, settings in section.items()}
+        elif isinstance(section, Mapping):
+            result[name] = resolve(section, str(name), "")
+    return result, errors
+
+
+def build_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> GatewayConfig:
+    """Validate a config mapping (already interpolated; ``*_file`` keys are read here, see
+    ``read_secret_files``); env overrides apply on top."""
+    data, file_errors = read_secret_files(data, base_dir)
+    unreadable = {where[: -len(FILE_SUFFIX)] for where, _ in file_errors}
     try:
-        return GatewayConfig(**data)
+        config = GatewayConfig(**data)
     except ValidationError as exc:
         errors = validation_errors(exc, model=GatewayConfig)
         providers = data.get("providers")
         if isinstance(providers, Mapping):
             errors.extend(validate_providers(providers)[1])
-        raise ConfigFileError(errors) from None
+        # A value whose file cannot be read is reported once, as such (not also as missing).
+        raise ConfigFileError(file_errors + [e for e in errors if not _within(e[0], unreadable)]) from None
+    except ConfigFileError as exc:  # a provider's own errors
+        raise ConfigFileError(file_errors + [e for e in exc.errors if not _within(e[0], unreadable)]) from None
+    if file_errors:
+        raise ConfigFileError(file_errors)
+    return config
 
 
 def _within(path: str, roots: set[str]) -> bool:
@@ -687,7 +769,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> G
     missing: list[tuple[str, str]] = []
     data = _interpolate(document, environ, "", missing)
     try:
-        config = build_config(data)
+        config = build_config(data, base_dir=Path(path).parent)
     except ConfigFileError as exc:
         # A value whose variable is unset is reported once, as unset (not also as "too short").
         unset = {where for where, _ in missing}
