@@ -204,9 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    from gateway import __version__
-
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the sidecar reverse proxy")
