@@ -48,6 +48,7 @@ from gateway.pages import (
 )
 from gateway.providers import Grant, LoginContext, Provider
 from gateway.ratelimit import RateLimiter, client_key
+from gateway.relay import Relay
 from gateway.runtime import Runtime
 from gateway.state import STATE_TTL_S, LoginCookie, PendingLogin, is_valid_state, pkce_pair, safe_next
 
@@ -147,7 +148,9 @@ class Handshake:
             ("GET", "metrics"): self.metrics,
             ("GET", "static"): self.static,
         }
-        self._scripts = {"handshake.js": (_STATIC / "handshake.js").read_bytes()}
+        self._scripts = {"handshake.js": (_STATIC / "handshake.js").read_bytes(),
+                         "gateway.js": (_STATIC / "gateway.js").read_bytes()}
+        self.relay = Relay(runtime)
         for provider in runtime.providers.values():
             if provider.bridge_js is not None:
                 self._scripts[f"bridge/{provider.plugin}.js"] = provider.bridge_js.read_bytes()
@@ -172,6 +175,9 @@ class Handshake:
             await self._provider_routes(scope, receive, send)
             return
         head, _, rest = sub.partition("/")
+        if head == "api":  # the provider-API relay, any method, bodies streamed (gateway/relay.py)
+            await self.relay(scope, receive, send)
+            return
         method = "GET" if scope["method"] == "HEAD" else scope["method"]
         handler = self._routes.get((method, head))
         request = Request(scope, receive)

@@ -111,7 +111,8 @@ class AuthGateway:
                 await self._deny(scope, receive, send, gateway_error_response(scope, exc))
                 return
             path, never_public = target.path, target.never_public
-            scope = {**scope, "path": path, "raw_path": target.raw_path}
+            # The relay refuses a path the edge had to rewrite (gateway/relay.py): it judges <path> as sent.
+            scope = {**scope, "path": path, "raw_path": target.raw_path, "gateway.path_rewritten": target.rewritten}
         own = path == self._prefix or path.startswith(self._prefix_slash)
         try:
             # The gateway's endpoints read its cookies; the app never sees them.

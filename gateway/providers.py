@@ -184,6 +184,9 @@ class LoginContext:
     redirect_uri: str
     next_path: str
     code_challenge: str | None = None  # PKCE S256, when ``Provider.uses_pkce``
+    #: Scopes asked for beyond the configured ones (``<prefix>/consent``: incremental consent).
+    #: A plugin adds them to its authorize URL and to what its bridge asks the JSAPI for.
+    extra_scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,39 @@ class ProviderContext:
     clock: Callable[[], float] = time.time
     #: App-level tokens (tenant/app/corp access tokens), cached and single-flight; set by the core.
     app_tokens: AppTokenCache | None = None
+
+
+RelayOutcome = Literal["pass", "expired", "consent", "rate_limited", "unavailable", "misconfigured"]
+
+
+@dataclass(frozen=True)
+class RelayVerdict:
+    """What a provider's answer to a relayed call means (``Provider.relay_verdict``).
+
+    - ``pass``: hand it to the caller as it is (success, or an error that is the caller's own);
+    - ``expired``: the token was refused as expired or invalid: refresh once and retry once;
+    - ``consent``: the grant lacks ``scopes``: the caller gets ``403 consent_required``;
+    - ``rate_limited``: passed on with its hints and ``Retry-After: retry_after_s``, never retried;
+    - ``unavailable``: transient: ``503 provider_unavailable`` with ``Retry-After``;
+    - ``misconfigured``: only the operator can fix it (e.g. a user-token route on an API that
+      takes only app tokens): ``relay_misconfigured``, ``message`` says what.
+    """
+
+    outcome: RelayOutcome = "pass"
+    scopes: tuple[str, ...] = ()
+    retry_after_s: int | None = None
+    message: str = ""
+
+
+PASS = RelayVerdict()
+
+
+@dataclass(frozen=True)
+class RelayAuth:
+    """How a relayed call carries its token: headers to set and query parameters to add."""
+
+    headers: Sequence[tuple[str, str]] = ()
+    params: Sequence[tuple[str, str]] = ()
 
 
 class Provider:
@@ -296,6 +332,62 @@ class Provider:
     async def aclose(self) -> None:
         """Release what the provider holds (the HTTP client belongs to the core)."""
 
+    # -- the relay: <prefix>/api/<name>/<path> (gateway/relay.py, docs/relay.md) -----------------
+    #
+    # The core decides who may call what (relay.routes), removes the caller's credentials, streams
+    # the bodies and runs refresh-and-retry; the plugin only says where ``<path>`` goes, how the
+    # token rides on it, and what the provider's answers mean. The defaults fit an OAuth API that
+    # takes ``Authorization: Bearer`` and answers 401 to a dead token: a plugin without an Open
+    # API leaves ``relay_base_url`` returning None and every relayed call is refused.
+
+    #: Request headers that carry a provider credential (lower case): a caller's are dropped,
+    #: never forwarded (``Authorization`` and ``Cookie`` are always dropped by the core).
+    relay_credential_headers: ClassVar[frozenset[str]] = frozenset()
+    #: Query parameters that carry a credential: a caller's are dropped, never forwarded.
+    relay_credential_params: ClassVar[frozenset[str]] = frozenset({"access_token"})
+    #: Response headers worth passing on besides the ordinary ones (the core keeps every
+    #: end-to-end header; this only documents which ones callers rely on).
+    relay_kept_headers: ClassVar[frozenset[str]] = frozenset()
+
+    def relay_base_url(self, path: str) -> str | None:
+        """The base URL ``<path>`` is appended to (no trailing slash), or None when this provider
+        serves no such API (the call is refused with ``relay_forbidden``)."""
+        return None
+
+    def relay_auth(self, path: str, token: str, *, kind: Literal["user", "app"], tokens: TokenSet | None) -> RelayAuth:
+        """Attach ``token`` (the user's access token, or the app token when ``kind == "app"``).
+        ``tokens`` is the user's record (None for an app call without a user). Raise
+        ``ProviderMisconfigured`` when this token cannot be used on this path."""
+        return RelayAuth(headers=(("Authorization", f"Bearer {token}"),))
+
+    async def relay_app_token(self, tenant: str) -> str:
+        """The app-level token for ``tenant`` (the organisation the caller belongs to), from the
+        shared, single-flight cache (``ProviderContext.app_tokens``)."""
+        raise ProviderMisconfigured(
+            f"{self.display_name or self.name} has no app-level token: use token: user for this route.",
+            code="relay_misconfigured",
+        )
+
+    async def relay_app_token_rejected(self, tenant: str, token: str) -> None:
+        """The provider refused the app token ``token`` before its time: forget it (once), so the
+        retry fetches a new one. The default forgets nothing."""
+
+    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+        """Read a provider's answer. ``body`` is the whole body when it is small and JSON (error
+        envelopes are), else None (a download streams through unread). The default: 401 is an
+        expired token, 429 a rate limit, anything else passes."""
+        if status == 401:
+            return RelayVerdict("expired")
+        if status == 429:
+            return RelayVerdict("rate_limited", retry_after_s=retry_after_hint(headers, "retry-after"))
+        return PASS
+
+    def granted_scopes(self, tokens: TokenSet) -> frozenset[str] | None:
+        """The scopes the user's grant holds, or None when the provider does not say (then a
+        route's ``scopes`` are not checked before the call: the provider's answer decides)."""
+        names = tokens.scope.replace(",", " ").split()
+        return frozenset(names) if names else None
+
     # -- helpers for subclasses ---------------------------------------------------------------
 
     async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -305,6 +397,16 @@ class Provider:
             return await self.http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             raise classify_http_error(exc, provider=self.display_name or self.name) from None
+
+
+def retry_after_hint(headers: httpx.Headers, *names: str) -> int | None:
+    """The first of ``names`` that holds a whole number of seconds (0-3600), e.g. Lark's
+    ``x-ogw-ratelimit-reset``; None when none does."""
+    for name in names:
+        value = as_int(headers.get(name, "").strip())
+        if value is not None and 0 <= value <= 3600:
+            return max(1, value)
+    return None
 
 
 def classify_http_error(exc: httpx.HTTPError, *, provider: str) -> ProviderUnavailable:

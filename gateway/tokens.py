@@ -88,6 +88,8 @@ class TokenManager:
         self.lock_wait_s = lock_wait_s
         self.metrics = metrics if metrics is not None else Metrics()
         self._inflight: dict[str, asyncio.Task[TokenSet]] = {}
+        # Access tokens a provider refused before their time (``refresh_rejected``), by record.
+        self._rejected: dict[str, str] = {}
         # Back-off after a transient failure; bounded, and forgotten once long past.
         self._not_before: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=3600)
 
@@ -158,6 +160,32 @@ class TokenManager:
             return self._backing_off(tokens, not_before)
         return await self._single_flight(key, provider)
 
+    async def refresh_rejected(self, key: str, provider: str, rejected: str) -> TokenSet:
+        """Tokens to use instead of ``rejected``, an access token the provider refused as expired
+        before the record says it is (revoked, rotated by another device, the provider's clock):
+        the relay's refresh-and-retry (gateway/relay.py). The same single flight as ``current``:
+        however many calls were refused at once, one refresh reaches the provider, and a record
+        someone already rotated is returned as it is. May return ``rejected`` itself when the
+        provider is being backed off (the caller answers 503 then, never retries with it)."""
+        tokens = await self.load(key)
+        if tokens is None:
+            raise ReauthRequired(_ENDED, code="session_ended")
+        if tokens.access_token != rejected:
+            return tokens  # rotated since that call was made
+        not_before = self._not_before.get(key, 0.0)
+        if self.clock() < not_before:
+            return self._backing_off(tokens, not_before)
+        self._rejected[key] = rejected
+        try:
+            return await self._single_flight(key, provider)
+        finally:
+            if self._rejected.get(key) == rejected:
+                del self._rejected[key]
+
+    def _due(self, key: str, tokens: TokenSet) -> bool:
+        """Whether the record must be refreshed now: near its expiry, or its access token refused."""
+        return self.needs_refresh(tokens) or self._rejected.get(key) == tokens.access_token
+
     def _backing_off(self, tokens: TokenSet, not_before: float) -> TokenSet:
         if tokens.expires_at > self.clock():
             return tokens
@@ -196,7 +224,7 @@ class TokenManager:
         tokens = self._decode(key, current.value) if current is not None else None
         if current is None or tokens is None:
             raise ReauthRequired(_ENDED, code="session_ended")
-        if not self.needs_refresh(tokens):
+        if not self._due(key, tokens):
             return tokens  # someone refreshed (here or on another replica) while we waited
         shared = await self.store.get(_backoff_key(key))
         if shared is not None and self.clock() < float(shared):

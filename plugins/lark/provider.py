@@ -20,6 +20,7 @@ error that tells the core what to do (re-run the login, retry later, call an ope
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from gateway.errors import ProviderError, ProviderMisconfigured, ProviderUnavailable, ReauthRequired
 from gateway.i18n import register as register_messages
 from gateway.providers import (
+    PASS,
     ErrorRule,
     Flow,
     Grant,
@@ -40,6 +42,7 @@ from gateway.providers import (
     Provider,
     ProviderContext,
     ProviderSettings,
+    RelayVerdict,
     TokenSet,
     UserIdentity,
     as_int,
@@ -49,6 +52,7 @@ from gateway.providers import (
     misconfigured,
     optional_url_validator,
     reauth,
+    retry_after_hint,
     str_field,
     transient,
     unwrap,
@@ -67,6 +71,14 @@ AUTHORIZE_PATH = "/open-apis/authen/v1/authorize"
 V2_TOKEN_PATH = "/open-apis/authen/v2/oauth/token"
 V3_TOKEN_PATH = "/oauth/v3/token"
 USER_INFO_PATH = "/open-apis/authen/v1/user_info"
+TENANT_TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
+#: A tenant token is cached until this long before it expires: with less than 30 min left, the
+#: endpoint hands out a new one (and both stay valid), so the cache never serves the old one then.
+TENANT_TOKEN_EARLY_S = 1800
+#: Open API answers the relay reads (docs/relay.md): refresh-and-retry on a dead user token
+#: (99991668, 99991677: what the official CLI and lark-oapi do) or tenant token (99991663);
+#: consent on 99991679 (with ``error.permission_violations``); 99991400 is a rate limit.
+_RELAY_EXPIRED = frozenset({99991663, 99991668, 99991677})
 
 # ``Lark/<version>`` is in the UA of both brands' clients on every platform; ``LarkLocale/`` is the
 # UI language. A bare "lark" substring would also match unrelated browsers and crawlers.
@@ -287,7 +299,7 @@ _OAUTH_ERRORS: dict[str, ErrorRule] = {
     "temporarily_unavailable": transient("{p} is temporarily unavailable; please try again."),
 }
 
-Operation = Literal["code exchange", "refresh", "user info"]
+Operation = Literal["code exchange", "refresh", "user info", "tenant token"]
 
 _SCOPE_KEY = re.compile(r"[A-Za-z0-9_.:\-]+")
 
@@ -392,10 +404,14 @@ class LarkProvider(Provider):
     def detect_client(self, user_agent: str) -> bool:
         return bool(_CLIENT_UA.search(user_agent))
 
+    def _scopes(self, login: LoginContext) -> list[str]:
+        """The configured scopes, plus what an incremental consent asks for (``/consent``)."""
+        return list(dict.fromkeys([*self.settings.scopes, *login.extra_scopes]))
+
     def bridge_config(self, login: LoginContext) -> dict[str, Any]:
         # requestAccess shows the user only the scopes not granted yet; [] would grant just the
         # identity, and no refresh token without offline_access.
-        return {"appId": self.settings.app_id, "scopeList": list(self.settings.scopes), "state": login.state}
+        return {"appId": self.settings.app_id, "scopeList": self._scopes(login), "state": login.state}
 
     def authorize_url(self, login: LoginContext) -> str:
         params = {
@@ -403,8 +419,8 @@ class LarkProvider(Provider):
             "response_type": "code",
             "redirect_uri": login.redirect_uri,
         }
-        if self.settings.scopes:
-            params["scope"] = " ".join(self.settings.scopes)
+        if scopes := self._scopes(login):
+            params["scope"] = " ".join(scopes)
         params["state"] = login.state
         if login.code_challenge:
             # Lark's default method is "plain": name S256 explicitly.
@@ -442,6 +458,58 @@ class LarkProvider(Provider):
             )
         body = self._client_body(grant_type="refresh_token", refresh_token=tokens.refresh_token)
         return await self._token_call(body, "refresh")
+
+    # -- the relay (gateway/relay.py) ---------------------------------------------------------
+
+    def relay_base_url(self, path: str) -> str | None:
+        # Every Open API is on the open host under /open-apis/ (user and tenant tokens alike).
+        return self.settings.open_base_url if path.startswith("open-apis/") else None
+
+    def _tenant_token_key(self) -> str:
+        return f"lark:{self.name}:tenant:{self.settings.app_id}"
+
+    async def relay_app_token(self, tenant: str) -> str:
+        """The internal app's tenant_access_token (``Authorization: Bearer`` like a user token),
+        from the shared single-flight cache. Store apps (app_ticket) are not supported here."""
+        cache = self.context.app_tokens
+        if cache is None:
+            raise ProviderMisconfigured("No app-token cache: the gateway core sets one.", code="relay_misconfigured")
+        return await cache.get(self._tenant_token_key(), self._fetch_tenant_token, early_s=TENANT_TOKEN_EARLY_S)
+
+    async def relay_app_token_rejected(self, tenant: str, token: str) -> None:
+        cache = self.context.app_tokens
+        # Forgotten only while it is still the cached one: another call may have replaced it already.
+        if cache is not None and await cache.get(self._tenant_token_key(), self._fetch_tenant_token) == token:
+            await cache.invalidate(self._tenant_token_key())
+
+    async def _fetch_tenant_token(self) -> tuple[str, float]:
+        now = self.context.clock()
+        answer = await self._send(
+            "POST", f"{self.settings.open_base_url}{TENANT_TOKEN_PATH}", "tenant token",
+            json={"app_id": self.settings.app_id, "app_secret": self.settings.app_secret.get_secret_value()})
+        token, expire = str_field(answer, "tenant_access_token"), as_int(answer.get("expire"))
+        if not token or expire is None or expire <= 0:
+            raise ProviderUnavailable(f"{self.display_name} answered the tenant token request without a token.")
+        return token, now + expire
+
+    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+        """Lark decides on ``code`` (its HTTP statuses are not reliable: sheet "generic errors")."""
+        data = _json_body(body)
+        code = as_int(data.get("code")) if data is not None else None
+        if code == 99991668 and "not support" in str_field(data or {}, "msg"):
+            # "user access token not support": this API takes tenant tokens only. Not an expiry.
+            return RelayVerdict("misconfigured", message=(
+                f"This {self.display_name} API does not accept user tokens: set token: app on its relay route."))
+        if code in _RELAY_EXPIRED:
+            return RelayVerdict("expired")
+        if code == 99991679 and data is not None:
+            named = _scopes_named(data).strip(" ()")
+            return RelayVerdict("consent", scopes=tuple(key.strip() for key in named.split(",") if key.strip()))
+        if code == 99991400 or status == 429:
+            return RelayVerdict("rate_limited", retry_after_s=retry_after_hint(headers, "x-ogw-ratelimit-reset"))
+        if status >= 500 or code in (20050, 20072):
+            return RelayVerdict("unavailable", message=f"{self.display_name} failed to answer; please try again.")
+        return PASS
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -506,3 +574,14 @@ class LarkProvider(Provider):
             name=str_field(data, "name"),
             extra={key: value for key, value in ids.items() if value},
         )
+
+
+def _json_body(body: bytes | None) -> dict[str, Any] | None:
+    """A relayed answer's body as a JSON object, or None."""
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

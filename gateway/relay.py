@@ -1,0 +1,512 @@
+"""``ANY <prefix>/api/<provider>/<path>``: a provider's Open API, called with the user's (or the
+app's) token, so that apps never hold provider tokens (design section 13, docs/relay.md).
+
+One call, in order; every refusal is decided before anything reaches the provider:
+
+1. ``<path>`` is judged as sent: the edge has already normalised the request path, and a path
+   it had to rewrite (dot or empty segments, ``%2e%2e``) is refused here, as is one with ``;``,
+   ``\\``, an encoded separator or ``%25``, or a first segment with ``@`` or ``:`` (an absolute
+   URL, a userinfo): ``400 bad_path``. The URL sent is always the provider's configured base URL
+   plus that path, and its host is checked again once built.
+2. Only ``relay.routes`` are reachable (glob on ``<path>``, methods): else ``403 relay_forbidden``.
+3. The caller: ``Authorization: Bearer <identity JWT>`` is a server call (the upstream passing on
+   the ``X-Auth-Identity`` it received; signature, issuer, audience and expiry checked); otherwise
+   the session cookie, and a non-GET must come from our own origin (``403 cross_origin``).
+4. The token: the user's, from the token record (refreshed first when due), or the app token
+   (``token: app``). A route's ``scopes`` the grant lacks (when the provider reports scopes) are
+   ``403 consent_required`` before the call.
+5. The request goes out with the caller's credentials removed (``Cookie``, ``Authorization``,
+   the provider's token headers, an ``access_token`` query parameter) and the plugin's attached
+   (``Provider.relay_auth``); hop-by-hop headers are dropped as in the sidecar (gateway/proxy.py).
+   The body streams; one up to ``relay.replay_body_bytes`` is kept so the call can be made again.
+6. The answer is read by the plugin (``Provider.relay_verdict``) when it is small JSON (error
+   envelopes are); anything else streams through unread. A token-expired answer: one
+   single-flight refresh (gateway/tokens.py, the same flight as every other refresh of that
+   record) and one retry, never more. A missing scope: ``403 consent_required`` with
+   ``consent_url``. A rate limit passes through with its hints and ``Retry-After``, never retried.
+   A transient failure: ``503 provider_unavailable`` with ``Retry-After``, never a logout.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from fnmatch import translate
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import httpx
+import jwt
+from starlette.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.config import RelayRoute
+from gateway.edge import FORWARDING_HEADERS, first_header
+from gateway.errors import GatewayError, ProviderError, ProviderUnavailable, ReauthRequired
+from gateway.pages import error_response, gateway_error_response
+from gateway.providers import Provider, RelayVerdict, TokenSet
+from gateway.proxy import HOP_BY_HOP
+from gateway.runtime import Runtime
+from gateway.tokens import token_key
+
+log = logging.getLogger("gateway.relay")
+
+#: A JSON answer up to this size is read whole and shown to the plugin (error envelopes are a few
+#: hundred bytes); anything larger, or not JSON, streams through without being read.
+_CLASSIFY_BYTES = 64 * 1024
+#: The first segment of ``<path>`` holding one of these could read as a scheme or a userinfo.
+_HOST_LIKE = re.compile(r"[@:]")
+#: Escapes that would let a second decoder see another path: ``/``, ``\\``, ``%`` itself, NUL.
+_AMBIGUOUS_ESCAPES = re.compile(r"%(2f|5c|25|00)", re.IGNORECASE)
+#: Request headers never passed to the provider, besides hop-by-hop ones.
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host", b"cookie", b"authorization", b"content-length", b"expect", b"accept-encoding",
+    b"origin", b"referer", b"proxy-authorization",
+} | {name.lower().encode() for name in FORWARDING_HEADERS}
+#: Response headers never passed back: hop-by-hop ones, and cookies the provider sets (they
+#: would land on the app's origin).
+_RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"}
+
+
+class RelayRefused(GatewayError):
+    status_code = 403
+    code = "relay_forbidden"
+
+
+class ConsentRequired(GatewayError):
+    """The grant lacks ``scopes``: the caller (or its user) must consent first."""
+
+    status_code = 403
+    code = "consent_required"
+
+    def __init__(self, message: str, *, provider: str, scopes: Sequence[str], consent_url: str) -> None:
+        super().__init__(message)
+        self.provider, self.scopes, self.consent_url = provider, list(scopes), consent_url
+
+
+@dataclass(frozen=True)
+class _Route:
+    pattern: re.Pattern[str]
+    methods: frozenset[str]
+    token: Literal["user", "app"]
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Caller:
+    provider: str
+    tenant: str
+    user: str
+    key: str  # the token record
+    server: bool  # a server call (identity JWT), not a browser
+
+
+class _Body:
+    """The request body: kept whole when it is at most ``keep`` bytes (the call can be made again),
+    else streamed once, straight from the client. Bounded by ``limit`` either way."""
+
+    def __init__(self, receive: Receive, *, keep: int, limit: int) -> None:
+        self._receive = receive
+        self._keep, self._limit = keep, limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._more = True
+        self.streamed = False
+
+    async def prepare(self) -> None:
+        while self._more and self._size <= self._keep:
+            await self._read()
+
+    async def _read(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError("The client went away.", code="client_disconnected", status_code=400)
+        chunk = message.get("body", b"")
+        self._size += len(chunk)
+        if self._size > self._limit:
+            raise GatewayError("The request body is too large for the relay.", code="body_too_large",
+                               status_code=413)
+        if chunk:
+            self._chunks.append(chunk)
+        self._more = message.get("more_body", False)
+
+    @property
+    def replayable(self) -> bool:
+        return not self._more and not self.streamed
+
+    def content(self) -> bytes | AsyncIterator[bytes]:
+        if not self._more:
+            return b"".join(self._chunks)
+        self.streamed = True
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        kept, self._chunks = self._chunks, []
+        for chunk in kept:
+            yield chunk
+        while self._more:
+            await self._read()
+            chunk = self._chunks.pop() if self._chunks else b""
+            if chunk:
+                yield chunk
+
+
+class Relay:
+    """The ASGI app behind ``<prefix>/api/``; the handshake router hands it those requests."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.prefix = runtime.config.path_prefix
+        self._api_prefix = f"{self.prefix}/api/".encode()
+        self._routes: dict[str, list[_Route]] = {}
+        for route in self.config.relay.routes:
+            self._routes.setdefault(route.provider, []).append(_compile(route))
+
+    def scopes_allowed(self, provider: str) -> frozenset[str]:
+        """The scopes ``/consent`` may ask for: the routes' own and ``relay.consent_scopes``."""
+        declared = {scope for route in self._routes.get(provider, ()) for scope in route.scopes}
+        return frozenset(declared | set(self.config.relay.consent_scopes))
+
+    def consent_url(self, provider: str, scopes: Sequence[str], next_path: str) -> str:
+        query = urlencode({"provider": provider, "scopes": ",".join(scopes), "next": next_path})
+        return f"{self.prefix}/consent?{query}"
+
+    # -- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self._call(scope, receive, tracked)
+        except ConsentRequired as exc:
+            await _consent_response(scope, exc)(scope, receive, send)
+        except GatewayError as exc:
+            if started:
+                raise
+            if isinstance(exc, ProviderError) and exc.provider_code is not None:
+                log.info("relay: provider answered %s (%s)", exc.code, exc.provider_code)
+            login_url = f"{self.prefix}/login?next={quote(_page_path(scope['headers']), safe='')}"
+            await _json_error(scope, exc, login_url)(scope, receive, send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unexpected error in the relay")
+            await error_response(scope, 500, "internal_error",
+                                 "Something went wrong in the sign-in gateway. Please try again.")(scope, receive, send)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name, path = self._target(scope)
+        provider = self.runtime.providers.get(name)
+        if provider is None:
+            raise GatewayError(f"No provider named {name!r} is configured.", code="unknown_provider", status_code=404)
+        method = scope["method"]
+        route = self._route(name, path, method)
+        base = provider.relay_base_url(path)
+        if base is None:
+            raise RelayRefused(f"{provider.display_name or name} serves no API at this path through the gateway.")
+        caller = await self._caller(scope, name, method)
+        headers = scope["headers"]
+        declared = _declared_length(headers)
+        limit = self.config.relay.max_body_bytes
+        if declared is not None and declared > limit:
+            raise GatewayError("The request body is too large for the relay.", code="body_too_large",
+                               status_code=413)
+        url = f"{base}/{path}"
+        if urlsplit(url).netloc != urlsplit(base).netloc:  # belt and braces: the path cannot move hosts
+            raise GatewayError("The path cannot be relayed.", code="bad_path", status_code=400)
+        query = _without(scope.get("query_string", b""), provider.relay_credential_params)
+        forwarded = _forward_headers(headers, provider.relay_credential_headers)
+        body = _Body(receive, keep=self.config.relay.replay_body_bytes, limit=limit)
+        await body.prepare()
+        next_path = _page_path(headers)
+
+        tokens, token = await self._token(provider, caller, route, next_path)
+        for attempt in (1, 2):
+            auth = provider.relay_auth(path, token, kind=route.token, tokens=tokens)
+            params: list[tuple[str, str | int | float | bool | None]] = [*query, *auth.params]
+            request = provider.http.build_request(
+                method, url, params=params if params else None,
+                headers=[*forwarded, *((k, v) for k, v in auth.headers), ("accept-encoding", "identity")],
+                content=body.content() if method not in ("GET", "HEAD") or declared or body.streamed else None,
+            )
+            answer = _Answer(await self._send(provider, request))
+            try:
+                verdict = await answer.verdict(provider)
+                if verdict.outcome == "expired" and attempt == 1:
+                    renewed = await self._renew(provider, caller, route, token)
+                    if not body.replayable:
+                        # The body went to the provider and is gone: the next call has the new token.
+                        await answer.relay(scope, send, verdict)
+                        return
+                    tokens, token = renewed
+                    continue
+                if verdict.outcome == "consent":
+                    scopes = verdict.scopes or route.scopes
+                    raise ConsentRequired(
+                        "This needs your permission first: the app asks for access it does not have yet.",
+                        provider=name, scopes=scopes, consent_url=self.consent_url(name, scopes, next_path))
+                if verdict.outcome == "unavailable":
+                    raise ProviderUnavailable(
+                        verdict.message or f"{provider.display_name or name} is unavailable right now.",
+                        retry_after_s=verdict.retry_after_s or 5)
+                if verdict.outcome == "misconfigured":
+                    raise GatewayError(verdict.message or "This route cannot be called with this token.",
+                                       code="relay_misconfigured", status_code=502)
+                await answer.relay(scope, send, verdict)
+                return
+            finally:
+                await answer.response.aclose()
+
+    # -- the parts ------------------------------------------------------------------------------
+
+    def _target(self, scope: Scope) -> tuple[str, str]:
+        """(provider name, ``<path>``) as sent, or a 400 for anything ambiguous."""
+        if scope.get("gateway.path_rewritten"):
+            # Dot or empty segments, resolved by the edge: what was sent is not what would be called.
+            raise GatewayError("The API path has '.', '..' or empty segments.", code="bad_path", status_code=400)
+        raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
+        if not raw.startswith(self._api_prefix):
+            raise RelayRefused("Name a provider and an API path: <prefix>/api/<provider>/<path>.")
+        text = raw[len(self._api_prefix):].decode("latin-1")
+        name, _, path = text.partition("/")
+        segments = path.split("/")
+        if (not name or not path or "\\" in text or ";" in text or _AMBIGUOUS_ESCAPES.search(text)
+                or any(segment in ("", ".", "..") for segment in segments)
+                or _HOST_LIKE.search(segments[0]) or any(ord(c) < 0x21 or ord(c) > 0x7e for c in text)):
+            raise GatewayError("The API path is not one the gateway relays (no '..', '//', ';', '\\', "
+                               "encoded separators or hosts).", code="bad_path", status_code=400)
+        return name, path
+
+    def _route(self, provider: str, path: str, method: str) -> _Route:
+        wanted = "GET" if method == "HEAD" else method
+        for route in self._routes.get(provider, ()):
+            if route.pattern.fullmatch(path) and (wanted in route.methods or method in route.methods):
+                return route
+        raise RelayRefused("This API is not open through the gateway (relay.routes does not list it).")
+
+    async def _caller(self, scope: Scope, provider: str, method: str) -> _Caller:
+        headers = scope["headers"]
+        authorization = first_header(headers, b"authorization")
+        if authorization is not None:
+            kind, _, credential = authorization.decode("latin-1").partition(" ")
+            if kind.lower() == "bearer" and credential.strip().count(".") == 2:
+                return self._server_caller(credential.strip(), provider)
+            # Any other Authorization is the caller's own business: dropped, never forwarded.
+        ticket = _cookie(headers, self.config.session.cookie_name)
+        authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+        if authenticated is None:
+            raise GatewayError("You are not signed in.", code="login_required", status_code=401)
+        if method not in ("GET", "HEAD"):
+            _require_our_origin(headers, self.config.origin)
+        identity = authenticated.identity
+        if identity.provider != provider:
+            raise RelayRefused("You are signed in with another provider than this API's.")
+        if not self.runtime.access.tenant_allowed(identity.tenant):
+            raise GatewayError("Your organisation is not allowed to use this app.", code="tenant_not_allowed",
+                               status_code=403)
+        return _Caller(provider, identity.tenant, identity.user, authenticated.record.token_key, server=False)
+
+    def _server_caller(self, token: str, provider: str) -> _Caller:
+        signer = self.runtime.signer
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, signer.public_key, algorithms=["EdDSA"], audience=signer.audience, issuer=signer.issuer,
+                options={"require": ["exp", "iat", "sub", "aud", "iss"]}, leeway=5)
+        except jwt.PyJWTError:
+            raise GatewayError("The identity token is invalid or has expired.", code="login_required",
+                               status_code=401) from None
+        fields = [claims.get(name) for name in ("provider", "tenant", "user")]
+        if not all(isinstance(value, str) for value in fields) or not fields[2]:
+            raise GatewayError("The identity token is invalid or has expired.", code="login_required", status_code=401)
+        name, tenant, user = (str(value) for value in fields)
+        if name != provider:
+            raise RelayRefused("This identity belongs to another provider than this API's.")
+        if not self.runtime.access.tenant_allowed(tenant):
+            raise GatewayError("This organisation is not allowed to use this app.", code="tenant_not_allowed",
+                               status_code=403)
+        return _Caller(name, tenant, user, token_key(name, tenant, user), server=True)
+
+    async def _token(self, provider: Provider, caller: _Caller, route: _Route, next_path: str
+                     ) -> tuple[TokenSet | None, str]:
+        if route.token == "app":
+            return None, await provider.relay_app_token(caller.tenant)
+        try:
+            tokens = await self.runtime.tokens.current(caller.key, provider.name)
+        except ReauthRequired:
+            raise GatewayError("Your sign-in has ended; please sign in again.", code="login_required",
+                               status_code=401) from None
+        granted = provider.granted_scopes(tokens)
+        missing = [scope for scope in route.scopes if granted is not None and scope not in granted]
+        if missing or not tokens.access_token:
+            # No user token at all (e.g. DingTalk's free login gives none): consent gives one.
+            scopes = missing or list(route.scopes)
+            raise ConsentRequired("This needs your permission first: the app asks for access it does not have yet.",
+                                  provider=provider.name, scopes=scopes,
+                                  consent_url=self.consent_url(provider.name, scopes, next_path))
+        return tokens, tokens.access_token
+
+    async def _renew(self, provider: Provider, caller: _Caller, route: _Route, refused: str
+                     ) -> tuple[TokenSet | None, str]:
+        """Tokens to retry with after ``refused`` was answered as expired: one single-flight refresh."""
+        if route.token == "app":
+            await provider.relay_app_token_rejected(caller.tenant, refused)
+            token = await provider.relay_app_token(caller.tenant)
+            tokens = None
+        else:
+            try:
+                tokens = await self.runtime.tokens.refresh_rejected(caller.key, provider.name, refused)
+            except ReauthRequired:
+                raise GatewayError("Your sign-in has ended; please sign in again.", code="login_required",
+                                   status_code=401) from None
+            token = tokens.access_token
+        if token == refused:
+            # Refreshing is being backed off (a transient failure just now): not the same call again.
+            raise ProviderUnavailable("The provider refused the token and cannot renew it right now.",
+                                      retry_after_s=5)
+        return tokens, token
+
+    @staticmethod
+    async def _send(provider: Provider, request: httpx.Request) -> httpx.Response:
+        try:
+            return await provider.http.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise ProviderUnavailable(f"{provider.display_name or provider.name} did not answer in time.",
+                                      code="provider_unavailable", retry_after_s=5) from None
+        except httpx.HTTPError:
+            raise ProviderUnavailable(f"{provider.display_name or provider.name} could not be reached.",
+                                      code="provider_unavailable", retry_after_s=5) from None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _compile(route: RelayRoute) -> _Route:
+    methods = frozenset(route.methods)
+    return _Route(re.compile(translate(route.path)), methods, route.token, tuple(route.scopes))
+
+
+def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    value = first_header(headers, b"content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _cookie(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:
+    for key, value in headers:
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                cookie_name, _, cookie_value = part.strip().partition("=")
+                if cookie_name == name and cookie_value:
+                    return cookie_value
+    return None
+
+
+def _require_our_origin(headers: Sequence[tuple[bytes, bytes]], origin: str) -> None:
+    """A cookie rides along on a cross-site request too: a non-GET must show it is ours."""
+    sent = first_header(headers, b"origin")
+    if sent is not None:
+        if sent.decode("latin-1").rstrip("/").lower() == origin.lower():
+            return
+    elif first_header(headers, b"sec-fetch-site") == b"same-origin":
+        return
+    raise GatewayError("This request must come from the app's own pages.", code="cross_origin", status_code=403)
+
+
+def _page_path(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """Where consent returns to: the page that made the call (its Referer's path), else ``/``."""
+    from gateway.state import safe_next  # the login's own rules for ``next``
+
+    referer = first_header(headers, b"referer")
+    if referer is None:
+        return "/"
+    parts = urlsplit(referer.decode("latin-1"))
+    return safe_next(parts.path + (f"?{parts.query}" if parts.query else ""))
+
+
+def _without(query: bytes, names: frozenset[str]) -> list[tuple[str, str]]:
+    """The caller's query parameters, in order, minus any that carry a credential."""
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    return [(key, value) for key, value in pairs if key.lower() not in names]
+
+
+def _forward_headers(headers: Sequence[tuple[bytes, bytes]], credentials: frozenset[str]) -> list[tuple[str, str]]:
+    listed = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
+    drop = _REQUEST_DROP | listed | {name.encode() for name in credentials}
+    return [(key.decode("latin-1"), value.decode("latin-1")) for key, value in headers
+            if key not in drop and not key.startswith(b"x-forwarded-") and not key.startswith(b"x-auth-")]
+
+
+class _Answer:
+    """The provider's answer: its head, and its body as one stream (read once)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.stream = response.aiter_raw()
+        self.head: list[bytes] = []  # body bytes read for the verdict: sent first
+        self.complete = False
+
+    async def verdict(self, provider: Provider) -> RelayVerdict:
+        """The plugin's verdict, shown the body when it is small JSON (error envelopes are)."""
+        response = self.response
+        length = response.headers.get("content-length")
+        small = length is None or (length.isdigit() and int(length) <= _CLASSIFY_BYTES)
+        if "json" not in response.headers.get("content-type", "") or not small:
+            return provider.relay_verdict(response.status_code, response.headers, None)
+        size = 0
+        self.complete = True
+        async for chunk in self.stream:
+            self.head.append(chunk)
+            size += len(chunk)
+            if size > _CLASSIFY_BYTES:
+                self.complete = False
+                break
+        body = b"".join(self.head) if self.complete else None
+        return provider.relay_verdict(response.status_code, response.headers, body)
+
+    async def relay(self, scope: Scope, send: Send, verdict: RelayVerdict) -> None:
+        """Pass the answer on as it is: status, end-to-end headers, the body streamed."""
+        response = self.response
+        listed = {token.strip().lower().encode() for token in response.headers.get("connection", "").split(",")}
+        drop = _RESPONSE_DROP | listed
+        headers = [(key.lower(), value) for key, value in response.headers.raw if key.lower() not in drop]
+        names = {key for key, _ in headers}
+        if verdict.outcome == "rate_limited" and b"retry-after" not in names:
+            headers.append((b"retry-after", str(verdict.retry_after_s or 5).encode()))
+        if b"cache-control" not in names:
+            headers.append((b"cache-control", b"no-store"))  # a user's data: never cached by the way
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        if scope["method"] != "HEAD":
+            for chunk in self.head:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not self.complete:
+                async for chunk in self.stream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _json_error(scope: Scope, exc: GatewayError, login_url: str) -> Response:
+    """Relay errors answer JSON (API callers), with the stable code and Retry-After when transient."""
+    json_scope = {**scope, "headers": _json_accept(scope)}
+    if exc.code == "login_required":
+        return error_response(json_scope, 401, exc.code, exc.message, extra={"login_url": login_url})
+    return gateway_error_response(json_scope, exc)
+
+
+def _json_accept(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request's headers with ``Accept: application/json``: an API answer, never a page."""
+    return [*((k, v) for k, v in scope["headers"] if k != b"accept"), (b"accept", b"application/json")]
+
+
+def _consent_response(scope: Scope, exc: ConsentRequired) -> Response:
+    return JSONResponse(
+        {"error": exc.code, "message": exc.message, "provider": exc.provider, "scopes": exc.scopes,
+         "consent_url": exc.consent_url},
+        status_code=403, headers={"cache-control": "no-store"})
