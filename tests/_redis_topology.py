@@ -143,6 +143,10 @@ class ClusterSite:
             nodes.append(RedisProcess(workdir, port, "--cluster-enabled", "yes", "--cluster-config-file",
                                       f"nodes-{port}.conf", "--cluster-node-timeout", "1000",
                                       "--appenddirname", f"appendonly-{port}",
+                                      # An idle test cluster's replicas count as stale after a few
+                                      # seconds (node timeout 1 s) and would refuse to take over.
+                                      "--cluster-replica-validity-factor", "0",
+                                      "--repl-diskless-sync-delay", "0",
                                       "--cluster-port", str(free_port()), *extra).start())
         site = cls(workdir, nodes)
         created = subprocess.run(
@@ -152,6 +156,10 @@ class ClusterSite:
             site.stop()
             pytest.fail(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
         site.wait_ok()
+        for node in nodes:  # every replica holds its master's data before the tests write any
+            wait_until(f"the replica {node.port} to sync", lambda node=node: (
+                (info := _client(node.port).info("replication"))["role"] == "master"
+                or info.get("master_link_status") == "up"), logs=site.logs())
         return site
 
     def logs(self) -> list[Path]:
@@ -161,18 +169,20 @@ class ClusterSite:
         return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
 
     def wait_ok(self, timeout_s: float = 30) -> None:
-        """Every live node says the cluster is ok and sees every live node as connected."""
+        """Every live node says the cluster is ok, and every slot is served by a live master."""
         def ok() -> bool:
+            live = {f"127.0.0.1:{node.port}" for node in self.alive()}
             for node in self.alive():
                 client = _client(node.port)
                 if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
                     return False
                 listed = client.execute_command("CLUSTER", "NODES")
                 text = listed.decode() if isinstance(listed, bytes) else str(listed)
-                live = {f":{other.port}@" for other in self.alive()}
-                if any(port in line and ("fail" in line.split()[2] or "handshake" in line.split()[2])
-                       for line in text.splitlines() for port in live):
-                    return False
+                for line in text.splitlines():
+                    fields = line.split()
+                    serving = "master" in fields[2] and len(fields) > 8
+                    if serving and (fields[1].split("@")[0] not in live or "fail" in fields[2]):
+                        return False
             return True
         wait_until("the cluster to be ok", ok, timeout_s, self.logs())
 
