@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import re
 import string
 from collections.abc import Iterable, Sequence
@@ -149,6 +150,7 @@ class Edge:
         # classified each time (only a client inventing names gets there).
         self._kinds: dict[bytes, int | None] = {}
         self.trusted = TrustedProxies(trusted_proxies)
+        self._warned_forwarding = False  # the untrusted X-Forwarded-For warning: once per process
         self._cookie_names = frozenset(name.encode("latin-1") for name in gateway_cookies) | {
             session_cookie.encode("latin-1")}
         self._session_cookie = session_cookie.encode("latin-1")
@@ -156,6 +158,18 @@ class Edge:
         # A Cookie header holding none of these substrings holds no gateway cookie: it is kept whole.
         self._cookie_markers = tuple(name for name in self._cookie_names
                                      if not any(other != name and other in name for other in self._cookie_names))
+
+    def _warn_forwarding(self, key: bytes, peer: str | None) -> None:
+        """X-Forwarded-For arriving while no proxy is trusted: most likely a proxy in front that
+        is not listed, so every client seems to be that proxy (one rate-limit bucket for all, its
+        address in the logs). Said once, with the peer's address; the header is dropped anyway."""
+        if fold(key) != b"xforwardedfor":
+            return
+        self._warned_forwarding = True
+        logging.getLogger("gateway.edge").warning(
+            "a request from %s carried X-Forwarded-For while access.trusted_proxies is empty: the header is "
+            "ignored and that peer's address is taken as the client's; if %s is your reverse proxy, list it in "
+            "access.trusted_proxies (said once)", peer, peer)
 
     def controls(self, name: bytes) -> bool:
         """Whether a header name, in any spelling, is one the gateway decides about."""
@@ -210,6 +224,8 @@ class Edge:
             elif kind == _FORWARDING:
                 if peer in self.trusted:
                     result.append(item)
+                elif not self._warned_forwarding and not self.trusted:
+                    self._warn_forwarding(key, peer)
             elif kind == _CONNECTION:
                 connection = (connection or []) + [token.strip().lower() for token in item[1].split(b",")]
             elif kind == _CONTENT_LENGTH:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from gateway.config import ConfigFileError, load_config
 from gateway.config_checks import config_warnings
+from gateway.middleware import AuthGateway
+from tests.conftest import echo_app
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = secrets.token_urlsafe(32)
@@ -147,3 +153,41 @@ def test_a_provider_secret_reused_as_the_redis_password_is_named(tmp_path: Path)
     warnings = config_warnings(load_config(path, environ={}))
     assert warnings == [("providers.lark.app_secret", "the same value as store.url: a secret reused for two "
                                                       "purposes leaks both when one leaks; generate one per use")]
+
+
+# -- the runtime warning: X-Forwarded-For from an untrusted peer --------------------------------
+# Through httpx's ASGI transport with a made-up peer address: the test servers (uvicorn's defaults)
+# would themselves rewrite the peer from X-Forwarded-For on loopback, as ``gateway serve`` does not.
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(make_config: Any, **sections: Any) -> AsyncIterator[httpx.AsyncClient]:
+    gateway = AuthGateway(echo_app(), make_config(**sections))
+    transport = httpx.ASGITransport(app=gateway, client=("192.0.2.10", 40000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield client
+    finally:
+        await gateway.aclose()
+
+
+async def test_forwarded_for_without_trusted_proxies_is_logged_once(
+    make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.edge")
+    async with gateway_client(make_config) as client:
+        await client.get("/", headers={"x-real-ip": "203.0.113.9"})  # not the header the warning is about
+        assert not [r for r in caplog.records if r.name == "gateway.edge"]
+        await client.get("/", headers={"x-forwarded-for": "203.0.113.7"})
+        await client.get("/", headers={"X-Forwarded-For": "203.0.113.8"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.edge"]
+    assert len(lines) == 1, lines
+    assert "a request from 192.0.2.10 carried X-Forwarded-For while access.trusted_proxies is empty" in lines[0]
+    assert "203.0.113" not in lines[0]  # the claimed address is not what is reported
+
+
+async def test_no_warning_when_the_proxy_is_trusted(make_config: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.edge")
+    async with gateway_client(make_config, access={"trusted_proxies": ["192.0.2.0/24"]}) as client:
+        await client.get("/", headers={"x-forwarded-for": "203.0.113.7"})
+    assert not [r for r in caplog.records if r.name == "gateway.edge"]
