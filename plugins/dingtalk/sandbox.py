@@ -77,6 +77,7 @@ from gateway.sandbox import (
     script_response,
     without_query,
 )
+from plugins.dingtalk import openapi
 from plugins.dingtalk.crypto import CallbackCrypto, CallbackCryptoError, random_nonce
 
 log = logging.getLogger("plugins.dingtalk.sandbox")
@@ -339,6 +340,7 @@ class DingTalkSandbox(Sandbox):
         "accessToken": ("call", "the gateway fetched the internal app's token (oauth2/accessToken)"),
         "corpAccessToken": ("call", "the gateway fetched the suite's corp token (oauth2/corpAccessToken)"),
         "gettoken": ("call", "the gateway fetched the app token (gettoken)"),
+        "user_listid": ("call", "an app read the staff list with the corp token (topapi/user/listid)"),
     }
     fault_code_types = (int, str)
     fault_extras = ("sub_code",)
@@ -565,6 +567,7 @@ class DingTalkSandbox(Sandbox):
                 Route("/gettoken", self._gettoken, methods=["GET"]),
                 Route("/topapi/v2/user/getuserinfo", self._getuserinfo, methods=["POST"]),
                 Route("/topapi/user/getbyunionid", self._getbyunionid, methods=["POST"]),
+                *openapi.routes(self),  # the staff list the relay calls (plugins/dingtalk/openapi.py)
             ],
             "login": [
                 Route("/oauth2/auth", self._authorize, methods=["GET"]),
