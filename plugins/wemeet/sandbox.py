@@ -69,6 +69,7 @@ from gateway.sandbox import (
     script_response,
     without_query,
 )
+from plugins.wemeet import openapi
 
 Approval = Literal["approved", "pending", "rejected"]
 JsapiMode = Literal["current", "no_authorize", "hang"]
@@ -367,7 +368,8 @@ class WeMeetSandbox(Sandbox):
                 Route("/wemeet-webapi/v2/oauth2/oauth/user_info", self._user_info, methods=["POST"]),
                 Route("/_sandbox/wemeet-js-sdk.js", self._jssdk, methods=["GET"]),
             ],
-            "api": [Route("/v1/users/info/basic", self._profile, methods=["GET"])],
+            # The meetings list the relay calls: plugins/wemeet/openapi.py.
+            "api": [Route("/v1/users/info/basic", self._profile, methods=["GET"]), *openapi.routes(self)],
         }
 
     def provider_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
@@ -554,7 +556,7 @@ class WeMeetSandbox(Sandbox):
             "user_account_type": 1 if user.open_corp_id else 0,
             "email_status": 0,
             "phone_status": 1,
-            "is_voov": False,
+            "is_voov": 0,  # an integer, as the official SDK models declare it
         })
 
     def _authenticate(self, request: Request) -> WeMeetUser:
