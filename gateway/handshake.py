@@ -32,9 +32,11 @@ from starlette.routing import Mount, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.bodies import read_json
+from gateway.config import GatewayConfig
 from gateway.edge import TrustedProxies
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
 from gateway.i18n import EN, Locale, display_name, error_message, language_headers, locale_of, text
+from gateway.identity import Headers
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import (
     content_security_policy,
@@ -79,6 +81,32 @@ AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
                    (b"content-type", b"text/plain; charset=utf-8"))
 
 
+def identity_header_names(config: GatewayConfig) -> tuple[bytes, ...]:
+    """The name of each identity header (``identity.headers``: user, provider, tenant, name, jwt,
+    access token), lower case, in that order."""
+    return tuple(name.lower().encode("latin-1") for name in config.identity.headers.model_dump().values())
+
+
+def forward_auth_headers(identity: Headers, names: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """The forward-auth 200's headers: ``AUTH_OK_HEADERS``, the identity headers, and every other
+    identity header name (``identity_header_names``) with an empty value.
+
+    A proxy told to copy a header the answer lacks does not send nothing: Caddy 2.6 sends its
+    literal placeholder (``{http.reverse_proxy.header.X-Auth-Tenant}``), Caddy 2.9 to 2.11.1 keep
+    the client's own copy (caddy#6610, GHSA-7r4p-vjf4-gxv4). So the answer names them all, empty
+    when unknown (a public path, no tenant, no name, no access token passed). Only here: the
+    middleware and the sidecar add the known ones alone, as before."""
+    if len(identity) == len(names):  # one header per role: every role is known
+        return [*AUTH_OK_HEADERS, *identity]
+    answer = [*AUTH_OK_HEADERS, *identity]
+    present = {key for key, _ in identity}
+    for name in names:
+        if name not in present:
+            present.add(name)
+            answer.append((name, b""))
+    return answer
+
+
 def login_required_response(scope: Scope, prefix: str, target: str, *, method: str | None = None) -> Response:
     """No session (design §3, step 5): a browser navigation (GET/HEAD whose Accept admits HTML) is
     sent to the login page with ``target`` (path and query) as ``next``; anything else gets 401
@@ -119,6 +147,7 @@ class Handshake:
         limits = self.config.limits
         self._limiter = RateLimiter(limits.login_rate_per_min, limits.login_burst)
         self._trusted = TrustedProxies(self.config.access.trusted_proxies)
+        self._identity_names = identity_header_names(self.config)
         self.ready_checks: list[ReadyCheck] = []
         self._public_host = _host_key(urlsplit(self.config.public_url).netloc)
         self._foreign_logins: OrderedDict[str, tuple[str, str]] = OrderedDict()  # state -> (host, next)
@@ -565,14 +594,26 @@ class Handshake:
         return JSONResponse(authenticated.identity.as_json(), headers={"cache-control": "no-store"})
 
     async def auth(self, request: Request, rest: str) -> Response:
-        """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth): 200 + identity, or 401."""
+        """Forward-auth (nginx ``auth_request``, Caddy ``forward_auth``, Traefik ForwardAuth): 200
+        with every identity header (``forward_auth_headers``), or the answer for no session.
+
+        No session, and the proxy said which method the original request had
+        (``X-Forwarded-Method``: Caddy and Traefik send it, and the edge keeps it only from a
+        trusted proxy): the answer the gateway gives in front of an app, 302 to the login page
+        for a navigation (GET/HEAD whose Accept admits HTML), 401 otherwise; those proxies hand
+        it to the client as it is (oauth2-proxy and Authelia answer them so too). Otherwise a 401
+        JSON: nginx's ``auth_request`` takes 2xx, 401 and 403 only (a 302 would be a 500), so its
+        recipes ask with ``?answer=status`` (always that 401, whatever the client's headers say)
+        and then, at ``?answer=login``, for the answer in front of an app."""
         counts = self.runtime.metrics.forward_auth
         # One header, configured (access.forward_auth_uri_header): the edge removed it unless a
         # trusted proxy sent it, so a client cannot name a public path for a protected request.
         original = request.headers.get(self.config.access.forward_auth_uri_header)
         if self.runtime.access.is_public_uri(original):
             counts[(PUBLIC,)] += 1
-            return PlainTextResponse("", headers={"cache-control": "no-store"})
+            response = Response(b"")
+            response.raw_headers = forward_auth_headers([], self._identity_names)
+            return response
         ticket = request.cookies.get(self.config.session.cookie_name)
         try:
             authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
@@ -583,20 +624,25 @@ class Handshake:
             counts[(ERROR,)] += 1
             raise
         if authenticated is None:
-            if request.query_params.get("answer") == "login":
+            answer = request.query_params.get("answer")
+            method = request.headers.get("x-forwarded-method")
+            target = safe_next(original or "/")
+            if answer == "login":
                 # The nginx recipe's second hop (@login_required, after this endpoint said 401):
                 # the answer the gateway gives in front of an app, for the original request.
-                return login_required_response(request.scope, self.prefix, safe_next(original or "/"),
-                                               method=request.headers.get("x-forwarded-method"))
+                return login_required_response(request.scope, self.prefix, target, method=method)
             counts[(LOGIN_REQUIRED,)] += 1
+            if method is not None and answer != "status":
+                return login_required_response(request.scope, self.prefix, target, method=method)
             return JSONResponse({"error": "login_required", "message": "You are not signed in.",
-                                 "login_url": self.login_url(safe_next(original or "/"))}, status_code=401)
+                                 "login_url": self.login_url(target)}, status_code=401,
+                                headers={"cache-control": "no-store"})
         if not self.runtime.access.tenant_allowed(authenticated.identity.tenant):
             counts[(DENIED,)] += 1
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
         counts[(AUTHENTICATED,)] += 1
         response = Response(b"")
-        response.raw_headers = [*AUTH_OK_HEADERS, *authenticated.headers]
+        response.raw_headers = forward_auth_headers(authenticated.headers, self._identity_names)
         return response
 
     async def jwks(self, request: Request, rest: str) -> Response:

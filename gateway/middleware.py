@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.config import GatewayConfig
 from gateway.edge import Edge, EdgeRejected, first_header, normalize_target
 from gateway.errors import GatewayError
-from gateway.handshake import AUTH_OK_HEADERS, Handshake, login_required_response
+from gateway.handshake import Handshake, forward_auth_headers, identity_header_names, login_required_response
 from gateway.logs import acceptable_request_id, request_id
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
@@ -77,6 +77,7 @@ class AuthGateway:
         self._allowed_tenants = self._access.allowed_tenants
         self._requests = self.runtime.metrics.requests
         self._forward_auths = self.runtime.metrics.forward_auth
+        self._identity_names = identity_header_names(config)
         self._trusted = self._edge.trusted
         self._set_request_id = request_id.set
 
@@ -187,10 +188,11 @@ class AuthGateway:
         return origin is None or origin.decode("latin-1").rstrip("/").lower() in self._websocket_origins
 
     async def _forward_auth(self, scope: Scope, raw_ticket: bytes | None, send: Send) -> bool:
-        """``GET <prefix>/auth`` (nginx ``auth_request``) for a valid session: the hot path of
-        forward-auth, answered here without building a Request (every app request behind nginx
-        costs one of these). Anything else (no or bad session, a public path, an error, another
-        tenant) returns False and the handshake's ``auth`` endpoint answers it as always."""
+        """``GET <prefix>/auth`` (nginx ``auth_request``, Caddy ``forward_auth``) for a valid
+        session: the hot path of forward-auth, answered here without building a Request (every
+        app request behind the proxy costs one of these). Anything else (no or bad session, a
+        public path, an error, another tenant) returns False and the handshake's ``auth``
+        endpoint answers it as always."""
         if scope["method"] not in ("GET", "HEAD") or not raw_ticket:
             return False
         if self._access.has_public_paths:
@@ -206,8 +208,9 @@ class AuthGateway:
         if authenticated is None or not self._access.tenant_allowed(authenticated.identity.tenant):
             return False
         self._forward_auths[_AUTHENTICATED] += 1
+        # Every identity header, empty when unknown (see forward_auth_headers: Caddy's copy).
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [*AUTH_OK_HEADERS, *authenticated.headers]})
+                    "headers": forward_auth_headers(authenticated.headers, self._identity_names)})
         await send({"type": "http.response.body", "body": b""})
         return True
 

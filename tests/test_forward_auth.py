@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import httpx
@@ -25,6 +26,7 @@ from tests.conftest import (
     BROWSER_UA,
     HTML,
     ConfigFactory,
+    GatewayStarter,
     NginxStarter,
     ServedLark,
     browser_login,
@@ -224,3 +226,55 @@ async def test_after_logout_through_nginx_the_old_cookie_is_sent_to_login_again(
         assert again.status_code == 302
         assert again.headers["location"] == "/_gateway/login?next=" + quote("/inbox", safe="")
         assert (await replay.get("/_gateway/me")).status_code == 401
+
+
+async def test_a_client_naming_a_navigation_still_gets_the_login_answer_through_nginx(site: Site) -> None:
+    # The gateway answers /auth with the login 302 when a trusted proxy names a navigation in
+    # X-Forwarded-Method (Caddy, Traefik). nginx trusts itself and its auth subrequest carries the
+    # client's headers, so the recipe asks with ?answer=status: still 401, then the 302 from the
+    # @login_required hop, never a 302 on the first hop (auth_request would make it a 500).
+    async with site.client() as client:
+        navigation = await client.get(TARGET, headers={**HTML, "x-forwarded-method": "GET"})
+        api = await client.get("/api/orders", headers={"accept": "application/json", "x-forwarded-method": "GET"})
+        dressed = await client.post("/api/orders", data={"a": "1"}, headers={**HTML, "x-forwarded-method": "GET"})
+    assert navigation.status_code == 302, navigation.text
+    assert navigation.headers["location"] == "/_gateway/login?next=" + quote(TARGET, safe="")
+    assert api.status_code == 401 and api.json()["error"] == "login_required"
+    assert dressed.status_code == 401  # nginx names the real method on the second hop: a POST is no navigation
+
+
+async def test_the_auth_endpoint_answers_a_proxy_named_navigation_with_the_login_302(
+    start_gateway: GatewayStarter,
+) -> None:
+    # Asked directly, as Caddy's forward_auth and Traefik's ForwardAuth ask: no session.
+    async with start_gateway(access={"trusted_proxies": ["127.0.0.1/32"],
+                                     "forward_auth_uri_header": "X-Forwarded-Uri"}) as running, \
+            running.client() as client:
+        def ask(method: str, accept: str, query: str = "") -> Any:
+            return client.get("/_gateway/auth" + query, headers={"accept": accept, "x-forwarded-method": method,
+                                                                 "x-forwarded-uri": TARGET})
+        navigation = await ask("GET", "text/html,application/xhtml+xml")
+        head = await ask("HEAD", "text/html")
+        api = await ask("GET", "application/json")
+        post = await ask("POST", "text/html")
+        status = await ask("GET", "text/html", "?answer=status")
+        login = await ask("GET", "text/html", "?answer=login")
+        unnamed = await client.get("/_gateway/auth", headers={**HTML, "x-forwarded-uri": TARGET})
+    login_url = "/_gateway/login?next=" + quote(TARGET, safe="")
+    for answer in (navigation, head, login):
+        assert answer.status_code == 302 and answer.headers["location"] == login_url
+    assert api.status_code == 401
+    assert (api.json()["error"], api.json()["login_url"]) == ("login_required", login_url)
+    assert post.status_code == 401 and "not signed in" in post.text  # a page: the browser asked for HTML
+    for answer in (status, unnamed):  # nginx's auth_request: 401, whatever the Accept
+        assert answer.status_code == 401 and answer.json()["login_url"] == login_url
+
+
+async def test_a_client_cannot_name_the_method_to_the_auth_endpoint(start_gateway: GatewayStarter) -> None:
+    # X-Forwarded-Method is believed from a trusted proxy only: from anyone else, the plain 401.
+    async with start_gateway(access={"forward_auth_uri_header": "X-Forwarded-Uri"}) as running, \
+            running.client() as client:
+        answer = await client.get("/_gateway/auth", headers={**HTML, "x-forwarded-method": "GET",
+                                                              "x-forwarded-uri": TARGET})
+    assert answer.status_code == 401
+    assert answer.json()["login_url"] == "/_gateway/login?next=" + quote("/", safe="")  # nor the URI
