@@ -233,9 +233,11 @@ class Relay:
         for attempt in (1, 2):
             auth = provider.relay_auth(path, token, kind=route.token, tokens=tokens)
             params: list[tuple[str, str | int | float | bool | None]] = [*query, *auth.params]
+            own = {name.lower() for name, _ in auth.headers}  # the plugin's replace the caller's
             request = provider.http.build_request(
                 method, url, params=params if params else None,
-                headers=[*forwarded, *((k, v) for k, v in auth.headers), ("accept-encoding", "identity")],
+                headers=[*((k, v) for k, v in forwarded if k not in own), *auth.headers,
+                         ("accept-encoding", "identity")],
                 content=body.content() if method not in ("GET", "HEAD") or declared or body.streamed else None,
             )
             answer = _Answer(await self._send(provider, request))

@@ -66,6 +66,7 @@ from gateway.errors import (
 )
 from gateway.i18n import register as register_messages
 from gateway.providers import (
+    PASS,
     CallbackResult,
     ErrorRule,
     Flow,
@@ -74,6 +75,8 @@ from gateway.providers import (
     Provider,
     ProviderContext,
     ProviderSettings,
+    RelayAuth,
+    RelayVerdict,
     TokenSet,
     UserIdentity,
     as_int,
@@ -83,6 +86,7 @@ from gateway.providers import (
     misconfigured,
     optional_url_validator,
     reauth,
+    retry_after_hint,
     str_field,
     transient,
     unwrap,
@@ -452,6 +456,36 @@ def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dic
     return body, _build(rule, provider_code, request_id, url="api_base_url")
 
 
+#: ``/consent?grant=app``'s mark on a scope: an app permission (openAuth type 1), not a delegated one.
+APP_SCOPE_MARK = "app:"
+#: oapi rate limits (sheet 9: 90001-90014 [C], 90018/90019 [3P]).
+_RELAY_RATE_OAPI = frozenset({*range(90001, 90015), 90018, 90019})
+
+
+def _relay_json(body: bytes | None) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _required_scopes(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The permission codes a 403 AccessTokenPermissionDenied names, when it names any: its
+    ``accessdenieddetail`` (the SDK reads that field; its ``requiredScopes`` /
+    ``requiredPermissions`` keys are inferred, not documented), else none (the route's own)."""
+    detail = body.get("accessdenieddetail")
+    found: list[str] = []
+    if isinstance(detail, Mapping):
+        for key in ("requiredScopes", "requiredPermissions"):
+            values = detail.get(key)
+            if isinstance(values, list):
+                found += [value for value in values if isinstance(value, str) and _SCOPE.fullmatch(value)]
+    return tuple(dict.fromkeys(found))
+
+
 def oapi_error_code(body: Mapping[str, Any]) -> int | None:
     """The effective old-style code: ``errcode``, or the numeric ``sub_code`` under errcode 88."""
     errcode = as_int(body.get("errcode"))
@@ -554,6 +588,17 @@ class DingTalkProvider(Provider):
             return corp_from_path(next_path) or self.settings.corp_id or ""
         return self.settings.corp_id or ""
 
+    def _scopes(self, login: LoginContext) -> list[str]:
+        """The delegated permissions to ask for: configured, plus an incremental consent's."""
+        extra = [scope for scope in login.extra_scopes if not scope.startswith(APP_SCOPE_MARK)]
+        return list(dict.fromkeys([*self.settings.scopes, *extra]))
+
+    def _app_scopes(self, login: LoginContext) -> list[str]:
+        """The app permissions an administrator grants (openAuth type 1), plus a consent's for an
+        app-token route (``/consent?grant=app`` marks them ``app:``)."""
+        extra = [scope[len(APP_SCOPE_MARK):] for scope in login.extra_scopes if scope.startswith(APP_SCOPE_MARK)]
+        return list(dict.fromkeys([*self.settings.app_scopes, *extra]))
+
     def bridge_config(self, login: LoginContext) -> dict[str, Any]:
         return {
             "clientId": self.settings.client_id,
@@ -561,9 +606,9 @@ class DingTalkProvider(Provider):
             # ISV apps serve many organisations: the page's own ?corpid= (a homepage pointing at
             # the login page) wins over the one derived from ``next``.
             "corpIdFromPage": self.is_isv,
-            "scopes": ",".join(self.settings.scopes),
+            "scopes": ",".join(self._scopes(login)),
             "fieldScopes": ",".join(self.settings.field_scopes),
-            "appScopes": ",".join(self.settings.app_scopes),
+            "appScopes": ",".join(self._app_scopes(login)),
         }
 
     def authorize_url(self, login: LoginContext) -> str:
@@ -572,7 +617,7 @@ class DingTalkProvider(Provider):
             "response_type": "code",
             "client_id": self.settings.client_id,
             # corpid: userAccessToken then names the organisation the user picked.
-            "scope": " ".join(["openid", "corpid", *self.settings.scopes]),
+            "scope": " ".join(["openid", "corpid", *self._scopes(login)]),
             "state": login.state,
             "prompt": "consent",
         }
@@ -907,6 +952,66 @@ class DingTalkProvider(Provider):
             # tmp_auth_code and every other event are acknowledged so DingTalk stops re-pushing.
             log.info("DingTalk callback event %s acknowledged", event_type or "?", extra={"provider": self.name})
         return JSONResponse(crypto.encrypted_map("success", timestamp=timestamp or None))
+
+    # -- the relay (gateway/relay.py) ---------------------------------------------------------
+
+    relay_credential_headers = frozenset({"x-acs-dingtalk-access-token"})
+
+    def relay_base_url(self, path: str) -> str | None:
+        # New-style APIs are versioned paths on the api host; everything else (topapi/..., the
+        # old user/department calls) is on oapi (sheet sections 4 and 5).
+        if path.startswith(("v1.0/", "v2.0/")):
+            return self.settings.api_base_url
+        return self.settings.oapi_base_url
+
+    def relay_auth(self, path: str, token: str, *, kind: Literal["user", "app"], tokens: TokenSet | None) -> RelayAuth:
+        if path.startswith(("v1.0/", "v2.0/")):
+            # The header only: ?access_token= and Authorization: Bearer are refused there (sheet 4).
+            return RelayAuth(headers=(("x-acs-dingtalk-access-token", token),))
+        if kind == "user":
+            raise ProviderMisconfigured(
+                "DingTalk's oapi host takes only the organisation's app token: set token: app on this relay route.",
+                code="relay_misconfigured")
+        return RelayAuth(params=(("access_token", token),))
+
+    def _relay_corp(self, tenant: str) -> str:
+        return tenant or self.settings.corp_id or ""
+
+    async def relay_app_token(self, tenant: str) -> str:
+        """The internal app's token, or the ISV corp token of the caller's organisation."""
+        corp = self._relay_corp(tenant)
+        if self.is_isv and not corp:
+            raise ProviderMisconfigured("The caller's DingTalk organisation is unknown.", code="relay_misconfigured")
+        return await self.app_token(corp)
+
+    async def relay_app_token_rejected(self, tenant: str, token: str) -> None:
+        corp = self._relay_corp(tenant)
+        # Only while it is still the cached one (as _oapi_with_app_token: replicas must not
+        # invalidate each other's fresh tokens).
+        if await self.app_token(corp) == token:
+            await self.app_tokens.invalidate(self._app_token_key(corp))
+
+    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+        data = _relay_json(body)
+        if data is not None and "errcode" in data:  # oapi: HTTP 200 with errcode (sheet 5)
+            oapi_code = oapi_error_code(data)
+            if oapi_code in APP_TOKEN_REJECTED_OAPI:
+                return RelayVerdict("expired")
+            if oapi_code in _RELAY_RATE_OAPI:
+                return RelayVerdict("rate_limited", retry_after_s=2)
+            if oapi_code in (-1, 15) or (as_int(data.get("errcode")) == 88 and not str(data.get("sub_code") or "")):
+                return RelayVerdict("unavailable", message="DingTalk is busy; please try again shortly.")
+            return PASS
+        code = (str_field(data, "code") or str_field(data, "Code")) if data is not None else ""
+        if code in ("InvalidAuthentication", "accesstoken.expired"):
+            return RelayVerdict("expired")
+        if code == "Forbidden.AccessDenied.AccessTokenPermissionDenied":
+            return RelayVerdict("consent", scopes=_required_scopes(data or {}))
+        if status == 429 or code.startswith(("Forbidden.AccessDenied.Qps", "Forbidden.AccessDenied.Qpm")):
+            return RelayVerdict("rate_limited", retry_after_s=retry_after_hint(headers, "retry-after") or 2)
+        if status >= 500:
+            return RelayVerdict("unavailable", message="DingTalk failed to answer; please try again.")
+        return PASS
 
     # -- HTTP plumbing ------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ through ``_API_ERRORS``. No message ever contains a token, a code or the secret.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -47,6 +48,7 @@ from gateway.errors import (
 )
 from gateway.i18n import register as register_messages
 from gateway.providers import (
+    PASS,
     CallbackResult,
     ErrorRule,
     Flow,
@@ -55,6 +57,8 @@ from gateway.providers import (
     Provider,
     ProviderContext,
     ProviderSettings,
+    RelayAuth,
+    RelayVerdict,
     TokenSet,
     UserIdentity,
     as_int,
@@ -380,6 +384,52 @@ class WeMeetProvider(Provider):
             raise ReauthRequired("Tencent Meeting refreshed the tokens of another user; a new login is needed.")
         return self._tokens(data, now, open_id, previous_refresh=tokens.refresh_token)
 
+    # -- the relay (gateway/relay.py) ---------------------------------------------------------
+
+    #: The OAuth headers of a REST call (sheet 4.1) and the JWT-mode ones: a caller's never pass.
+    relay_credential_headers = frozenset({"accesstoken", "openid", "x-tc-timestamp", "x-tc-nonce", "x-tc-key",
+                                          "x-tc-signature", "x-tc-registered", "appid", "sdkid"})
+
+    def _rest_headers(self, access_token: str, open_id: str) -> tuple[tuple[str, str], ...]:
+        """The OAuth headers of one REST call, as the official SDK's OAuth2Authenticator sets them."""
+        now = self.context.clock()
+        return (
+            # Exact case: the server reads these names case-sensitively (httpx sends them as given).
+            ("Content-Type", "application/json"),
+            ("AccessToken", access_token),
+            ("OpenId", open_id),
+            ("X-TC-Timestamp", str(int(now))),
+            ("X-TC-Nonce", new_nonce(now)),
+        )
+
+    def relay_base_url(self, path: str) -> str | None:
+        return self.settings.api_base_url if path.startswith("v1/") else None
+
+    def relay_auth(self, path: str, token: str, *, kind: Literal["user", "app"], tokens: TokenSet | None) -> RelayAuth:
+        # OAuth apps have no app token (sheet: "App-level tokens: none"): relay_app_token refuses.
+        open_id = tokens.extra.get("open_id", "") if tokens is not None else ""
+        return RelayAuth(headers=self._rest_headers(token, open_id))
+
+    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+        """Errors are HTTP 400/500 with ``{"error_info": {"error_code", ...}}`` (sheet 6.1)."""
+        code: int | None = None
+        if body:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            info = data.get("error_info") if isinstance(data, dict) else None
+            code = as_int(info.get("error_code")) if isinstance(info, dict) else None
+        if code == 190303:
+            # Expired or rotated, or a scope missing: the same code. Refreshed once; a retry that
+            # still gets 190303 is passed on (no incremental consent is documented for WeMeet).
+            return RelayVerdict("expired")
+        if code in (190310, 190311, 190313):
+            return RelayVerdict("rate_limited", retry_after_s=60)
+        if status >= 500:
+            return RelayVerdict("unavailable", message="Tencent Meeting failed to answer; please try again.")
+        return PASS
+
     # -- helpers ------------------------------------------------------------------------------
 
     async def _webapi(self, path: str, body: dict[str, str], operation: Operation) -> dict[str, Any]:
@@ -437,15 +487,7 @@ class WeMeetProvider(Provider):
         """``/v1/users/info/basic``, best effort: a missing scope (190303) or a transient failure
         leaves the name empty; only errors an operator must fix (clock, signature, a malformed
         request) stop the login."""
-        now = self.context.clock()
-        headers = {
-            # Exact case: the server reads these names case-sensitively (httpx sends them as given).
-            "Content-Type": "application/json",
-            "AccessToken": access_token,
-            "OpenId": open_id,
-            "X-TC-Timestamp": str(int(now)),
-            "X-TC-Nonce": new_nonce(now),
-        }
+        headers = dict(self._rest_headers(access_token, open_id))
         params = {"operator_id": open_id, "operator_id_type": "2"}
         try:
             response = await self.http.get(f"{self.settings.api_base_url}{PROFILE_PATH}", params=params,
