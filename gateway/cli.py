@@ -75,6 +75,7 @@ def _serve_app(app: object, host: str, port: int, *, access_log: bool = False,
 
 
 def build_sidecar(config: GatewayConfig) -> object:
+    from gateway.metrics import TimedUpstream
     from gateway.middleware import AuthGateway
     from gateway.proxy import UpstreamProxy
 
@@ -90,6 +91,7 @@ def build_sidecar(config: GatewayConfig) -> object:
     )
     gateway = AuthGateway(proxy, config)
     proxy.health.count_into(gateway.runtime.metrics)  # gateway_upstream_failures_total
+    gateway.app = TimedUpstream(proxy, gateway.runtime.metrics)  # gateway_upstream_duration_seconds
     if config.upstream.check_ready:
         gateway.handshake.ready_checks.append(proxy.ready_problem)
     return gateway

@@ -37,6 +37,7 @@ from gateway.edge import TrustedProxies
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
 from gateway.i18n import EN, Locale, display_name, error_message, language_headers, locale_of, text
 from gateway.identity import Headers
+from gateway.logs import audit, client_ip
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import (
     content_security_policy,
@@ -52,6 +53,7 @@ from gateway.providers import Grant, LoginContext, Provider
 from gateway.ratelimit import RateLimiter, client_key
 from gateway.relay import Relay
 from gateway.runtime import Runtime
+from gateway.sessions import SessionRecord
 from gateway.state import STATE_TTL_S, LoginCookie, PendingLogin, is_valid_state, pkce_pair, safe_next
 
 log = logging.getLogger("gateway.handshake")
@@ -452,6 +454,7 @@ class Handshake:
         ticket, _ = await self.runtime.sessions.create(
             provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name
         )
+        request.state.signed_in = identity  # for the login.succeeded audit event (_login_attempt)
         session = self.config.session
         response.set_cookie(
             session.cookie_name, ticket, max_age=session.max_age_s, path="/", httponly=True,
@@ -464,19 +467,25 @@ class Handshake:
         return response
 
     @contextlib.contextmanager
-    def _login_attempt(self, provider: Provider, flow: str) -> Iterator[None]:
-        """Counts a sign-in attempt by its result: ``ok`` or the error code that ended it."""
+    def _login_attempt(self, provider: Provider, flow: str, request: Request) -> Iterator[None]:
+        """Counts a sign-in attempt by its result, ``ok`` or the error code that ended it, and
+        writes its audit event (``login.succeeded`` / ``login.failed``)."""
         try:
             yield
         except Exception as exc:
             code = exc.code if isinstance(exc, GatewayError) else "internal_error"
             self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, code)
+            audit("login.failed", provider=provider.name, flow=flow, error=code,
+                  client_ip=client_ip(request.scope, self._trusted))
             raise
         self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, "ok")
+        identity = getattr(request.state, "signed_in", None)
+        audit("login.succeeded", provider=provider.name, flow=flow, client_ip=client_ip(request.scope, self._trusted),
+              tenant=identity.tenant if identity else None, user_id=identity.user if identity else None)
 
     async def exchange(self, request: Request, rest: str) -> Response:
         provider = self._provider(rest)
-        with self._login_attempt(provider, "client"):
+        with self._login_attempt(provider, "client", request):
             return await self._exchange(request, provider)
 
     async def _exchange(self, request: Request, provider: Provider) -> Response:
@@ -505,7 +514,7 @@ class Handshake:
         provider = self._provider(rest)
         next_path: str | None = None
         try:
-            with self._login_attempt(provider, "browser"):
+            with self._login_attempt(provider, "browser", request):
                 result = provider.parse_callback(dict(request.query_params))
                 if result.error == "approval_pending" and not result.state:
                     # Some providers come back from a pending approval without any state; nothing
@@ -550,14 +559,14 @@ class Handshake:
             raise GatewayError("This request must come from the app's own pages.", code="cross_origin",
                                status_code=403)
 
-    async def _end_session(self, ticket: str) -> bool:
-        """End the session behind ``ticket`` everywhere; whether there was one."""
+    async def _end_session(self, ticket: str) -> SessionRecord | None:
+        """End the session behind ``ticket`` everywhere; the session there was, if any."""
         record = await self.runtime.sessions.load(ticket)
         if record is not None:
             await self.runtime.sessions.end(record.sid)
             await self.runtime.authenticator.session_ended(record.sid)  # every replica's cache
         self.runtime.authenticator.forget(ticket)
-        return record is not None
+        return record
 
     async def logout(self, request: Request, rest: str) -> Response:
         origin = request.headers.get("origin")
@@ -565,8 +574,11 @@ class Handshake:
             raise GatewayError("Sign out from the app's own pages.", code="cross_origin", status_code=403)
         self._require_same_origin(request)
         ticket = request.cookies.get(self.config.session.cookie_name)
-        if ticket and await self._end_session(ticket):
+        ended = await self._end_session(ticket) if ticket else None
+        if ended is not None:
             self.runtime.metrics.inc("gateway_logouts_total")
+            audit("logout", provider=ended.provider, tenant=ended.tenant, user_id=ended.user,
+                  client_ip=client_ip(request.scope, self._trusted))
         response: Response
         if wants_html(request.headers):
             locale = locale_of(request.scope)

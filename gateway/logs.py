@@ -86,6 +86,11 @@ def _time(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+# What every LogRecord has (and uvicorn's colour copy of its message): not event fields.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message", "asctime", "event_fields", "color_message", "taskName"}
+
+
 def _fields(record: logging.LogRecord, *, access_parts: bool = True) -> dict[str, Any]:
     """The event's own fields: ``extra={"event_fields": {...}}``, the request id, uvicorn's
     access-log parts (a text line has them in its message already)."""
@@ -96,6 +101,9 @@ def _fields(record: logging.LogRecord, *, access_parts: bool = True) -> dict[str
     event_fields = getattr(record, "event_fields", None)
     if isinstance(event_fields, dict):
         fields.update(event_fields)
+    for name, value in record.__dict__.items():  # other ``extra={...}`` values, as given
+        if name not in _RECORD_ATTRIBUTES:
+            fields.setdefault(name, value)
     args = record.args
     if access_parts and record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
         # (client_addr, method, full_path, http_version, status_code); the path is already
@@ -195,3 +203,18 @@ def uvicorn_log_config(format: str = "auto", level: str = "INFO") -> dict[str, A
             "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
         },
     }
+
+
+def client_ip(scope: Any, trusted: Any) -> str | None:
+    """The client's address for an audit event: the TCP peer, or, when the peer is a trusted
+    proxy (``trusted``: ``gateway.edge.TrustedProxies``), the right-most X-Forwarded-For hop that
+    is not one (the same rule as the rate limiter's ``client_key``, without its IPv6 /64)."""
+    client = scope.get("client")
+    peer: str | None = client[0] if client else None
+    if peer and peer in trusted:
+        forwarded = [value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"]
+        for hop in reversed(",".join(forwarded).split(",")):
+            hop = hop.strip()
+            if hop and hop not in trusted:
+                return hop[:64]  # written into a log line: bounded
+    return peer

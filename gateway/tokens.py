@@ -35,11 +35,12 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from cachetools import TTLCache
 
 from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
+from gateway.logs import audit
 from gateway.metrics import Metrics
 from gateway.providers import Provider, TokenSet
 from gateway.sealing import Sealer, seal, unseal
@@ -57,6 +58,18 @@ def token_key(provider: str, tenant: str, user: str) -> str:
 
 _SLOW = "The sign-in provider is slow to answer; please try again shortly."
 _ENDED = "Your sign-in has ended; please sign in again."
+
+
+def _audit_refresh(key: str, provider: str, error: str | None, outcome: Literal["transient", "definitive"] | None
+                   ) -> None:
+    """``token.refreshed`` or ``token.refresh_failed`` (gateway/logs.py), the tenant and user
+    read back from the record's key (``token_key``); the tokens themselves never reach it."""
+    _, _, rest = key.partition(":")
+    _, tenant, user = rest.split(":", 2) if rest.count(":") >= 2 else (provider, None, None)
+    if error is None:
+        audit("token.refreshed", provider=provider, tenant=tenant, user_id=user)
+    else:
+        audit("token.refresh_failed", provider=provider, tenant=tenant, user_id=user, error=error, outcome=outcome)
 
 
 def _backoff_key(key: str) -> str:
@@ -233,8 +246,9 @@ class TokenManager:
             return self._backing_off(tokens, float(shared))
         try:
             fresh = await provider.refresh(tokens)
-        except ReauthRequired:
+        except ReauthRequired as exc:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "reauth_required")
+            _audit_refresh(key, provider_name, exc.code, "definitive")
             # Another writer (a new login, another replica) may have rotated the record already:
             # theirs is newer, so it is never deleted here, even when this replica cannot open it.
             again = await self.store.get_versioned(key)
@@ -248,6 +262,7 @@ class TokenManager:
             raise
         except ProviderUnavailable as exc:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "unavailable")
+            _audit_refresh(key, provider_name, exc.code, "transient")
             not_before = self.clock() + exc.retry_after_s
             self._not_before[key] = not_before
             with contextlib.suppress(StoreUnavailable):  # the local back-off still holds
@@ -259,8 +274,10 @@ class TokenManager:
             raise
         except Exception:  # misconfiguration, a bug: counted, then answered as always
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "error")
+            _audit_refresh(key, provider_name, "internal_error", "transient")  # the next request tries again
             raise
         self.metrics.inc("gateway_token_refreshes_total", provider_name, "ok")
+        _audit_refresh(key, provider_name, None, None)
         written = await self._write(key, provider_name, fresh, current)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.

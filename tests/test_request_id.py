@@ -1,0 +1,176 @@
+"""Issue 13: a request id on every request, end to end.
+
+Taken from ``X-Request-Id`` only when the peer is in ``access.trusted_proxies`` (a client's own, in
+any spelling, is dropped like the other forwarding headers), else generated; the app sees it (the
+middleware and the sidecar), provider calls carry it, every log line of the request has it, and
+error answers show it (``request_id`` in JSON, a labelled detail on a page)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from gateway.cli import build_sidecar
+from gateway.config import GatewayConfig
+from gateway.logs import JsonFormatter
+from gateway.middleware import AuthGateway
+from gateway.sandbox import serve_apps
+from plugins.lark.sandbox import LarkSandbox
+from tests.conftest import (
+    BROWSER_UA,
+    HTML,
+    GatewayStarter,
+    ServedLark,
+    browser_login,
+    echo_app,
+    free_port,
+    headers_of,
+)
+from tests.test_metrics import samples
+
+GENERATED = re.compile(r"[0-9a-f]{16}")
+TRUSTED = {"access": {"trusted_proxies": ["127.0.0.1/32"]}}
+
+
+@contextlib.contextmanager
+def json_lines(logger: str = "gateway") -> Iterator[io.StringIO]:
+    """What ``logger`` writes, as the gateway's JSON formatter writes it at emit time."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JsonFormatter())
+    target = logging.getLogger(logger)
+    saved = target.level
+    target.addHandler(handler)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield buffer
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(saved)
+
+
+async def test_a_clients_request_id_is_replaced_in_every_spelling(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(access={"public_paths": ["/public/*"]}) as running, running.client() as client:
+        answer = await client.get("/public/x", headers=[("X-Request-Id", "forged-1"), ("x_request_id", "forged-2"),
+                                                        ("X-Request_ID", "forged-3")])
+        again = await client.get("/public/x")
+    received = headers_of(answer)
+    assert len(received["x-request-id"]) == 1 and "x_request_id" not in received
+    [ours] = received["x-request-id"]
+    assert GENERATED.fullmatch(ours)
+    assert not any("forged" in value for values in received.values() for value in values)
+    assert headers_of(again)["x-request-id"] != [ours]  # one per request
+
+
+async def test_a_trusted_proxys_request_id_is_kept_and_an_unfit_one_replaced(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(access={**TRUSTED["access"], "public_paths": ["/public/*"]}) as running, \
+            running.client() as client:
+        kept = await client.get("/public/x", headers={"X-Request-Id": "edge-7f3a.42"})
+        other_spelling = await client.get("/public/x", headers={"x_request_id": "edge-underscore"})
+        too_long = await client.get("/public/x", headers={"X-Request-Id": "a" * 129})
+        with_space = await client.get("/public/x", headers={"X-Request-Id": "two words"})
+    assert headers_of(kept)["x-request-id"] == ["edge-7f3a.42"]
+    received = headers_of(other_spelling)
+    assert "x_request_id" not in received and GENERATED.fullmatch(received["x-request-id"][0])
+    for answer in (too_long, with_space):
+        [value] = headers_of(answer)["x-request-id"]
+        assert GENERATED.fullmatch(value)
+
+
+async def test_errors_show_the_request_id_in_json_and_on_the_page(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(**TRUSTED) as running, running.client() as client:
+        as_json = await client.get("/_gateway/no-such-endpoint", headers={"X-Request-Id": "rid-json-1",
+                                                                          "accept": "application/json"})
+        as_page = await client.get("/_gateway/no-such-endpoint", headers={**HTML, "X-Request-Id": "rid-page-1"})
+        generated = await client.get("/_gateway/no-such-endpoint", headers={"accept": "application/json"})
+        chinese = await client.get("/_gateway/no-such-endpoint", headers={**HTML, "accept-language": "zh-CN",
+                                                                          "X-Request-Id": "rid-zh-1"})
+    assert as_json.status_code == 404
+    assert as_json.json() == {"error": "not_found", "message": as_json.json()["message"], "request_id": "rid-json-1"}
+    assert as_page.status_code == 404
+    assert re.search(r"Request ID: </?\w*[^>]*><code class=request-id>rid-page-1</code>|"
+                     r"Request ID: <code class=request-id>rid-page-1</code>", as_page.text), as_page.text
+    assert GENERATED.fullmatch(generated.json()["request_id"])
+    assert "请求编号：<code class=request-id>rid-zh-1</code>" in chinese.text
+
+
+async def test_every_log_line_of_a_request_carries_its_id(start_gateway: GatewayStarter) -> None:
+    async with start_gateway(**TRUSTED) as running, running.client() as client:
+        with json_lines() as buffer:
+            failed = await client.get("/_gateway/callback/lark?code=forged&state=nope",
+                                      headers={"X-Request-Id": "rid-audit-1"})
+            await client.get("/_gateway/callback/lark?code=forged&state=again", headers={"X-Request-Id": "rid-2"})
+    assert failed.status_code == 400 and failed.json()["request_id"] == "rid-audit-1"
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    audit = [line for line in lines if line["logger"] == "gateway.audit"]
+    assert [(line["event"], line["request_id"]) for line in audit] == [("login.failed", "rid-audit-1"),
+                                                                       ("login.failed", "rid-2")]
+    assert audit[0]["error"] == "state_invalid" and audit[0]["flow"] == "browser"
+    assert audit[0]["provider"] == "lark" and audit[0]["client_ip"] == "127.0.0.1"
+    assert all(line["request_id"] in ("rid-audit-1", "rid-2") for line in lines)
+
+
+class Recorder:
+    """An emulator host that notes the X-Request-Id of each call."""
+
+    def __init__(self, app: Any, seen: list[tuple[str, str | None]]) -> None:
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            value = dict(scope["headers"]).get(b"x-request-id")
+            self.seen.append((scope["path"], value.decode() if value else None))
+        await self.app(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def recorded_lark() -> AsyncIterator[tuple[ServedLark, list[tuple[str, str | None]]]]:
+    seen: list[tuple[str, str | None]] = []
+    sandbox = LarkSandbox()
+    async with serve_apps({role: Recorder(app, seen) for role, app in sandbox.hosts().items()}) as urls:
+        yield ServedLark(sandbox, urls), seen
+
+
+async def test_provider_calls_carry_the_request_id() -> None:
+    async with recorded_lark() as (lark, seen):
+        port = free_port()
+        config = GatewayConfig(public_url=f"http://127.0.0.1:{port}", access=TRUSTED["access"],
+                               session={"secrets": ["Kd83-vQz1LmX0pR7sTfW2yHc9BnE4aGj6uYo5iN"], "secure": False},
+                               providers={"lark": lark.settings()})
+        gateway = AuthGateway(echo_app(), config)
+        try:
+            headers = {"user-agent": BROWSER_UA, "x-request-id": "rid-login-9"}
+            async with serve_apps({"gateway": gateway}, port=port) as urls, \
+                    httpx.AsyncClient(base_url=urls["gateway"], timeout=10, headers=headers) as client:
+                assert (await browser_login(client, "/x")).status_code == 200
+        finally:
+            await gateway.aclose()
+    by_gateway = [value for path, value in seen if path.endswith("/oauth/token") or path.endswith("/user_info")]
+    assert by_gateway and all(value == "rid-login-9" for value in by_gateway), seen
+
+
+async def test_the_sidecar_passes_the_id_on_and_times_the_upstream(make_config: Any) -> None:
+    async with serve_apps({"upstream": echo_app()}) as upstream:
+        config = make_config(upstream={"url": upstream["upstream"]}, access={"public_paths": ["/public/*"]},
+                             metrics={"allow_from": ["127.0.0.1"]})
+        sidecar = build_sidecar(config)
+        try:
+            async with serve_apps({"sidecar": sidecar}) as urls, \
+                    httpx.AsyncClient(base_url=urls["sidecar"], timeout=10) as client:
+                answer = await client.get("/public/a", headers={"X-Request-Id": "client-made"})
+                missing = await client.get("/public/missing-on-upstream")
+                scrape = await client.get("/_gateway/metrics")
+        finally:
+            await sidecar.aclose()  # type: ignore[attr-defined]
+    [value] = headers_of(answer)["x-request-id"]
+    assert GENERATED.fullmatch(value)  # no trusted proxy: the client's was dropped
+    assert missing.status_code == 200  # the echo app answers every path
+    found = samples(scrape.text)
+    assert found['gateway_upstream_duration_seconds_count{status_class="2xx"}'] == 2
