@@ -67,6 +67,7 @@ _FAILURES = (RedisError, RedisClusterException, OSError)
 # with one master dead, commands to the other masters succeed between the failures.
 _SETTLE_S = 1.0
 _SWITCH_MASTER = "+switch-master"
+_ALONE_S = 5.0  # how long "this master has no replica" is believed without asking again
 
 # KEYS[1] key; ARGV[1] payload, ARGV[2] ttl ms, ARGV[3] expected version ('' for none).
 # Answers the new version, or nil when the expected version does not match.
@@ -230,6 +231,8 @@ class RedisStore(Store):
         self._subscribed = asyncio.Event()
         self._closed = False
         self._generation = 0  # Sentinel switches followed
+        self._alone: tuple[tuple[str, int] | None, int] | None = None  # a master known to have no replica
+        self._alone_until = 0.0
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> RedisStore:
@@ -324,23 +327,34 @@ class RedisStore(Store):
     async def _run_acked(self, what: str, script: Any, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         """Run a write script, then ``WAIT`` on the same connection for ``replica_acks`` replicas:
         (its answer, whether they acknowledged it or there is certainly none that could)."""
-        if not self._acks:
-            return await self._run(what, lambda: script(keys=keys, args=args)), True
         master, generation = self._master_address(), self._generation
+        if not self._acks or (self._alone == (master, generation) and time.monotonic() < self._alone_until):
+            return await self._run(what, lambda: script(keys=keys, args=args)), True
+        client = cast(Redis, self._client)
+        replication = await self._run(what, lambda: cast(Awaitable[Any], client.info("replication")))
+        if int(replication.get("connected_slaves", 0)) >= self._acks:
+            async def call() -> list[Any]:
+                pipe = client.pipeline(transaction=False)  # one connection for both
+                await script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self._acks, self._ack_timeout_ms)
+                return await pipe.execute()
 
-        async def call() -> list[Any]:
-            pipe = cast(Redis, self._client).pipeline(transaction=False)  # one connection for both
-            await script(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", self._acks, self._ack_timeout_ms)
-            return await pipe.execute()
-
-        result, acknowledged = await self._run(what, call)
-        if int(acknowledged) >= self._acks:
-            return result, True
-        return result, await self._no_replica_could(master, generation)
+            result, acknowledged = await self._run(what, call)
+            if int(acknowledged) >= self._acks:
+                return result, True
+        else:  # WAIT would only spend its timeout: no replica is connected to acknowledge
+            result = await self._run(what, lambda: script(keys=keys, args=args))
+        # No address before: this call opened the first connection, to the one it names now.
+        master = master or self._master_address()
+        if not await self._no_replica_could(master, generation):
+            return result, False
+        # A master without replicas: not asked again for a few seconds, unless a switch is
+        # followed (a replica added meanwhile is waited for from then on).
+        self._alone, self._alone_until = (master, generation), time.monotonic() + _ALONE_S
+        return result, True
 
     def _master_address(self) -> tuple[str, int] | None:
-        pool = cast(Redis, self._client).connection_pool
+        pool = getattr(self._client, "connection_pool", None)  # a Cluster has none
         return pool.master_address if isinstance(pool, SentinelConnectionPool) else None
 
     async def _no_replica_could(self, master: tuple[str, int] | None, generation: int) -> bool:
