@@ -33,6 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.bodies import read_json
 from gateway.config import GatewayConfig
+from gateway.consent import consent
 from gateway.edge import TrustedProxies
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
 from gateway.i18n import EN, Locale, display_name, error_message, language_headers, locale_of, text
@@ -70,7 +71,7 @@ _PROVIDER_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FOREIGN_LOGINS_KEPT = 1024
 #: The endpoints that start or finish a sign-in: each costs a cookie, a store write or a provider
 #: call, so each is limited per client (``limits.login_rate_per_min``).
-_LIMITED = frozenset({"login", "exchange", "callback"})
+_LIMITED = frozenset({"login", "exchange", "callback", "consent"})
 Handler = Callable[[Request, str], Awaitable[Response]]
 #: A readiness check beyond the store's (``Handshake.ready_checks``): None when ready, else the
 #: (stable code, sentence) readyz answers 503 with. The sidecar adds its upstream's
@@ -178,6 +179,7 @@ class Handshake:
             ("GET", "readyz"): self.readyz,
             ("GET", "metrics"): self.metrics,
             ("GET", "static"): self.static,
+            ("GET", "consent"): self.consent,  # incremental consent (gateway/consent.py)
         }
         self._scripts = {"handshake.js": (_STATIC / "handshake.js").read_bytes(),
                          "gateway.js": (_STATIC / "gateway.js").read_bytes()}
@@ -283,7 +285,10 @@ class Handshake:
 
     # -- login ------------------------------------------------------------------------------
 
-    async def login(self, request: Request, rest: str) -> Response:
+    async def consent(self, request: Request, rest: str) -> Response:
+        return await consent(self, request, rest)
+
+    async def login(self, request: Request, rest: str, *, extra_scopes: tuple[str, ...] = ()) -> Response:
         next_path = safe_next(request.query_params.get("next"))
         user_agent = request.headers.get("user-agent", "")
         requested = request.query_params.get("provider")
@@ -313,7 +318,7 @@ class Handshake:
         self._note_foreign_host(request, state, next_path)
         context = LoginContext(
             state=state, redirect_uri=self.config.redirect_uri(provider.name), next_path=next_path,
-            code_challenge=challenge,
+            code_challenge=challenge, extra_scopes=extra_scopes,
         )
         fallback_url = provider.authorize_url(context)
         # flow=browser: the page's "sign in in the browser" way out, even inside the client.

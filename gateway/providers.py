@@ -176,6 +176,10 @@ class Grant:
     identity: UserIdentity
 
 
+#: ``LoginContext.extra_scopes`` entries for an app-token route (``/consent?grant=app``) carry it.
+APP_SCOPE_MARK = "app:"
+
+
 @dataclass(frozen=True)
 class LoginContext:
     """One login attempt, as the handshake page and the authorize URL need it."""
@@ -185,7 +189,8 @@ class LoginContext:
     next_path: str
     code_challenge: str | None = None  # PKCE S256, when ``Provider.uses_pkce``
     #: Scopes asked for beyond the configured ones (``<prefix>/consent``: incremental consent).
-    #: A plugin adds them to its authorize URL and to what its bridge asks the JSAPI for.
+    #: A plugin adds them to its authorize URL and to what its bridge asks the JSAPI for; those
+    #: marked ``APP_SCOPE_MARK`` are for the app's own token, granted by an administrator.
     extra_scopes: tuple[str, ...] = ()
 
 

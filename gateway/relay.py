@@ -170,9 +170,14 @@ class Relay:
         declared = {scope for route in self._routes.get(provider, ()) for scope in route.scopes}
         return frozenset(declared | set(self.config.relay.consent_scopes))
 
-    def consent_url(self, provider: str, scopes: Sequence[str], next_path: str) -> str:
-        query = urlencode({"provider": provider, "scopes": ",".join(scopes), "next": next_path})
-        return f"{self.prefix}/consent?{query}"
+    def consent_url(self, provider: str, scopes: Sequence[str], next_path: str,
+                    grant: Literal["user", "app"] = "user") -> str:
+        """Where the user consents (gateway/consent.py); ``grant=app``: an administrator grants
+        the app's own token the scopes (DingTalk's openAuth type 1)."""
+        query = {"provider": provider, "scopes": ",".join(scopes), "next": next_path}
+        if grant == "app":
+            query["grant"] = "app"
+        return f"{self.prefix}/consent?{urlencode(query)}"
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -255,7 +260,8 @@ class Relay:
                     scopes = verdict.scopes or route.scopes
                     raise ConsentRequired(
                         "This needs your permission first: the app asks for access it does not have yet.",
-                        provider=name, scopes=scopes, consent_url=self.consent_url(name, scopes, next_path))
+                        provider=name, scopes=scopes,
+                        consent_url=self.consent_url(name, scopes, next_path, route.token))
                 if verdict.outcome == "unavailable":
                     raise ProviderUnavailable(
                         verdict.message or f"{provider.display_name or name} is unavailable right now.",

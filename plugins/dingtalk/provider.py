@@ -66,6 +66,7 @@ from gateway.errors import (
 )
 from gateway.i18n import register as register_messages
 from gateway.providers import (
+    APP_SCOPE_MARK,
     PASS,
     CallbackResult,
     ErrorRule,
@@ -456,8 +457,6 @@ def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dic
     return body, _build(rule, provider_code, request_id, url="api_base_url")
 
 
-#: ``/consent?grant=app``'s mark on a scope: an app permission (openAuth type 1), not a delegated one.
-APP_SCOPE_MARK = "app:"
 #: oapi rate limits (sheet 9: 90001-90014 [C], 90018/90019 [3P]).
 _RELAY_RATE_OAPI = frozenset({*range(90001, 90015), 90018, 90019})
 
