@@ -56,6 +56,16 @@ def test_every_metric_is_declared_with_help_and_type_even_before_anything_happen
     assert samples(text)['gateway_requests_total{result="authenticated"}'] == 0
 
 
+def test_each_gateway_has_a_registry_of_its_own() -> None:
+    first, second = Metrics(), Metrics()  # the library's default registry would refuse the second
+    first.inc("gateway_logouts_total")
+    first.observe("gateway_upstream_duration_seconds", 0.2, "2xx")
+    assert samples(first.render())["gateway_logouts_total"] == 1
+    assert samples(first.render())['gateway_upstream_duration_seconds_count{status_class="2xx"}'] == 1
+    assert samples(second.render())["gateway_logouts_total"] == 0
+    assert "gateway_upstream_duration_seconds_count" not in second.render()
+
+
 def test_label_values_are_escaped_and_counts_add_up() -> None:
     metrics = Metrics()
     metrics.inc("gateway_logins_total", 'we"ird\\name', "client", "ok")
@@ -103,6 +113,16 @@ async def test_the_counters_follow_what_the_gateway_did(start_gateway: GatewaySt
     assert found["gateway_logouts_total"] == 1
     assert found["gateway_store_entries"] >= 1
     assert "gateway_session_cache_entries" in found
+    # The histograms: one code exchange and one refresh reached Lark; the forged callback did not.
+    provider = "gateway_provider_request_duration_seconds"
+    assert found[f'{provider}_count{{provider="lark",operation="redeem",outcome="ok"}}'] == 1
+    assert found[f'{provider}_count{{provider="lark",operation="refresh",outcome="ok"}}'] == 1
+    assert found[f'{provider}_bucket{{provider="lark",operation="refresh",outcome="ok",le="+Inf"}}'] == 1
+    store = "gateway_store_operation_duration_seconds"
+    assert found[f'{store}_count{{backend="memory",operation="set_versioned",outcome="ok"}}'] >= 2  # login, refresh
+    assert found[f'{store}_count{{backend="memory",operation="delete",outcome="ok"}}'] >= 1  # the session logged out
+    assert found['gateway_refresh_lock_wait_seconds_count{lock="refresh",outcome="acquired"}'] == 1
+    assert found["gateway_sessions_active"] == 0  # the one session was logged out
     for line in scrape.text.splitlines():  # counts only: no user, cookie or token in it
         assert "ou_" not in line and "gw_session" not in line
 
