@@ -1,0 +1,161 @@
+"""Bodies stream through the relay both ways: an upload reaches the provider before the client has
+sent all of it, a download reaches the client before the provider has sent all of it (each side
+waits for the other, bounded, so a relay that buffered would fail here). Over the replay bound an
+expired-token answer is passed on after the refresh, not retried (the body is spent).
+
+The provider is a small test plugin whose Open API is a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.config import GatewayConfig
+from gateway.identity import Identity
+from gateway.middleware import AuthGateway
+from gateway.providers import Provider, ProviderSettings, TokenSet, register_plugin
+from gateway.sandbox import serve_apps
+from tests.conftest import echo_app, free_port
+
+CHUNK = 64 * 1024
+WAIT_S = 10.0
+
+
+class StreamSettings(ProviderSettings):
+    api_base_url: str = ""
+
+
+class StreamProvider(Provider):
+    """An Open API at ``api_base_url``: the relay's defaults (Bearer token, 401 is expired)."""
+
+    settings_model = StreamSettings
+    settings: StreamSettings
+    refreshes = 0
+
+    def relay_base_url(self, path: str) -> str | None:
+        return self.settings.api_base_url
+
+    async def refresh(self, tokens: TokenSet) -> TokenSet:
+        type(self).refreshes += 1
+        return TokenSet(access_token="fresh", expires_at=time.time() + 3600)
+
+
+register_plugin("unit-stream", StreamProvider)
+
+
+class Api:
+    """The provider's side, with the events each direction waits on."""
+
+    def __init__(self) -> None:
+        self.upload_started = asyncio.Event()
+        self.download_started = asyncio.Event()
+
+    def app(self) -> Starlette:
+        async def upload(request: Request) -> Response:
+            if request.headers.get("authorization") != "Bearer fresh":
+                await request.body()
+                return JSONResponse({"error": "expired"}, status_code=401)
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size >= CHUNK:
+                    self.upload_started.set()  # the first part is here while the client waits
+            return JSONResponse({"received": size})
+
+        async def download(request: Request) -> Response:
+            async def body() -> AsyncIterator[bytes]:
+                yield b"a" * CHUNK
+                await asyncio.wait_for(self.download_started.wait(), WAIT_S)
+                for _ in range(15):
+                    yield b"b" * CHUNK
+
+            return StreamingResponse(body(), media_type="application/octet-stream",
+                                     headers={"x-request-id": "prov-1"})
+
+        return Starlette(routes=[Route("/files/upload", upload, methods=["POST"]),
+                                 Route("/files/download", download, methods=["GET"])])
+
+
+async def with_gateway(api: Api, body: Any) -> Any:
+    async with serve_apps({"api": api.app()}) as urls:
+        port = free_port()
+        config = GatewayConfig(
+            public_url=f"http://127.0.0.1:{port}",
+            session={"secrets": [secrets.token_urlsafe(32)], "secure": False},
+            providers={"acme": {"plugin": "unit-stream", "api_base_url": urls["api"]}},
+            relay={"routes": [{"provider": "acme", "path": "files/*", "methods": ["GET", "POST"]}],
+                   "replay_body_bytes": 1024})
+        gateway = AuthGateway(echo_app(), config)
+        runtime = gateway.runtime
+        await runtime.tokens.save("acme", "t1", "u1", TokenSet(access_token="fresh", expires_at=time.time() + 3600))
+        token, _ = runtime.signer.sign(Identity(provider="acme", user="u1", tenant="t1", name=""))
+        try:
+            async with serve_apps({"gateway": gateway}, port=port), httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {token}"},
+                    timeout=WAIT_S * 2) as client:
+                return await body(client, runtime)
+        finally:
+            await gateway.aclose()
+
+
+async def test_an_upload_streams_to_the_provider() -> None:
+    api = Api()
+
+    async def upload(client: httpx.AsyncClient, runtime: Any) -> None:
+        async def parts() -> AsyncIterator[bytes]:
+            yield b"x" * CHUNK
+            # Not one more byte until the provider has the first part: a buffering relay never gets there.
+            await asyncio.wait_for(api.upload_started.wait(), WAIT_S)
+            for _ in range(15):
+                yield b"y" * CHUNK
+
+        answer = await client.post("/_gateway/api/acme/files/upload", content=parts())
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"received": 16 * CHUNK}
+
+    await with_gateway(api, upload)
+
+
+async def test_a_download_streams_to_the_client() -> None:
+    api = Api()
+
+    async def download(client: httpx.AsyncClient, runtime: Any) -> None:
+        size = 0
+        async with client.stream("GET", "/_gateway/api/acme/files/download") as answer:
+            assert answer.status_code == 200
+            assert answer.headers["x-request-id"] == "prov-1"
+            async for chunk in answer.aiter_raw():
+                size += len(chunk)
+                if size >= CHUNK:
+                    api.download_started.set()  # the first part arrived while the provider waits
+        assert size == 16 * CHUNK
+
+    await with_gateway(api, download)
+
+
+async def test_a_streamed_body_is_not_sent_twice_after_an_expired_answer() -> None:
+    api = Api()
+
+    async def expired(client: httpx.AsyncClient, runtime: Any) -> None:
+        await runtime.tokens.save("acme", "t1", "u1", TokenSet(access_token="stale", expires_at=time.time() + 3600))
+        before = StreamProvider.refreshes
+        big = await client.post("/_gateway/api/acme/files/upload", content=b"z" * (4 * CHUNK))
+        assert big.status_code == 401  # the provider's own answer: the body cannot be sent again
+        assert StreamProvider.refreshes - before == 1  # but the token is fresh for the next call
+        again = await client.post("/_gateway/api/acme/files/upload", content=b"z" * (4 * CHUNK))
+        assert again.status_code == 200 and again.json() == {"received": 4 * CHUNK}
+        await runtime.tokens.save("acme", "t1", "u1", TokenSet(access_token="stale", expires_at=time.time() + 3600))
+        small = await client.post("/_gateway/api/acme/files/upload", content=b"s" * 512)  # kept: retried
+        assert small.status_code == 200 and small.json() == {"received": 512}
+        assert StreamProvider.refreshes - before == 2
+
+    await with_gateway(api, expired)
