@@ -300,3 +300,40 @@ async def test_an_oversized_body_is_413_before_anything_is_sent(start_gateway: G
         answer = await client.post(CALENDARS, content=chunks(), headers={"origin": running.url})
         assert answer.status_code == 413 and answer.json()["error"] == "body_too_large"
         assert relayed(sent, "/open-apis/calendar/v4/calendars") == []
+
+
+async def test_two_replicas_on_redis_refresh_a_refused_token_once(lark: ServedLark, redis_url: str) -> None:
+    """Single flight across replicas: two gateways sharing a Redis store and the session secrets;
+    calls refused as expired on both at once make one refresh call, and every call succeeds."""
+    import secrets as _secrets
+
+    from gateway.config import GatewayConfig
+    from gateway.middleware import AuthGateway
+    from gateway.sandbox import serve_apps
+    from tests.conftest import echo_app, free_port
+
+    port_a, port_b = free_port(), free_port()
+    shared = {
+        "session": {"secrets": [_secrets.token_urlsafe(32)], "secure": False},
+        "store": {"backend": "redis", "url": redis_url, "key_prefix": f"relay-{_secrets.token_hex(4)}:"},
+        "providers": {"lark": lark.settings(**GRANTED)},
+        "relay": {"routes": USER_ROUTES},
+    }
+    # One public_url: the replicas stand behind one address (the cookie is the same on both).
+    gateways = [AuthGateway(echo_app(), GatewayConfig(public_url=f"http://127.0.0.1:{port_a}", **shared))
+                for _ in range(2)]
+    try:
+        async with (serve_apps({"a": gateways[0]}, port=port_a), serve_apps({"b": gateways[1]}, port=port_b),
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port_a}", timeout=20) as a):
+            assert (await browser_login(a)).status_code == 200
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port_b}", cookies=dict(a.cookies.items()),
+                                         timeout=20) as b:
+                assert (await b.get(CALENDARS)).status_code == 200
+                lark.sandbox.expire_access_tokens()
+                before = lark.sandbox.stats["refresh_token"]
+                calls = await asyncio.gather(*(client.get(CALENDARS) for client in (a, b) * 20))
+                assert [call.status_code for call in calls] == [200] * 40
+                assert lark.sandbox.stats["refresh_token"] - before == 1
+    finally:
+        for gateway in gateways:
+            await gateway.aclose()
