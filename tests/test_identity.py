@@ -352,6 +352,24 @@ def test_a_key_file_hides_the_secret_keys_and_adds_the_published_ones(tmp_path: 
     assert _raw_public(load_public_key(public)) == _raw_public(nxt.public_key())
 
 
+def test_without_a_key_file_the_published_keys_follow_the_secret_keys(tmp_path: Path) -> None:
+    """Moving from the derived key to a key file: the file's key is published first, beside the
+    secrets' keys, before any replica signs with it (docs/upstream.md)."""
+    nxt = Ed25519PrivateKey.generate()
+    private = tmp_path / "next.pem"
+    private.write_bytes(nxt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    signer = signer_for(_config([SECRET_A, SECRET_B], published_key_files=[private]))
+    kids = [key["kid"] for key in signer.jwks()["keys"]]
+    assert kids == [signer_for(_config([SECRET_A])).kid, signer_for(_config([SECRET_B])).kid,
+                    _signer(nxt).kid]
+    # A replica that already signs with the file's key is verified by this replica's JWKS.
+    token, _ = signer_for(_config([SECRET_A], signing_key_file=private)).sign(Identity("lark", "u", "", ""))
+    assert _verify(token, signer.jwks())["user"] == "u"
+    assert private.read_bytes() == nxt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption())  # never rewritten
+
+
 def _raw_public(key: object) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[attr-defined]
 
