@@ -79,6 +79,7 @@ class AuthGateway:
         self._forward_auths = self.runtime.metrics.forward_auth
         self._identity_names = identity_header_names(config)
         self._trusted = self._edge.trusted
+        self._any_trusted = bool(self._trusted)  # once: TrustedProxies.__bool__ is a call per request
         self._set_request_id = request_id.set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,7 +95,7 @@ class AuthGateway:
         # the request) before anything can log or answer an error.
         client = scope.get("client")
         peer = client[0] if client else None
-        proxied = self._proxy_request_id(scope["headers"]) if self._trusted and peer in self._trusted else None
+        proxied = self._proxy_request_id(scope["headers"]) if self._any_trusted and peer in self._trusted else None
         generated = proxied is None
         # gateway.logs.new_request_id, inlined: one call less per request.
         rid = os.urandom(8).hex() if proxied is None else proxied
@@ -125,7 +126,7 @@ class AuthGateway:
         if generated:
             # The edge dropped a client's X-Request-Id (any spelling) unless a trusted proxy sent
             # it; a trusted one's unfit value is replaced too. The app sees the id we log.
-            if self._trusted and peer in self._trusted:
+            if self._any_trusted and peer in self._trusted:
                 headers = [item for item in headers if item[0] != b"x-request-id"]
             headers.append((b"x-request-id", rid.encode("ascii")))
         scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change
