@@ -366,3 +366,14 @@ async def test_the_gateway_endpoints_pass_but_not_the_metrics_nor_auth(site: Sit
     assert metrics.status_code == 404 and "gateway_requests_total" not in metrics.text
     assert auth.status_code == 404
     assert healthz.status_code == 200 and healthz.json() == {"status": "ok"}
+
+
+async def test_a_client_cannot_name_the_uri_or_the_method_the_gateway_judges(site: Site) -> None:
+    # forward_auth sets X-Forwarded-Uri and X-Forwarded-Method from the request itself; a client's
+    # X-Original-URI reaches the gateway but is not the header it reads (forward_auth_uri_header).
+    claims = {"x-forwarded-uri": "/public/x", "x-original-uri": "/public/x", "x-forwarded-method": "GET"}
+    async with site.client() as client:
+        api = await client.get("/private", headers={**claims, "accept": "application/json"})
+        form = await client.post("/private", data={"a": "1"}, headers={**claims, **HTML})
+    assert api.status_code == 401 and api.json()["login_url"] == "/_gateway/login?next=" + quote("/private", safe="")
+    assert form.status_code == 401  # a POST stays no navigation, whatever the client says

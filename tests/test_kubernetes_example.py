@@ -177,3 +177,10 @@ async def test_the_example_config_serves_both_probes_on_redis(tmp_path: Path, re
         healthz = await client.get(live)
     assert readyz.status_code == 503 and readyz.json()["error"] == "upstream_unavailable", readyz.text
     assert healthz.status_code == 200
+
+
+def test_the_docs_show_the_manifest_as_it_is() -> None:
+    # docs/deployment.md ("Kubernetes") includes the manifest's objects verbatim: they cannot drift.
+    manifest = MANIFEST.read_text()
+    docs = (MANIFEST.parents[2] / "docs" / "deployment.md").read_text()
+    assert "```yaml\n" + manifest[manifest.index("---\n"):] + "```\n" in docs
