@@ -467,7 +467,8 @@ class GatewayConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)
+        # GATEWAY_<SECTION>__<KEY>_FILE is read like a <key>_file key of the YAML (read_secret_files).
+        return (_FileKeysFromEnv(settings_cls, env_settings), init_settings)
 
     @field_validator("public_url")
     @classmethod
@@ -723,6 +724,26 @@ def read_secret_files(
         elif isinstance(section, Mapping):
             result[name] = resolve(section, str(name), "")
     return result, errors
+
+
+class _FileKeysFromEnv(PydanticBaseSettingsSource):
+    """The ``GATEWAY_*`` environment source, with its ``<key>_file`` values read from their files
+    (``GATEWAY_SESSION__SECRETS_FILE=/run/secrets/gateway``, the Docker images' ``*_FILE``
+    convention); a file that cannot be used is an error named by its variable."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        resolved, errors = read_secret_files(self._inner())
+        if errors:
+            raise ConfigFileError([("GATEWAY_" + where.upper().replace(".", "__"), message)
+                                   for where, message in errors])
+        return resolved
 
 
 def build_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> GatewayConfig:

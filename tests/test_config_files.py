@@ -65,6 +65,20 @@ def test_a_path_from_the_environment(tmp_path: Path) -> None:
     assert config.session.secrets[0].get_secret_value() == SECRET
 
 
+def test_a_file_named_by_a_gateway_variable_overrides_the_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GATEWAY_<SECTION>__<KEY>_FILE``: the Docker images' ``*_FILE`` convention."""
+    (tmp_path / "s").write_text(f"{OTHER}\n{SECRET}\n")
+    path = write(tmp_path, {"session": {"secrets": [SECRET]}})
+    monkeypatch.setenv("GATEWAY_SESSION__SECRETS_FILE", str(tmp_path / "s"))
+    config = load_config(path, environ={})
+    assert [s.get_secret_value() for s in config.session.secrets] == [OTHER, SECRET]
+    monkeypatch.setenv("GATEWAY_SESSION__SECRETS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigFileError) as caught:
+        load_config(path, environ={})
+    assert caught.value.errors == [("GATEWAY_SESSION__SECRETS_FILE",
+                                    f"cannot read {tmp_path}/missing: No such file or directory")]
+
+
 @pytest.mark.parametrize(("section", "expected"), [
     ({"secrets_file": "missing"}, ("session.secrets_file", "cannot read {dir}/missing: No such file or directory")),
     ({"secrets_file": "empty"}, ("session.secrets_file", "{dir}/empty is empty")),
