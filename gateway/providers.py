@@ -24,7 +24,14 @@ How to write one (see ``plugins/lark/provider.py`` for a complete example):
    - ``refresh(tokens)``: rotate the tokens. Only refresh tokens that rotate need care here: the
      core guarantees one refresh at a time per token record.
 
-3. Raise the ``gateway.errors`` provider errors to classify every failure: ``ReauthRequired``
+3. For the provider-API relay (``<prefix>/api/<name>/<path>``, gateway/relay.py), override the
+   ``relay_*`` hooks: ``relay_base_url(path)`` (which host serves ``<path>``; None refuses it),
+   ``relay_auth`` (how the token rides: headers, query), ``relay_verdict`` (what an answer means:
+   expired token, missing scope, rate limit, transient), ``relay_app_token`` for ``token: app``
+   routes, and ``relay_credential_headers`` (the token headers a caller must never pass through).
+   The core does the rest: routes, callers, streaming, one refresh and one retry, consent.
+
+4. Raise the ``gateway.errors`` provider errors to classify every failure: ``ReauthRequired``
    (definitive), ``ProviderUnavailable`` (transient), ``ProviderMisconfigured``, ``LoginDenied``,
    ``LoginPending``. ``classify_http_error`` below turns network failures into the transient one.
 
@@ -350,9 +357,6 @@ class Provider:
     relay_credential_headers: ClassVar[frozenset[str]] = frozenset()
     #: Query parameters that carry a credential: a caller's are dropped, never forwarded.
     relay_credential_params: ClassVar[frozenset[str]] = frozenset({"access_token"})
-    #: Response headers worth passing on besides the ordinary ones (the core keeps every
-    #: end-to-end header; this only documents which ones callers rely on).
-    relay_kept_headers: ClassVar[frozenset[str]] = frozenset()
 
     def relay_base_url(self, path: str) -> str | None:
         """The base URL ``<path>`` is appended to (no trailing slash), or None when this provider

@@ -49,6 +49,7 @@ from gateway.pages import error_response, gateway_error_response
 from gateway.providers import Provider, RelayVerdict, TokenSet
 from gateway.proxy import HOP_BY_HOP
 from gateway.runtime import Runtime
+from gateway.state import safe_next
 from gateway.tokens import token_key
 
 log = logging.getLogger("gateway.relay")
@@ -429,9 +430,8 @@ def _require_our_origin(headers: Sequence[tuple[bytes, bytes]], origin: str) -> 
 
 
 def _page_path(headers: Sequence[tuple[bytes, bytes]]) -> str:
-    """Where consent returns to: the page that made the call (its Referer's path), else ``/``."""
-    from gateway.state import safe_next  # the login's own rules for ``next``
-
+    """Where consent returns to: the page that made the call (its Referer's path, by the login's
+    own rules for ``next``), else ``/``."""
     referer = first_header(headers, b"referer")
     if referer is None:
         return "/"
@@ -448,6 +448,8 @@ def _without(query: bytes, names: frozenset[str]) -> list[tuple[str, str]]:
 def _forward_headers(headers: Sequence[tuple[bytes, bytes]], credentials: frozenset[str]) -> list[tuple[str, str]]:
     listed = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
     drop = _REQUEST_DROP | listed | {name.encode() for name in credentials}
+    # X-Forwarded-*: about the path to us, nothing the provider should know. X-Auth-*: the default
+    # identity header names (the edge already removed the configured ones in every spelling).
     return [(key.decode("latin-1"), value.decode("latin-1")) for key, value in headers
             if key not in drop and not key.startswith(b"x-forwarded-") and not key.startswith(b"x-auth-")]
 
