@@ -22,6 +22,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -84,30 +85,37 @@ AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
                    (b"content-type", b"text/plain; charset=utf-8"))
 
 
-def identity_header_names(config: GatewayConfig) -> tuple[bytes, ...]:
-    """The name of each identity header (``identity.headers``: user, provider, tenant, name, jwt,
-    access token), lower case, in that order."""
-    return tuple(name.lower().encode("latin-1") for name in config.identity.headers.model_dump().values())
+_first = itemgetter(0)
+#: Sets of identity headers present whose empty complement ForwardAuthHeaders remembers (each
+#: comes from identity.headers: 2**6 at most).
+_MISSING_KEPT = 64
 
 
-def forward_auth_headers(identity: Headers, names: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
-    """The forward-auth 200's headers: ``AUTH_OK_HEADERS``, the identity headers, and every other
-    identity header name (``identity_header_names``) with an empty value.
+class ForwardAuthHeaders:
+    """The forward-auth 200's headers for an identity: ``AUTH_OK_HEADERS``, the identity headers,
+    and every other identity header name (``identity.headers``) with an empty value.
 
     A proxy told to copy a header the answer lacks does not send nothing: Caddy 2.6 sends its
-    literal placeholder (``{http.reverse_proxy.header.X-Auth-Tenant}``), Caddy 2.9 to 2.11.1 keep
-    the client's own copy (caddy#6610, GHSA-7r4p-vjf4-gxv4). So the answer names them all, empty
+    literal placeholder (``{http.reverse_proxy.header.X-Auth-Tenant}``, caddy#6610), Caddy 2.9 to
+    2.11.1 keep the client's own copy (GHSA-7r4p-vjf4-gxv4). So the answer names them all, empty
     when unknown (a public path, no tenant, no name, no access token passed). Only here: the
-    middleware and the sidecar add the known ones alone, as before."""
-    if len(identity) == len(names):  # one header per role: every role is known
-        return [*AUTH_OK_HEADERS, *identity]
-    answer = [*AUTH_OK_HEADERS, *identity]
-    present = {key for key, _ in identity}
-    for name in names:
-        if name not in present:
-            present.add(name)
-            answer.append((name, b""))
-    return answer
+    middleware and the sidecar add the known ones alone, as before. On the hot path of
+    forward-auth: the empty ones are remembered per set of names present (a few, at most 2**6)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        # user, provider, tenant, name, jwt, access token: each name once.
+        names = (name.lower().encode("latin-1") for name in config.identity.headers.model_dump().values())
+        self._names = tuple(dict.fromkeys(names))
+        self._missing: dict[tuple[bytes, ...], tuple[tuple[bytes, bytes], ...]] = {}
+
+    def __call__(self, identity: Headers) -> list[tuple[bytes, bytes]]:
+        present = tuple(map(_first, identity))
+        missing = self._missing.get(present)
+        if missing is None:
+            missing = tuple((name, b"") for name in self._names if name not in present)
+            if len(self._missing) < _MISSING_KEPT:
+                self._missing[present] = missing
+        return [*AUTH_OK_HEADERS, *identity, *missing]
 
 
 def login_required_response(scope: Scope, prefix: str, target: str, *, method: str | None = None) -> Response:
@@ -150,7 +158,7 @@ class Handshake:
         limits = self.config.limits
         self._limiter = RateLimiter(limits.login_rate_per_min, limits.login_burst)
         self._trusted = TrustedProxies(self.config.access.trusted_proxies)
-        self._identity_names = identity_header_names(self.config)
+        self._forward_auth_headers = ForwardAuthHeaders(self.config)
         self.ready_checks: list[ReadyCheck] = []
         self._public_host = _host_key(urlsplit(self.config.public_url).netloc)
         self._foreign_logins: OrderedDict[str, tuple[str, str]] = OrderedDict()  # state -> (host, next)
@@ -612,7 +620,7 @@ class Handshake:
 
     async def auth(self, request: Request, rest: str) -> Response:
         """Forward-auth (nginx ``auth_request``, Caddy ``forward_auth``, Traefik ForwardAuth): 200
-        with every identity header (``forward_auth_headers``), or the answer for no session.
+        with every identity header (``ForwardAuthHeaders``), or the answer for no session.
 
         No session, and the proxy said which method the original request had
         (``X-Forwarded-Method``: Caddy and Traefik send it, and the edge keeps it only from a
@@ -629,7 +637,7 @@ class Handshake:
         if self.runtime.access.is_public_uri(original):
             counts[(PUBLIC,)] += 1
             response = Response(b"")
-            response.raw_headers = forward_auth_headers([], self._identity_names)
+            response.raw_headers = self._forward_auth_headers([])
             return response
         ticket = request.cookies.get(self.config.session.cookie_name)
         try:
@@ -659,7 +667,7 @@ class Handshake:
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
         counts[(AUTHENTICATED,)] += 1
         response = Response(b"")
-        response.raw_headers = forward_auth_headers(authenticated.headers, self._identity_names)
+        response.raw_headers = self._forward_auth_headers(authenticated.headers)
         return response
 
     async def jwks(self, request: Request, rest: str) -> Response:

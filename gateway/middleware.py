@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.config import GatewayConfig
 from gateway.edge import Edge, EdgeRejected, first_header, normalize_target
 from gateway.errors import GatewayError
-from gateway.handshake import Handshake, forward_auth_headers, identity_header_names, login_required_response
+from gateway.handshake import ForwardAuthHeaders, Handshake, login_required_response
 from gateway.logs import acceptable_request_id, request_id
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
@@ -77,7 +77,7 @@ class AuthGateway:
         self._allowed_tenants = self._access.allowed_tenants
         self._requests = self.runtime.metrics.requests
         self._forward_auths = self.runtime.metrics.forward_auth
-        self._identity_names = identity_header_names(config)
+        self._forward_auth_headers = ForwardAuthHeaders(config)
         self._trusted = self._edge.trusted
         self._any_trusted = bool(self._trusted)  # once: TrustedProxies.__bool__ is a call per request
         self._set_request_id = request_id.set
@@ -209,9 +209,9 @@ class AuthGateway:
         if authenticated is None or not self._access.tenant_allowed(authenticated.identity.tenant):
             return False
         self._forward_auths[_AUTHENTICATED] += 1
-        # Every identity header, empty when unknown (see forward_auth_headers: Caddy's copy).
+        # Every identity header, empty when unknown (ForwardAuthHeaders: what Caddy copies).
         await send({"type": "http.response.start", "status": 200,
-                    "headers": forward_auth_headers(authenticated.headers, self._identity_names)})
+                    "headers": self._forward_auth_headers(authenticated.headers)})
         await send({"type": "http.response.body", "body": b""})
         return True
 
