@@ -287,6 +287,18 @@ async def test_the_gateway_answers_every_identity_header_to_forward_auth(site: S
                                                                "x-forwarded-method": "GET"})
     assert public.status_code == 200
     assert {name: public.headers.get(name) for name in IDENTITY_NAMES} == dict.fromkeys(IDENTITY_NAMES, "")
+    # Signed in (the middleware's hot path answers): the known ones, and the access token empty.
+    async with site.client() as client:
+        await browser_login(client)
+        ticket = client.cookies["gw_session"]
+    async with httpx.AsyncClient(base_url=site.gateway_url, timeout=20) as gateway:
+        signed_in = await gateway.get("/_gateway/auth", headers={"x-forwarded-uri": "/x", "x-forwarded-method": "GET",
+                                                                  "cookie": f"gw_session={ticket}"})
+    assert signed_in.status_code == 200
+    answered = {name: signed_in.headers.get_list(name) for name in IDENTITY_NAMES}
+    assert answered["x-auth-user"] == [ZHANG.open_id] and answered["x-auth-tenant"] == [ZHANG.tenant_key]
+    assert answered["x-auth-access-token"] == [""]  # pass_access_token is off: named, empty
+    assert all(len(values) == 1 for values in answered.values()), answered
 
 
 async def test_public_paths_pass_without_identity_and_without_placeholders(site: Site) -> None:
