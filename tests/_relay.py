@@ -38,14 +38,15 @@ async def served(sandbox: Sandbox) -> AsyncIterator[dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def relay_gateway(name: str, settings: dict[str, Any], routes: list[dict[str, Any]],
+async def relay_gateway(name: str, settings: dict[str, Any], routes: list[dict[str, Any]], *, app: Any = None,
                         **sections: Any) -> AsyncIterator[Relayed]:
+    """``app``: the upstream (default: the echo app)."""
     port = free_port()
     config = GatewayConfig(
         public_url=f"http://127.0.0.1:{port}",
         session={"secrets": [secrets.token_urlsafe(32)], "secure": False},
         providers={name: settings}, relay={"routes": routes, **sections.pop("relay", {})}, **sections)
-    gateway = AuthGateway(echo_app(), config)
+    gateway = AuthGateway(app if app is not None else echo_app(), config)
     running = Relayed(f"http://127.0.0.1:{port}", gateway)
 
     async def record(request: httpx.Request) -> None:
