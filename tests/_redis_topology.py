@@ -66,23 +66,30 @@ class SentinelSite:
         master = RedisProcess(workdir).start()
         replica = RedisProcess(workdir, None, "--replicaof", "127.0.0.1", str(master.port)).start()
         site = cls(workdir, master, replica, [free_port() for _ in range(3)])
-        for port in site.sentinel_ports:
-            conf = workdir / f"sentinel-{port}.conf"
-            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
-                            f"sentinel monitor {MASTER} 127.0.0.1 {master.port} 2\n"
+        try:
+            site._start_sentinels()
+        except BaseException:  # pytest.fail included: nothing left running behind a failed start
+            site.stop()
+            raise
+        return site
+
+    def _start_sentinels(self) -> None:
+        for port in self.sentinel_ports:
+            conf = self.workdir / f"sentinel-{port}.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                            f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2\n"
                             f"sentinel down-after-milliseconds {MASTER} 1000\n"
                             f"sentinel failover-timeout {MASTER} 10000\n")
-            with (workdir / f"sentinel-{port}.log").open("ab") as log:
-                site.sentinels.append(subprocess.Popen([master.binary, str(conf), "--sentinel"], stdout=log,
+            with (self.workdir / f"sentinel-{port}.log").open("ab") as log:
+                self.sentinels.append(subprocess.Popen([self.master.binary, str(conf), "--sentinel"], stdout=log,
                                                        stderr=subprocess.STDOUT))
-        wait_until("the replica to sync", lambda: _client(replica.port).info("replication").get(
-            "master_link_status") == "up", logs=site.logs())
-        for port in site.sentinel_ports:  # each knows the replica and the two other Sentinels
+        wait_until("the replica to sync", lambda: _client(self.replica.port).info("replication").get(
+            "master_link_status") == "up", logs=self.logs())
+        for port in self.sentinel_ports:  # each knows the replica and the two other Sentinels
             sentinel = _client(port)
             wait_until(f"Sentinel {port} to see the replica and its peers", lambda s=sentinel: (
                 s.execute_command("SENTINEL", "REPLICAS", MASTER)
-                and len(s.execute_command("SENTINEL", "SENTINELS", MASTER)) == 2), logs=site.logs())
-        return site
+                and len(s.execute_command("SENTINEL", "SENTINELS", MASTER)) == 2), logs=self.logs())
 
     def logs(self) -> list[Path]:
         return sorted(self.workdir.glob("*.log"))
@@ -149,18 +156,24 @@ class ClusterSite:
                                       "--repl-diskless-sync-delay", "0",
                                       "--cluster-port", str(free_port()), *extra).start())
         site = cls(workdir, nodes)
+        try:
+            site._create(cli)
+        except BaseException:  # pytest.fail included: nothing left running behind a failed start
+            site.stop()
+            raise
+        return site
+
+    def _create(self, cli: str) -> None:
         created = subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes), "--cluster-replicas", "1",
+            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes), "--cluster-replicas", "1",
              "--cluster-yes"], capture_output=True, text=True, timeout=60, check=False)
         if created.returncode != 0:
-            site.stop()
             pytest.fail(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
-        site.wait_ok()
-        for node in nodes:  # every replica holds its master's data before the tests write any
+        self.wait_ok()
+        for node in self.nodes:  # every replica holds its master's data before the tests write any
             wait_until(f"the replica {node.port} to sync", lambda node=node: (
                 (info := _client(node.port).info("replication"))["role"] == "master"
-                or info.get("master_link_status") == "up"), logs=site.logs())
-        return site
+                or info.get("master_link_status") == "up"), logs=self.logs())
 
     def logs(self) -> list[Path]:
         return sorted(self.workdir.glob("*.log"))
