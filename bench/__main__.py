@@ -2,7 +2,7 @@
 
     python -m bench                      # everything (about 20 minutes on 2 cores)
     python -m bench --only middleware    # one or more of: middleware sidecar latency forward-auth
-                                         #   storm memory startup
+                                         #   storm memory startup relay
     python -m bench --quick              # 3 repetitions of 3 s: a smoke run, noisier figures
 
 ``bench/run`` installs wrk, nginx and redis-server with apt when they are missing, then runs this.
@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.context import Context, Options, Row
 from bench.harness import Processes, Wrk, log, machine
 
-SCENARIOS = ("middleware", "sidecar", "latency", "forward-auth", "storm", "memory", "startup")
+SCENARIOS = ("middleware", "sidecar", "latency", "forward-auth", "storm", "memory", "startup", "relay")
 
 
 def _scenario(name: str) -> Callable[[Context], Awaitable[list[Row]]]:
@@ -37,6 +37,7 @@ def _scenario(name: str) -> Callable[[Context], Awaitable[list[Row]]]:
         "storm": ("storm", "storm"),
         "memory": ("memory", "memory"),
         "startup": ("startup", "startup"),
+        "relay": ("relay", "relay"),
     }[name]
     scenario: Callable[[Context], Awaitable[list[Row]]] = getattr(importlib.import_module(f"bench.{module}"),
                                                                   function)
