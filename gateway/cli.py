@@ -103,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
+    configure_logging(config.logging.format, config.logging.level)  # what start-up logs is in the format too
     try:
         app = build_sidecar(config)
     except ConfigError as exc:
