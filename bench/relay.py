@@ -12,14 +12,21 @@ and ``storm_size`` relayed calls start at once. Counted: refresh calls that reac
 is refused at most once and retried at most once: between N and 2N). One process on the memory
 store, and three replicas on one Redis, the burst spread round-robin over them.
 
-The emulator runs in this process (as in the storm scenario): both sides of the ratio pay for it.
+The emulators run in a process of their own (``gateway sandbox``), driven over their admin API
+(``/_sandbox/stats``, ``/_sandbox/tokens/expire``, ``/_sandbox/jsapi/code``): in this process they
+would compete with the 1,000 callers for one core and time out, which measures nothing about the
+relay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import socket
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +35,10 @@ import httpx
 
 from bench.context import Context, Row
 from bench.harness import PYTHON, Proc, Spread, free_port, log, server_argv, wait_http
-from bench.site import COOKIE, Emulator, lark_emulator, login
+from bench.site import COOKIE, Emulator, login
 from bench.storm import _redis
 from plugins.lark import openapi
+from plugins.lark.sandbox import LarkSandbox
 
 PATH = "/open-apis/calendar/v4/calendars"
 RELAYED = "/_gateway/api/lark" + PATH
@@ -80,13 +88,59 @@ async def closed_loop(url: str, headers: dict[str, str], connections: int, durat
     return result
 
 
+def _port_block(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (``gateway sandbox`` takes a block)."""
+    for first in range(free_port(), 65000 - count, 97):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no block of free ports")
+
+
+@contextlib.asynccontextmanager
+async def external_lark(ctx: Context) -> AsyncIterator[Emulator]:
+    """``gateway sandbox`` in its own process; its Lark hosts read from what it prints."""
+    first = _port_block(8)
+    proc = ctx.processes.start(f"relay-sandbox-{first}", [PYTHON, "-m", "gateway", "sandbox", "--port", str(first)])
+    try:
+        deadline = time.monotonic() + 30
+        urls: dict[str, str] = {}
+        while len(urls) < 2:
+            if proc.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway sandbox did not start:\n{proc.tail()}")
+            found = re.findall(r"# lark (open|accounts) host: (http://\S+)", proc.log_path.read_text(errors="replace"))
+            urls = dict(found)
+            await asyncio.sleep(0.1)
+        await wait_http(urls["open"] + "/_sandbox/stats", proc)
+        yield Emulator(LarkSandbox(), urls)  # the local instance only names the app (the same defaults)
+    finally:
+        proc.stop()
+
+
+async def stats(lark: Emulator) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return dict((await client.get(lark.urls["open"] + "/_sandbox/stats")).json())
+
+
+async def expire_tokens(lark: Emulator) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        (await client.post(lark.urls["open"] + "/_sandbox/tokens/expire")).raise_for_status()
+
+
 async def user_token(lark: Emulator) -> str:
-    """A user access token straight from the emulator (a grant of its own, beside the gateway's)."""
-    code = lark.sandbox.mint_client_code("requestAccess", scopes=SCOPES)
-    async with httpx.AsyncClient(base_url=lark.urls["open"]) as client:
-        answer = await client.post("/open-apis/authen/v2/oauth/token", json={
+    """A user access token straight from the emulator (a grant of its own, beside the gateway's):
+    a code as the client's requestAccess would get it, then the token endpoint."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        minted = await client.post(lark.urls["accounts"] + "/_sandbox/jsapi/code", json={
+            "api": "requestAccess", "appID": lark.sandbox.app_id, "scopeList": SCOPES})
+        answer = await client.post(lark.urls["open"] + "/open-apis/authen/v2/oauth/token", json={
             "grant_type": "authorization_code", "client_id": lark.sandbox.app_id,
-            "client_secret": lark.sandbox.app_secret, "code": code})
+            "client_secret": lark.sandbox.app_secret, "code": minted.json()["code"]})
     return str(answer.json()["access_token"])
 
 
@@ -113,7 +167,7 @@ async def _gateways(ctx: Context, lark: Emulator, name: str, replicas: int,
 
 async def _throughput(ctx: Context) -> list[Row]:
     options = ctx.options
-    async with lark_emulator() as lark:
+    async with external_lark(ctx) as lark:
         urls, procs = await _gateways(ctx, lark, "throughput", 1, None)
         try:
             ticket = await login(urls[0], "/")
@@ -178,21 +232,20 @@ async def storm_burst(urls: list[str], ticket: str, count: int) -> tuple[int, li
 
 async def _storm(ctx: Context, name: str, replicas: int, store: dict[str, Any] | None) -> list[Row]:
     size = ctx.options.storm_size
-    async with lark_emulator() as lark:
+    async with external_lark(ctx) as lark:
         urls, procs = await _gateways(ctx, lark, name.split(",")[0].replace(" ", ""), replicas, store)
         try:
             ticket = await login(urls[0], "/")
             refreshes, failures, calls = [], [], []
             for index in range(ctx.options.storm_rounds):
                 await storm_burst(urls, ticket, 4)  # a warm-up: every replica has the session cached
-                lark.sandbox.expire_access_tokens()
-                stats = lark.sandbox.stats
-                before_refresh, before_calls = stats["refresh_token"], stats["calendars"]
+                await expire_tokens(lark)
+                before = await stats(lark)
                 _, failed = await storm_burst(urls, ticket, size)
-                stats = lark.sandbox.stats
-                refreshes.append(stats["refresh_token"] - before_refresh)
+                after = await stats(lark)
+                refreshes.append(after.get("refresh_token", 0) - before.get("refresh_token", 0))
                 failures.append(len(failed))
-                calls.append(stats["calendars"] - before_calls)
+                calls.append(after.get("calendars", 0) - before.get("calendars", 0))
                 log(f"  relay storm {name} round {index + 1}: refresh calls {refreshes[-1]}, failures "
                     f"{failures[-1]} {failed[:3]}, calendar calls {calls[-1]} for {size} relayed calls")
             ctx.raw[f"relay-storm-{name}"] = {"refreshes": refreshes, "failures": failures, "provider_calls": calls}
