@@ -384,11 +384,13 @@ class Provider:
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
         """Read a provider's answer. ``body`` is the whole body when it is small and JSON (error
         envelopes are), else None (a download streams through unread). The default: 401 is an
-        expired token, 429 a rate limit, anything else passes."""
+        expired token, 429 a rate limit, a 5xx transient, anything else passes."""
         if status == 401:
             return RelayVerdict("expired")
         if status == 429:
             return RelayVerdict("rate_limited", retry_after_s=retry_after_hint(headers, "retry-after"))
+        if status >= 500:
+            return RelayVerdict("unavailable")
         return PASS
 
     def granted_scopes(self, tokens: TokenSet) -> frozenset[str] | None:

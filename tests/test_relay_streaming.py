@@ -81,8 +81,12 @@ class Api:
             return StreamingResponse(body(), media_type="application/octet-stream",
                                      headers={"x-request-id": "prov-1"})
 
+        async def broken(request: Request) -> Response:
+            return Response("upstream exploded", status_code=502)
+
         return Starlette(routes=[Route("/files/upload", upload, methods=["POST"]),
-                                 Route("/files/download", download, methods=["GET"])])
+                                 Route("/files/download", download, methods=["GET"]),
+                                 Route("/files/broken", broken, methods=["GET"])])
 
 
 async def with_gateway(api: Api, body: Any) -> Any:
@@ -159,3 +163,12 @@ async def test_a_streamed_body_is_not_sent_twice_after_an_expired_answer() -> No
         assert StreamProvider.refreshes - before == 2
 
     await with_gateway(api, expired)
+
+
+async def test_a_provider_5xx_is_503_provider_unavailable_by_default() -> None:
+    async def broken(client: httpx.AsyncClient, runtime: Any) -> None:
+        answer = await client.get("/_gateway/api/acme/files/broken")
+        assert answer.status_code == 503 and answer.json()["error"] == "provider_unavailable"
+        assert int(answer.headers["retry-after"]) >= 1
+
+    await with_gateway(Api(), broken)
