@@ -22,7 +22,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -85,10 +84,8 @@ AUTH_OK_HEADERS = ((b"cache-control", b"no-store"), (b"content-length", b"0"),
                    (b"content-type", b"text/plain; charset=utf-8"))
 
 
-_first = itemgetter(0)
-#: Sets of identity headers present whose empty complement ForwardAuthHeaders remembers (each
-#: comes from identity.headers: 2**6 at most).
-_MISSING_KEPT = 64
+#: Identity header lists whose forward-auth answer ForwardAuthHeaders keeps (then it starts over).
+_ANSWERS_KEPT = 4096
 
 
 class ForwardAuthHeaders:
@@ -99,23 +96,35 @@ class ForwardAuthHeaders:
     literal placeholder (``{http.reverse_proxy.header.X-Auth-Tenant}``, caddy#6610), Caddy 2.9 to
     2.11.1 keep the client's own copy (GHSA-7r4p-vjf4-gxv4). So the answer names them all, empty
     when unknown (a public path, no tenant, no name, no access token passed). Only here: the
-    middleware and the sidecar add the known ones alone, as before. On the hot path of
-    forward-auth: the empty ones are remembered per set of names present (a few, at most 2**6)."""
+    middleware and the sidecar add the known ones alone, as before.
+
+    On the hot path of forward-auth, so the answer is built once per identity header list: the
+    authenticator caches one list per session (``Authenticated.headers``, never changed once
+    built, a new one at each renewal), and the answer is kept beside a reference to that list, so
+    the ``id`` it is found by cannot name another list while it is kept."""
 
     def __init__(self, config: GatewayConfig) -> None:
         # user, provider, tenant, name, jwt, access token: each name once.
         names = (name.lower().encode("latin-1") for name in config.identity.headers.model_dump().values())
         self._names = tuple(dict.fromkeys(names))
-        self._missing: dict[tuple[bytes, ...], tuple[tuple[bytes, bytes], ...]] = {}
+        self._anonymous = self._build([])
+        self._answers: dict[int, tuple[Headers, tuple[tuple[bytes, bytes], ...]]] = {}
 
     def __call__(self, identity: Headers) -> list[tuple[bytes, bytes]]:
-        present = tuple(map(_first, identity))
-        missing = self._missing.get(present)
-        if missing is None:
-            missing = tuple((name, b"") for name in self._names if name not in present)
-            if len(self._missing) < _MISSING_KEPT:
-                self._missing[present] = missing
-        return [*AUTH_OK_HEADERS, *identity, *missing]
+        if not identity:
+            return list(self._anonymous)
+        kept = self._answers.get(id(identity))
+        if kept is not None and kept[0] is identity:
+            return list(kept[1])
+        answer = self._build(identity)
+        if len(self._answers) >= _ANSWERS_KEPT:
+            self._answers.clear()
+        self._answers[id(identity)] = (identity, answer)
+        return list(answer)
+
+    def _build(self, identity: Headers) -> tuple[tuple[bytes, bytes], ...]:
+        present = {key for key, _ in identity}
+        return (*AUTH_OK_HEADERS, *identity, *((name, b"") for name in self._names if name not in present))
 
 
 def login_required_response(scope: Scope, prefix: str, target: str, *, method: str | None = None) -> Response:

@@ -278,3 +278,33 @@ async def test_a_client_cannot_name_the_method_to_the_auth_endpoint(start_gatewa
                                                               "x-forwarded-uri": TARGET})
     assert answer.status_code == 401
     assert answer.json()["login_url"] == "/_gateway/login?next=" + quote("/", safe="")  # nor the URI
+
+
+def test_the_forward_auth_answer_names_every_identity_header_for_each_identity(make_config: ConfigFactory) -> None:
+    from gateway import handshake
+    from gateway.handshake import AUTH_OK_HEADERS, ForwardAuthHeaders
+
+    answers = ForwardAuthHeaders(make_config(identity={"headers": {"user": "X-User", "name": "X-User-Name"}}))
+    names = [b"x-user", b"x-auth-provider", b"x-auth-tenant", b"x-user-name", b"x-auth-identity",
+             b"x-auth-access-token"]
+    full = [(b"x-user", b"u1"), (b"x-auth-provider", b"lark"), (b"x-auth-tenant", b"t1"), (b"x-user-name", b"n"),
+            (b"x-auth-identity", b"jwt1"), (b"x-auth-access-token", b"at")]
+    tenantless = [(b"x-user", b"u2"), (b"x-auth-provider", b"lark"), (b"x-auth-identity", b"jwt2")]
+
+    def as_dict(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+        assert headers[:3] == list(AUTH_OK_HEADERS)
+        assert len({key for key, _ in headers[3:]}) == len(headers[3:]) == len(names)  # each name once
+        return dict(headers[3:])
+
+    for _ in range(2):  # built, then found again: the same answers
+        assert as_dict(answers(full)) == dict(full)
+        assert as_dict(answers(tenantless)) == {**dict.fromkeys(names, b""), **dict(tenantless)}
+        assert as_dict(answers([])) == dict.fromkeys(names, b"")
+    # A caller may change the list it got without changing the next answer.
+    answers(full).append((b"x-extra", b"1"))
+    assert (b"x-extra", b"1") not in answers(full)
+    # Past the bound the kept answers start over, still right.
+    kept = [[(b"x-user", f"u{index}".encode())] for index in range(handshake._ANSWERS_KEPT + 10)]
+    for identity in kept:
+        assert as_dict(answers(identity))[b"x-user"] == identity[0][1]
+    assert as_dict(answers(kept[0]))[b"x-user"] == b"u0"
