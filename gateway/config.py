@@ -394,13 +394,20 @@ class Metrics(_Section):
         return value
 
 
+RelayMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def _get_only() -> list[RelayMethod]:
+    return ["GET"]
+
+
 class RelayRoute(_Section):
     """One provider Open API path reachable through ``<prefix>/api/<provider>/<path>`` (docs/relay.md)."""
 
     provider: str  # a name under providers:
     # A glob over <path> (``*`` also crosses ``/``), e.g. "open-apis/calendar/v4/*"; no leading "/".
     path: str = Field(min_length=1, max_length=512)
-    methods: list[Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]] = Field(default_factory=lambda: ["GET"])
+    methods: list[RelayMethod] = Field(default_factory=_get_only)
     token: Literal["user", "app"] = "user"
     # Scopes the user's grant must hold before the call; consent is asked first when one is missing.
     scopes: list[str] = Field(default_factory=list)
