@@ -172,6 +172,22 @@ MESSAGES: dict[str, dict[Locale, str]] = {
     "error.method_not_allowed": {EN: "This endpoint does not take this method.", ZH: "此地址不支持该请求方式。"},
     "error.unknown_provider": {EN: "No such sign-in provider is configured.", ZH: "没有配置这种登录方式。"},
     "error.no_providers": {EN: "No identity provider is configured.", ZH: "尚未配置任何登录方式。"},
+    # The relay and consent (gateway/relay.py, consent.py) and the upstream helper (gateway/verify.py).
+    "error.client_disconnected": {EN: "The request was closed before it was complete.", ZH: "请求在完成之前已被关闭。"},
+    "error.consent_required": {
+        EN: "This needs your permission for more of your data; please grant it and try again.",
+        ZH: "此操作需要你授予更多权限，请授权后重试。"},
+    "error.scope_not_allowed": {EN: "These permissions cannot be requested here.", ZH: "此处无法申请这些权限。"},
+    "error.relay_forbidden": {EN: "This provider API is not open through the gateway.", ZH: "此接口未通过网关开放。"},
+    "error.relay_misconfigured": {
+        EN: "This provider API route is not configured correctly.", ZH: "此接口的转发配置有误。"},
+    "error.identity_missing": {EN: "The request carries no signed identity.", ZH: "请求中没有身份凭证。"},
+    "error.identity_invalid": {EN: "The signed identity is not valid.", ZH: "身份凭证无效。"},
+    "error.identity_expired": {
+        EN: "The signed identity has expired; please sign in again.", ZH: "身份凭证已过期，请重新登录。"},
+    "error.jwks_unavailable": {
+        EN: "The gateway's signing keys cannot be fetched right now; please try again.",
+        ZH: "暂时无法获取网关的签名密钥，请稍后重试。"},
     "error.state_invalid": {
         EN: "This sign-in link is not valid, has expired or was already used; please start again.",
         ZH: "此登录链接无效、已过期或已被使用，请重新登录。"},
