@@ -375,7 +375,9 @@ async def test_killing_the_lock_holder_lets_the_others_refresh_within_the_lease(
     assert refreshes == 1  # the held call never reached the provider; the survivors' one did
     assert len(result.tokens) == 1 and not result.tokens & {old, "<none>"}
     assert taken_over < LEASE_S + 0.5  # the lock outlived its dead holder by at most its lease
-    assert recovered_s < LEASE_S + 3.0
+    # Generous: the 200 requests themselves take seconds on a loaded 2-core machine (5.0 s seen at
+    # load 12); what is checked is that the survivors waited for the lease, not for a timeout (30 s).
+    assert recovered_s < LEASE_S + 10.0
     assert await _lock_holder(site) == ""  # nothing left behind
 
 
