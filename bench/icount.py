@@ -1,10 +1,11 @@
 """Instructions per request, counted by callgrind: a figure the machine's load cannot move.
 
 ``python -m bench.icount [--requests N] [--compare LABEL=PATH ...] [--modes ...]`` runs each
-server under ``valgrind --tool=callgrind`` twice, once answering 300 warm-up requests and once
-answering N more on the same keep-alive connection (one request at a time, from this process),
-and reports (count with N − count without) / N: the instructions the server's process spends per
-request, start-up and warm-up cancelled out. Modes:
+server under ``valgrind --tool=callgrind`` with instrumentation off, sends 300 warm-up requests
+on one keep-alive connection (one at a time, from this process), switches instrumentation on
+(``callgrind_control -i on``), sends N more and switches it off: the count is what the server's
+process executed for those N requests only (start-up, imports and warm-up are never counted, so
+their run-to-run variation cannot leak in). Modes:
 
 - ``bare``: the minimal Starlette app of ``bench/apps.py`` on uvicorn (the baseline);
 - ``middleware``: ``AuthGateway`` around it, a valid session in the memory store;
@@ -12,11 +13,12 @@ request, start-up and warm-up cancelled out. Modes:
   upstream (a native uvicorn, not counted), authenticated and on a public path.
 
 uvicorn runs as ``gateway serve`` runs it (uvloop, httptools, no access log, no Server/Date
-headers). Wall-clock ratios on a shared 2-core machine spread by ±10% between runs (see
-docs/benchmarks.md); these counts repeat within 0.1%. They count user-space instructions only:
-system calls are not in them (``strace -c`` on the same client gives those). ``--compare`` runs
-the same servers from other copies of the project (``git archive <commit> | tar -x -C DIR``).
-Needs valgrind (``apt-get install valgrind``); about a minute per server, two at a time.
+headers). Counts are user-space instructions only: system calls are not in them (``strace -c``
+around the same client gives those), and work that depends on the clock (the session cache
+renewed every ``session.cache_ttl_s``, event-loop wake-ups) still varies a little with how fast
+valgrind runs. ``--compare`` runs the same servers from other copies of the project (``git
+archive <commit> | tar -x -C DIR``). Needs valgrind (``apt-get install valgrind``); about a
+minute per server, two at a time.
 """
 
 from __future__ import annotations
@@ -67,35 +69,34 @@ def serve(mode: str, port: int, cookie_file: str, upstream: str) -> None:
     asyncio.run(main())
 
 
-def _requests(port: int, cookie: str, path: str, count: int) -> None:
+def _requests(sock: socket.socket, cookie: str, path: str, count: int) -> None:
     request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
                f"Cookie: gw_session={cookie}\r\n\r\n").encode()
     buffered = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-        for number in range(count):
-            sock.sendall(request)
-            while b"\r\n\r\n" not in buffered:
-                buffered += sock.recv(65536)
-            head, _, buffered = buffered.partition(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = next((int(line.partition(b":")[2]) for line in head.split(b"\r\n")[1:]
-                           if line.partition(b":")[0].strip().lower() == b"content-length"), 0)
-            while len(buffered) < length:
-                buffered += sock.recv(65536)
-            buffered = buffered[length:]
-            if status != 200:
-                raise RuntimeError(f"request {number} answered {status}")
+    for number in range(count):
+        sock.sendall(request)
+        while b"\r\n\r\n" not in buffered:
+            buffered += sock.recv(65536)
+        head, _, buffered = buffered.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next((int(line.partition(b":")[2]) for line in head.split(b"\r\n")[1:]
+                       if line.partition(b":")[0].strip().lower() == b"content-length"), 0)
+        while len(buffered) < length:
+            buffered += sock.recv(65536)
+        buffered = buffered[length:]
+        if status != 200:
+            raise RuntimeError(f"request {number} answered {status}")
 
 
 def count(tree: Path, mode: str, requests: int, port: int, upstream: str) -> int:
-    """Instructions of one server process that answered WARM_UP + ``requests`` requests."""
+    """Instructions one server process executed for ``requests`` requests after the warm-up."""
     with tempfile.TemporaryDirectory() as work:
         out, cookie_file = Path(work) / "callgrind.out", Path(work) / "cookie"
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
         server = subprocess.Popen(
             # This file as a script, the other tree's gateway (and bench.hotpath) first on the path.
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, "serve",
-             mode.removesuffix("-public"), str(port), str(cookie_file), upstream],
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+             __file__, "serve", mode.removesuffix("-public"), str(port), str(cookie_file), upstream],
             cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 600
@@ -103,18 +104,32 @@ def count(tree: Path, mode: str, requests: int, port: int, upstream: str) -> int
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{mode} from {tree} did not start")
                 time.sleep(0.2)
+            sock = _connect(port)
             path = "/public/x" if mode.endswith("-public") else "/"
-            for _ in range(600):  # the cookie is written just before uvicorn binds
-                try:
-                    _requests(port, cookie_file.read_text(), path, WARM_UP + requests)
-                    break
-                except ConnectionRefusedError:
-                    time.sleep(0.2)
+            with sock:
+                _requests(sock, cookie_file.read_text(), path, WARM_UP)
+                _instrumentation(server.pid, "-i on")
+                _requests(sock, cookie_file.read_text(), path, requests)
+                _instrumentation(server.pid, "--dump")  # written to <out>.1: these requests only
         finally:
             server.send_signal(2)  # SIGINT: uvicorn shuts down, callgrind writes its counts
             server.wait(timeout=120)
-        totals = [line for line in out.read_text().splitlines() if line.startswith(("summary:", "totals:"))]
+        dumped = next(Path(work).glob("callgrind.out.*"))
+        totals = [line for line in dumped.read_text().splitlines() if line.startswith(("summary:", "totals:"))]
         return int(totals[0].split()[1])
+
+
+def _connect(port: int) -> socket.socket:
+    for _ in range(600):  # the cookie is written just before uvicorn binds
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=120)
+        except ConnectionRefusedError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def _instrumentation(pid: int, command: str) -> None:
+    subprocess.run(["callgrind_control", *command.split(), str(pid)], check=True, capture_output=True, timeout=120)
 
 
 def main() -> None:
@@ -132,17 +147,15 @@ def main() -> None:
     upstream = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.apps:raw_app", "--port", str(upstream_port),
                                  "--no-access-log", "--log-level", "warning"], cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
-    jobs = [(label, mode, n) for label in trees for mode in args.modes
-            if mode != "bare" or label == "this tree" for n in (0, args.requests)]
+    jobs = [(label, mode) for label in trees for mode in args.modes if mode != "bare" or label == "this tree"]
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             counts = dict(zip(jobs, pool.map(
-                lambda job: count(trees[job[0]], job[1], job[2], _free_port(), f"http://127.0.0.1:{upstream_port}"),
+                lambda job: count(trees[job[0]], job[1], args.requests, _free_port(), f"http://127.0.0.1:{upstream_port}"),
                 jobs), strict=True))
     finally:
         upstream.terminate()
-    per_request = {(label, mode): (counts[(label, mode, args.requests)] - counts[(label, mode, 0)]) / args.requests
-                   for label, mode, n in jobs if n == 0}
+    per_request = {job: total / args.requests for job, total in counts.items()}
     print("| tree | mode | instructions per request | bare / this |")
     print("|---|---|---|---|")
     bare = per_request.get(("this tree", "bare"))
