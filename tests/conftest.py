@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -130,6 +132,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def wait_listening(port: int, process: asyncio.subprocess.Process, timeout_s: float) -> bool:
+    """Whether ``process`` accepts connections on 127.0.0.1:``port`` within ``timeout_s``
+    (False as soon as it exits): every test that starts a server process waits with this."""
+    deadline = time.monotonic() + timeout_s
+    while process.returncode is None and time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return True
+    return False
 
 
 def free_port_block(count: int = 10) -> int:
@@ -319,7 +337,6 @@ def start_nginx(tmp_path: Any) -> NginxStarter:
     path under ``tmp_path``, serving ``site_conf`` (an http-level snippet listening on ``port``)."""
     import asyncio
     import os
-    import time
 
     nginx = _executable("GATEWAY_TEST_NGINX", "/usr/sbin/nginx", "nginx")
 
@@ -338,20 +355,10 @@ def start_nginx(tmp_path: Any) -> NginxStarter:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                if process.returncode is not None or time.monotonic() > deadline:
-                    stderr = (await process.communicate())[1] if process.returncode is not None else b""
-                    logged = error_log.read_text() if error_log.exists() else ""
-                    pytest.fail(f"nginx did not start:\n{stderr.decode(errors='replace')}\n{logged}")
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                break
+            if not await wait_listening(port, process, 10):
+                stderr = (await process.communicate())[1] if process.returncode is not None else b""
+                logged = error_log.read_text() if error_log.exists() else ""
+                pytest.fail(f"nginx did not start:\n{stderr.decode(errors='replace')}\n{logged}")
             yield f"http://127.0.0.1:{port}"
         finally:
             if process.returncode is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.conftest import (
     echo_app,
     free_port,
     headers_of,
+    wait_listening,
 )
 
 RECIPE = Path(__file__).resolve().parents[1] / "deploy" / "caddy" / "Caddyfile"
@@ -100,18 +100,9 @@ async def running_caddy(workdir: Path, port: int, gateway: str, app: str) -> Asy
             _caddy_binary(), "run", "--config", str(main), "--adapter", "caddyfile",
             env=env, stdout=output, stderr=output)
     try:
-        deadline = time.monotonic() + 30  # a loaded machine: Caddy's start is bounded, not timed
-        while True:
-            if process.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"Caddy did not start:\n{log.read_text(errors='replace')}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            break
+        # A loaded machine: Caddy's start is bounded, not timed.
+        if not await wait_listening(port, process, 30):
+            pytest.fail(f"Caddy did not start:\n{log.read_text(errors='replace')}")
         yield f"http://127.0.0.1:{port}"
     finally:
         if process.returncode is None:

@@ -30,7 +30,7 @@ import pytest
 import websockets
 from playwright.async_api import Browser, Page, expect
 
-from tests.conftest import ServedLark, free_port
+from tests.conftest import ServedLark, free_port, wait_listening
 from tests.test_sidecar import gateway_serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,19 +59,9 @@ async def app_process(name: str, argv: list[str], port: int, tmp_path: Path,
             *argv, stdout=output, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})},
             cwd=ROOT)
     try:
-        for _ in range(400):
-            if process.returncode is not None:
-                raise AssertionError(f"{name} exited {process.returncode}:\n{log.read_text(errors='replace')}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            break
-        else:
-            raise AssertionError(f"{name} did not listen on {port}:\n{log.read_text(errors='replace')}")
+        if not await wait_listening(port, process, 20):
+            raise AssertionError(f"{name} did not listen on {port} (exit status {process.returncode}):\n"
+                                 f"{log.read_text(errors='replace')}")
         yield RunningApp(f"http://127.0.0.1:{port}", log)
     finally:
         if process.returncode is None:
