@@ -44,6 +44,7 @@ maps a provider's error codes to the gateway's errors.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -430,10 +431,13 @@ def classify_http_error(exc: httpx.HTTPError, *, provider: str) -> ProviderUnava
 # -- reading answers ---------------------------------------------------------------------------
 
 
-def json_object(response: httpx.Response) -> dict[str, Any] | None:
-    """The answer's body when it is a JSON object; None otherwise (not JSON, or another type)."""
+def json_object(answer: httpx.Response | bytes | None) -> dict[str, Any] | None:
+    """The answer's body (a response, or a relayed answer's bytes) when it is a JSON object;
+    None otherwise (empty, not JSON, or another type)."""
+    if not answer:
+        return None
     try:
-        body = response.json()
+        body = answer.json() if isinstance(answer, httpx.Response) else json.loads(answer)
     except ValueError:
         return None
     return body if isinstance(body, dict) else None

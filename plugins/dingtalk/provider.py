@@ -461,14 +461,6 @@ def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dic
 _RELAY_RATE_OAPI = frozenset({*range(90001, 90015), 90018, 90019})
 
 
-def _relay_json(body: bytes | None) -> dict[str, Any] | None:
-    if not body:
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _required_scopes(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -991,7 +983,7 @@ class DingTalkProvider(Provider):
             await self.app_tokens.invalidate(self._app_token_key(corp))
 
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
-        data = _relay_json(body)
+        data = json_object(body)
         if data is not None and "errcode" in data:  # oapi: HTTP 200 with errcode (sheet 5)
             oapi_code = oapi_error_code(data)
             if oapi_code in APP_TOKEN_REJECTED_OAPI:

@@ -20,7 +20,6 @@ error that tells the core what to do (re-run the login, retry later, call an ope
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -494,7 +493,7 @@ class LarkProvider(Provider):
 
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
         """Lark decides on ``code`` (its HTTP statuses are not reliable: sheet "generic errors")."""
-        data = _json_body(body)
+        data = json_object(body)
         code = as_int(data.get("code")) if data is not None else None
         if code == 99991668 and "not support" in str_field(data or {}, "msg"):
             # "user access token not support": this API takes tenant tokens only. Not an expiry.
@@ -576,12 +575,3 @@ class LarkProvider(Provider):
         )
 
 
-def _json_body(body: bytes | None) -> dict[str, Any] | None:
-    """A relayed answer's body as a JSON object, or None."""
-    if not body:
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None

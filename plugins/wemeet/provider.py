@@ -27,7 +27,6 @@ through ``_API_ERRORS``. No message ever contains a token, a code or the secret.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -412,14 +411,9 @@ class WeMeetProvider(Provider):
 
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
         """Errors are HTTP 400/500 with ``{"error_info": {"error_code", ...}}`` (sheet 6.1)."""
-        code: int | None = None
-        if body:
-            try:
-                data = json.loads(body)
-            except ValueError:
-                data = None
-            info = data.get("error_info") if isinstance(data, dict) else None
-            code = as_int(info.get("error_code")) if isinstance(info, dict) else None
+        data = json_object(body)
+        info = data.get("error_info") if data is not None else None
+        code = as_int(info.get("error_code")) if isinstance(info, dict) else None
         if code == 190303:
             # Expired or rotated, or a scope missing: the same code. Refreshed once; a retry that
             # still gets 190303 is passed on (no incremental consent is documented for WeMeet).
