@@ -152,7 +152,9 @@ async def test_sidecar_a_signed_in_user_cannot_forge_an_identity_or_make_the_pro
     async with sidecar(http) as (port, gateway, upstream):
         ticket = await sign_in(gateway)
         answer = await exchange(port, b"GET /orders HTTP/1.1\r\nHost: app.test\r\nCookie: gw_session=%b\r\n"
-                                b"X_Forwarded_For: 6.6.6.6\r\nX-Real_IP: 6.6.6.6\r\n%b\r\n" % (ticket.encode(), FORGED))
+                                b"X_Forwarded_For: 6.6.6.6\r\nX-Real_IP: 6.6.6.6\r\n"
+                                b"X-Request-Id: forged-rid\r\nX_Request_Id: forged-rid\r\nConnection: X-Request-Id\r\n"
+                                b"%b\r\n" % (ticket.encode(), FORGED))
     assert status_of(answer) == 200, answer
     [received] = upstream.requests
     seen = cgi_identity(received["headers"])
@@ -160,6 +162,9 @@ async def test_sidecar_a_signed_in_user_cannot_forge_an_identity_or_make_the_pro
     assert len(seen["HTTP_X_AUTH_IDENTITY"]) == 1 and seen["HTTP_X_AUTH_IDENTITY"] != ["forged"]
     forwarded = [(k, v) for k, v in received["headers"] if fold(k.encode()) in (b"xforwardedfor", b"xrealip")]
     assert forwarded == [("x-forwarded-for", "127.0.0.1")], forwarded
+    # The request id is the gateway's own (the peer is no trusted proxy): one, never the client's.
+    request_ids = [v for k, v in received["headers"] if fold(k.encode()) == b"xrequestid"]
+    assert len(request_ids) == 1 and request_ids != ["forged-rid"], request_ids
     # upstream.preserve_host (the default): the client's Host, exactly once, never beside the upstream's.
     assert [v for k, v in received["headers"] if k.lower() == "host"] == ["app.test"]
 
