@@ -48,9 +48,11 @@ def acceptable_request_id(value: bytes) -> str | None:
     return value.decode("ascii")
 
 
-AuditEvent = Literal["login.succeeded", "login.failed", "logout", "token.refreshed", "token.refresh_failed"]
-#: The only fields an audit event carries: who, where, through what, and the outcome's code.
-AUDIT_FIELDS = ("provider", "flow", "tenant", "user_id", "client_ip", "error", "outcome")
+AuditEvent = Literal["login.succeeded", "login.failed", "logout", "token.refreshed", "token.refresh_failed",
+                     "consent.granted", "consent.denied", "consent.failed"]
+#: The only fields an audit event carries: who, where, through what, the scopes a consent was
+#: about (names, never a grant), and the outcome's code.
+AUDIT_FIELDS = ("provider", "flow", "tenant", "user_id", "client_ip", "scopes", "error", "outcome")
 FLOWS = {"client": "in-client", "browser": "browser"}
 
 audit_log = logging.getLogger("gateway.audit")
@@ -64,16 +66,17 @@ def audit(
     tenant: str | None = None,
     user_id: str | None = None,
     client_ip: str | None = None,
+    scopes: str | None = None,
     error: str | None = None,
-    outcome: Literal["transient", "definitive"] | None = None,
+    outcome: Literal["transient", "definitive", "pending_admin"] | None = None,
 ) -> None:
     """Write one audit event (INFO, logger ``gateway.audit``; ``login.failed`` and
-    ``token.refresh_failed`` at WARNING). ``flow`` is ``client`` or ``browser`` (logged as
+    ``token.refresh_failed``, ``consent.failed`` at WARNING). ``flow`` is ``client`` or ``browser`` (logged as
     ``in-client`` / ``browser``), ``error`` the stable error code. Only these fields exist: there
     is no way to hand it a token."""
     if not audit_log.isEnabledFor(logging.WARNING if event.endswith("failed") else logging.INFO):
         return
-    values = (provider, FLOWS.get(flow, flow) if flow else None, tenant, user_id, client_ip, error, outcome)
+    values = (provider, FLOWS.get(flow, flow) if flow else None, tenant, user_id, client_ip, scopes, error, outcome)
     fields = {"event": event, **{name: value for name, value in zip(AUDIT_FIELDS, values, strict=True)
                                 if value is not None}}
     audit_log.log(logging.WARNING if event.endswith("failed") else logging.INFO, event,
