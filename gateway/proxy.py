@@ -21,7 +21,7 @@ reused). Bounded waits: a free pooled connection (``pool_timeout_s``: 503 ``upst
 client's body (``body_timeout_s`` of silence: 408 ``request_timeout``). Tests:
 tests/test_proxy_hostile.py.
 
-HTTP goes over a small HTTP/1.1 client of its own (``_Connection``, ``_Pool``): keep-alive
+HTTP goes over a small HTTP/1.1 client of its own (``Connection``, ``Pool``): keep-alive
 connections reused last-in first-out, the request head written as one buffer, the response parsed
 by httptools (llhttp, the parser uvicorn uses), no per-request objects beyond what the exchange
 needs. WebSockets go through aiohttp's client. Why not a general-purpose client: measured with
@@ -40,14 +40,11 @@ measurements (uvicorn serving everything on loopback, 2 cores, three 10 s runs e
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-import httptools
 from starlette.types import Message, Receive, Scope, Send
 
 if TYPE_CHECKING:  # aiohttp serves WebSockets only: imported on the first one (start-up time)
@@ -55,11 +52,20 @@ if TYPE_CHECKING:  # aiohttp serves WebSockets only: imported on the first one (
     from yarl import URL
 
 from gateway.edge import TrustedProxies
+from gateway.http1 import (
+    HOP_BY_HOP,
+    Connection,
+    Pool,
+    UpstreamBusy,
+    UpstreamFailed,
+    UpstreamInvalid,
+    declared_length,
+    exchange,
+    hop_by_hop,
+)
 from gateway.pages import error_response
 from gateway.upstream_health import CAUSES, UpstreamHealth, os_error_cause
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-                        b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 # Request side: the fixed set only, never names the client's Connection header lists (a client's
 # ``Connection: X-Auth-User`` would drop the identity the gateway added: the CVE-2024-45410 class).
 # Expect: the server already answered any 100-continue. Content-Length: the body framing is ours.
@@ -77,32 +83,6 @@ _UNSENDABLE_CLOSE = {1005: 1000, 1006: 1001, 1015: 1011}  # codes that never tra
 _PROBE_TIMEOUT_S = 5.0  # readyz's connect to the upstream waits at most this (or timeout_s if shorter)
 
 
-def _hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The fixed hop-by-hop names plus every name the Connection header lists (names lower-case,
-    as ASGI servers and ``_Connection`` give them)."""
-    listed: list[bytes] | None = None
-    for name, value in headers:
-        if name == b"connection":
-            if listed is None:
-                listed = []
-            listed += [token.strip().lower() for token in value.split(b",")]
-    return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
-
-
-def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The client's Content-Length if it is exactly one plain number and no Transfer-Encoding came
-    with it; else None (the body goes chunked)."""
-    found: int | None = None
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and found is not None):
-            return None
-        if name == b"content-length":
-            value = value.strip()
-            if not value.isdigit() or len(value) > 18:
-                return None
-            found = int(value)
-    return found
-
 
 def _close_code(code: object) -> int:
     if not isinstance(code, int) or not 1000 <= code < 5000:
@@ -118,6 +98,9 @@ class _DisconnectWatch:
         self.receive, self.task = receive, asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
         self.body_read = self.streaming = self.gone = self.finished = False
+
+    def body_sent(self) -> None:
+        self.arm(body_read=True)
 
     def arm(self, *, body_read: bool = False, streaming: bool = False) -> None:
         self.body_read, self.streaming = self.body_read or body_read, self.streaming or streaming
@@ -137,18 +120,6 @@ class _DisconnectWatch:
             self.watcher.cancel()
 
 
-class UpstreamFailed(Exception):
-    """The upstream connection failed or broke before the response was complete (502)."""
-
-
-class UpstreamInvalid(UpstreamFailed):
-    """The upstream's answer is not HTTP we can pass on safely: conflicting or unsupported framing,
-    bytes after a complete response, an unrequested 101 (502 ``upstream_invalid``, never retried)."""
-
-
-class UpstreamBusy(Exception):
-    """Every pooled connection stayed in use for ``pool_timeout_s`` (503 ``upstream_busy``)."""
-
 
 class _SlowBody(Exception):
     """The client was silent ``body_timeout_s`` in the middle of its request body (408)."""
@@ -158,350 +129,6 @@ class _BadLength(Exception):
     """The client's body does not match the Content-Length it declared (400)."""
 
 
-_HIGH_WATER = 256 * 1024  # response bytes buffered from the upstream before reading pauses
-_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # idempotent: retried once
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to the upstream, one exchange at a time.
-
-    The httptools callbacks fill the response state; the proxy's task waits on ``wait()``, which
-    returns whenever something new arrived (headers, body, the end, an error)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, keepalive: float) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self.keepalive = keepalive  # idle longer than this: closed, not reused (Keep-Alive: timeout= lowers it)
-        self.wrote = False  # some byte of the current request was handed to the transport
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self.parser: httptools.HttpResponseParser | None = None
-        self.waiting = False  # the request is sent; the upstream owes an answer (timed by the pool)
-        self.last_read = 0.0
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.read_paused = False
-        self.headers_done = self.complete = self.keep_alive = self.received = self.head = False
-        self.until_eof = False
-        self.error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    def start(self, head: bool) -> None:
-        """A new exchange on this connection."""
-        self.parser = httptools.HttpResponseParser(self)
-        self.status = 0
-        self.headers = []
-        self.chunks.clear()
-        self.buffered = 0
-        self.headers_done = self.complete = self.keep_alive = self.received = self.wrote = False
-        self.until_eof = False
-        self.head = head
-        self.error = None
-
-    # -- asyncio.Protocol -------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.last_read = self.loop.time()
-        parser = self.parser
-        if parser is None or self.complete:
-            self._fail(UpstreamFailed("the upstream sent data outside any exchange"))
-            return
-        self.received = True
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:  # one of our callbacks refused the answer
-            reason = exc.__context__
-            self._fail(reason if isinstance(reason, UpstreamFailed) else UpstreamInvalid(str(exc)))
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # llhttp refuses duplicate or non-numeric Content-Length, CL with TE, bad chunks, data
-            # after Connection: close. HttpParserUpgrade is not an HttpParserError: uncaught, it
-            # escaped data_received ("Fatal error: protocol.data_received() call failed").
-            self._fail(UpstreamInvalid(f"unreadable upstream response: {exc!r}"))
-
-    def eof_received(self) -> bool | None:
-        return None  # the transport closes itself; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.parser is not None and not self.complete and self.error is None:
-            if self.headers_done and self.until_eof:
-                self.complete = True  # a body delimited by the end of the connection ends here
-                self._wake()
-            else:
-                self._fail(UpstreamFailed("the upstream closed the connection"), close=False)
-        self.waiting = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
-    # -- httptools callbacks ------------------------------------------------------------------
-    # llhttp goes on parsing after a complete message: a second response in the same segment would
-    # start a new message in this parser and overwrite the status and headers. A callback that
-    # raises stops the parser there (feed_data raises HttpParserCallbackError, our reason as its
-    # __context__). Only CR/LF between messages is skipped without a callback (RFC 9112 2.2): it
-    # cannot start a message; in a later segment it fails the connection like any other byte.
-
-    def on_message_begin(self) -> None:
-        if self.complete:
-            raise UpstreamInvalid("the upstream sent more than one response")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        status = self.parser.get_status_code()
-        if status == 101:  # we never ask for an upgrade on this client (WebSockets go via aiohttp)
-            raise UpstreamInvalid("the upstream switched protocols unasked")
-        if status < 200:  # an interim answer (100 Continue, 103 Early Hints...): the real one follows
-            self.headers = []
-            return
-        # One pass over the headers: framing checks llhttp leaves to us, and Keep-Alive: timeout=.
-        length = b""
-        codings = 0
-        chunked = False
-        for name, value in self.headers:
-            if name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                # Only plain "chunked" in one header: "chunked, identity" or "gzip, chunked" would be
-                # read to the connection's end or lose their coding once de-chunked (RFC 9112 6.1).
-                codings += 1
-                chunked = value.strip().lower() == b"chunked"
-            elif name == b"keep-alive":
-                self._keep_alive_timeout(value)
-        if codings > 1 or (codings and not chunked):
-            raise UpstreamInvalid("unsupported or conflicting Transfer-Encoding in the upstream's answer")
-        self.status = status
-        self.headers_done = True
-        self.keep_alive = self.parser.should_keep_alive()
-        if self.head or status in (204, 304):
-            self.complete = True  # no body, whatever the headers say
-            # A body announced here may still come (a HEAD or 204 answered as if it had one): the
-            # connection is not reused, or those bytes would become the next exchange's answer.
-            if codings or length.strip(b"0 \t"):
-                self.keep_alive = False
-        else:
-            self.until_eof = not length and not codings
-            self.keep_alive = self.keep_alive and not self.until_eof
-        self._wake()
-
-    def _keep_alive_timeout(self, value: bytes) -> None:
-        for param in value.split(b","):
-            key, _, number = param.partition(b"=")
-            number = number.strip()
-            if key.strip().lower() == b"timeout" and number.isdigit():
-                seconds = int(number)  # stop reusing a second early (half of it if it is tiny)
-                self.keepalive = min(self.keepalive, max(seconds - 1.0, seconds / 2))
-
-    def on_body(self, body: bytes) -> None:
-        if self.complete:  # body bytes after an answer that has none (HEAD, 204, 304)
-            raise UpstreamInvalid("the upstream sent a body after a complete response")
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.buffered > _HIGH_WATER and not self.read_paused and self.transport is not None:
-            self.transport.pause_reading()  # the client reads slower than the upstream sends
-            self.read_paused = True
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.headers_done:
-            self.complete = True
-            self._wake()
-
-    # -- used by the proxy --------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, error: BaseException, *, close: bool = True) -> None:
-        if self.error is None:
-            self.error = error
-        self.keep_alive = False
-        if close and self.transport is not None:
-            self.transport.close()
-        self._wake()
-
-    async def wait(self) -> None:
-        """Until something new happened (call only while the exchange is still going on)."""
-        self._waiter = self.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def take(self) -> bytes:
-        """Every body byte received so far (reading resumes if it was paused)."""
-        data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks.clear()
-        self.buffered = 0
-        if self.read_paused and self.transport is not None and not self.closed:
-            self.read_paused = False
-            self.transport.resume_reading()
-        return data
-
-    def write(self, data: bytes) -> None:
-        if self.closed or self.transport is None or self.transport.is_closing():
-            raise UpstreamFailed("the upstream closed the connection")
-        self.wrote = True
-        self.transport.write(data)
-
-    async def drain(self, patience_s: float) -> None:
-        """Until the upstream takes more of the request (silent ``patience_s``: TimeoutError)."""
-        if self._write_paused and not self.closed:
-            self._drain = self.loop.create_future()
-            try:
-                async with asyncio.timeout(patience_s):
-                    await self._drain
-            finally:
-                self._drain = None
-        if self.closed:
-            raise UpstreamFailed("the upstream closed the connection")
-
-    def timed_out(self, now: float, timeout: float) -> bool:
-        """Whether the upstream has been silent ``timeout`` seconds (never while we are the slow side)."""
-        if self.read_paused:
-            self.last_read = now
-            return False
-        if now - self.last_read >= timeout:
-            self._fail(TimeoutError())
-            return True
-        return False
-
-    def finish(self) -> bool:
-        """End the exchange; whether the connection can serve another one."""
-        self.waiting = False
-        self.parser = None
-        reusable = (self.complete and self.keep_alive and self.error is None and not self.closed
-                    and not self.read_paused)
-        if not reusable:
-            self.close()
-        return reusable
-
-    def close(self) -> None:
-        self.waiting = False
-        if self.transport is not None and not self.closed:
-            self.transport.close()
-        self.closed = True
-
-
-class _Pool:
-    """Keep-alive connections to one upstream, at most ``limit`` in use (the rest wait in turn, at
-    most ``pool_timeout`` seconds: then ``UpstreamBusy``). A connection idle ``keepalive`` seconds
-    is not reused: shorter than common upstream keep-alives (uvicorn and Node 5 s), so we seldom
-    write to a connection the upstream is closing."""
-
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, server_hostname: str | None,
-                 limit: int, timeout: float, pool_timeout: float = 10.0, keepalive: float = 4.0) -> None:
-        self.host, self.port = host, port
-        self.ssl, self.server_hostname = ssl_context, server_hostname
-        self.limit = limit
-        self.timeout = timeout
-        self.pool_timeout = pool_timeout
-        self.keepalive = keepalive
-        # One sweep every ``_tick`` checks every exchange for silence, instead of a timer each.
-        self._tick = min(max(timeout / 8, 0.01), 1.0)
-        self._sweep: asyncio.TimerHandle | None = None
-        self.active: set[_Connection] = set()
-        self.idle: collections.deque[_Connection] = collections.deque()
-        self.in_use = 0
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def acquire(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed meanwhile)."""
-        if self.in_use >= self.limit or self.waiters:
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            try:
-                async with asyncio.timeout(self.pool_timeout):
-                    await waiter
-            except BaseException as exc:
-                if waiter.done() and not waiter.cancelled():
-                    self._hand_over()  # we were given the slot: pass it on
-                else:
-                    with contextlib.suppress(ValueError):
-                        self.waiters.remove(waiter)
-                if isinstance(exc, TimeoutError):
-                    raise UpstreamBusy() from None
-                raise
-        else:
-            self.in_use += 1
-        try:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            while self.idle and not fresh:
-                connection = self.idle.pop()
-                if not connection.closed and now - connection.idle_since < connection.keepalive:
-                    return connection, True
-                connection.close()
-            async with asyncio.timeout(self.timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self.keepalive), self.host, self.port, ssl=self.ssl,
-                    server_hostname=self.server_hostname)
-            return connection, False
-        except BaseException:
-            self._hand_over()
-            raise
-
-    def watch(self, connection: _Connection) -> None:
-        """The request is sent: time the upstream's silence from now on."""
-        connection.waiting = True
-        connection.last_read = connection.loop.time()
-        self.active.add(connection)
-        if self._sweep is None:
-            self._sweep = connection.loop.call_later(self._tick, self._check)
-
-    def _check(self) -> None:
-        self._sweep = None
-        if not self.active:
-            return
-        loop = next(iter(self.active)).loop
-        now = loop.time()
-        for connection in [c for c in self.active if not c.waiting or c.complete or c.error is not None]:
-            self.active.discard(connection)
-        for connection in [c for c in self.active if c.timed_out(now, self.timeout)]:
-            self.active.discard(connection)
-        if self.active:
-            self._sweep = loop.call_later(self._tick, self._check)
-
-    def release(self, connection: _Connection) -> None:
-        self.active.discard(connection)
-        if connection.finish():
-            connection.idle_since = connection.loop.time()
-            self.idle.append(connection)
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        """A slot is free: give it to the first waiter still waiting, else count it free."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes on: in_use is unchanged
-                return
-        self.in_use -= 1
-
-    def close(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        while self.idle:
-            self.idle.pop().close()
 
 
 class UpstreamProxy:
@@ -528,7 +155,7 @@ class UpstreamProxy:
         self._preserve_host = preserve_host
         self.health = UpstreamHealth(netloc)  # the address only: credentials in the URL stay out of logs
         self._session: aiohttp.ClientSession | None = None
-        self._pool: _Pool | None = None
+        self._pool: Pool | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         """aiohttp, for WebSockets only."""
@@ -542,10 +169,10 @@ class UpstreamProxy:
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
         return self._session
 
-    def _connections(self) -> _Pool:
+    def _connections(self) -> Pool:
         if self._pool is None:  # created lazily, in the serving loop
             context = ssl.create_default_context() if self._tls else None
-            self._pool = _Pool(self._host, self._port, context, self._host if self._tls else None,
+            self._pool = Pool(self._host, self._port, context, self._host if self._tls else None,
                                self._max_connections, self._timeout_s, self._pool_timeout_s, self._keepalive_s)
         return self._pool
 
@@ -683,7 +310,7 @@ class UpstreamProxy:
             parts += [name, b": ", value, b"\r\n"]
         declared: int | None = None
         if streaming:
-            declared = _declared_length(scope["headers"])
+            declared = declared_length(scope["headers"])
             if declared is None:
                 parts.append(b"transfer-encoding: chunked\r\n")
             else:
@@ -693,7 +320,7 @@ class UpstreamProxy:
         parts.append(b"\r\n")
         return b"".join(parts), declared
 
-    async def _send_body(self, connection: _Connection, message: Message, receive: Receive,
+    async def _send_body(self, connection: Connection, message: Message, receive: Receive,
                          declared: int | None, watch: _DisconnectWatch) -> None:
         """Stream the rest of the request body (the first message is ``message``) to the upstream:
         chunked, or exactly ``declared`` bytes (a body that would go past it, or ends short, raises
@@ -725,47 +352,21 @@ class UpstreamProxy:
             connection.write(b"0\r\n\r\n")
         elif left:
             raise _BadLength()
-        watch.arm(body_read=True)
+        watch.body_sent()
 
     async def _exchange(self, scope: Scope, receive: Receive, message: Message,
-                        watch: _DisconnectWatch) -> _Connection:
+                        watch: _DisconnectWatch) -> Connection:
         """Send the request; returns the connection once the response headers are in (or raises)."""
         pool = self._connections()
         streaming = bool(message.get("more_body"))
         body: bytes = b"" if streaming else message.get("body", b"")
         head, declared = self._request_head(scope, body, streaming)
-        method: str = scope["method"]
-        fresh = False
-        while True:
-            connection, reused = await pool.acquire(fresh=fresh)
-            try:
-                connection.start(head=method == "HEAD")
-                if streaming:
-                    connection.write(head)
-                    await self._send_body(connection, message, receive, declared, watch)
-                else:
-                    connection.write(head + body if body else head)
-                    watch.arm(body_read=True)
-                pool.watch(connection)
-                while not connection.headers_done and connection.error is None:
-                    await connection.wait()
-                if connection.error is not None:
-                    raise connection.error
-                return connection
-            except UpstreamFailed as exc:
-                pool.release(connection)
-                # A kept-alive connection the upstream closed meanwhile: once more on a new one, when
-                # nothing of an answer came and either nothing of the request was written (it cannot
-                # have been processed: any method) or it is idempotent and still in hand (RFC 9110
-                # 9.2.2). A POST that was written may have been processed: never sent twice.
-                if (reused and not connection.received and not isinstance(exc, UpstreamInvalid)
-                        and (not connection.wrote or (not streaming and method in _REPLAYABLE))):
-                    fresh = True
-                    continue
-                raise
-            except BaseException:
-                pool.release(connection)
-                raise
+        if streaming:
+            async def stream(connection: Connection) -> None:
+                await self._send_body(connection, message, receive, declared, watch)
+
+            return await exchange(pool, head, method=scope["method"], stream=stream)
+        return await exchange(pool, head, method=scope["method"], body=body, sent=watch.body_sent)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, watch: _DisconnectWatch) -> None:
         message = await receive()
@@ -806,9 +407,9 @@ class UpstreamProxy:
         await error_response(scope, status, code, text, headers=headers)(scope, receive, send)
 
     @staticmethod
-    async def _stream(connection: _Connection, send: Send, watch: _DisconnectWatch) -> None:
+    async def _stream(connection: Connection, send: Send, watch: _DisconnectWatch) -> None:
         raw = connection.headers
-        drop = _hop_by_hop(raw)
+        drop = hop_by_hop(raw)
         headers = [item for item in raw if item[0] not in drop]
         await send({"type": "http.response.start", "status": connection.status, "headers": headers})
         if connection.complete:  # the usual small answer: all of it is here already

@@ -45,9 +45,9 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.config import RelayRoute
 from gateway.edge import FORWARDING_HEADERS, first_header
 from gateway.errors import GatewayError, ProviderError, ProviderUnavailable, ReauthRequired
+from gateway.http1 import HOP_BY_HOP
 from gateway.pages import error_response, gateway_error_response
 from gateway.providers import Provider, RelayVerdict, TokenSet
-from gateway.proxy import HOP_BY_HOP
 from gateway.runtime import Runtime
 from gateway.state import safe_next
 from gateway.tokens import token_key
