@@ -439,6 +439,11 @@ class Relay(_Section):
     replay_body_bytes: int = Field(256 * 1024, ge=0)
     # Extra scopes /consent may ask for beyond the routes' own (scopes=... nothing else accepts).
     consent_scopes: list[str] = Field(default_factory=list)
+    # A provider silent this long (connecting, or between two reads of its answer): 503
+    # provider_unavailable. At most this many connections per provider host; a call waits at most
+    # timeout_s for one of them.
+    timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(100, ge=1)
 
 
 class GatewayConfig(BaseSettings):

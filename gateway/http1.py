@@ -454,3 +454,37 @@ async def exchange(pool: Pool, head: bytes, *, method: str, body: bytes = b"",
         except BaseException:
             pool.release(connection)
             raise
+
+
+class Pools:
+    """A ``Pool`` per origin (``https://host:port``), created on first use: the relay's provider
+    hosts. ``observers`` see every request head as written (and its body when it was sent whole,
+    else None): the tests read what really went out from there."""
+
+    def __init__(self, *, limit: int = 100, timeout_s: float = 10.0, pool_timeout_s: float = 10.0,
+                 keepalive_s: float = 4.0) -> None:
+        self.limit, self.timeout_s, self.pool_timeout_s, self.keepalive_s = limit, timeout_s, pool_timeout_s, keepalive_s
+        self.observers: list[Callable[[str, bytes, bytes | None], None]] = []
+        self._pools: dict[str, Pool] = {}
+        self._tls: ssl.SSLContext | None = None  # one CA store load for every https origin
+
+    def get(self, origin: str) -> Pool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            scheme, _, netloc = origin.partition("://")
+            host, _, port = netloc.rpartition(":") if netloc.rpartition(":")[2].isdigit() else (netloc, "", "")
+            host = host.strip("[]")
+            tls = None
+            if scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                tls = self._tls
+            pool = Pool(host, int(port) if port else (443 if tls else 80), tls, host if tls else None,
+                        self.limit, self.timeout_s, self.pool_timeout_s, self.keepalive_s)
+            self._pools[origin] = pool
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

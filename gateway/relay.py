@@ -29,13 +29,14 @@ One call, in order; every refusal is decided before anything reaches the provide
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import quote, quote_from_bytes, unquote_to_bytes, urlencode, urlsplit
 
 import httpx
 import jwt
@@ -45,7 +46,17 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.config import RelayRoute
 from gateway.edge import FORWARDING_HEADERS, first_header
 from gateway.errors import GatewayError, ProviderError, ProviderUnavailable, ReauthRequired
-from gateway.http1 import HOP_BY_HOP
+from gateway.http1 import (
+    HOP_BY_HOP,
+    Connection,
+    Pool,
+    UpstreamBusy,
+    UpstreamFailed,
+    declared_length,
+    exchange,
+    hop_by_hop,
+)
+from gateway.logs import request_id
 from gateway.pages import error_response, gateway_error_response
 from gateway.providers import Provider, RelayVerdict, TokenSet
 from gateway.runtime import Runtime
@@ -64,8 +75,12 @@ _AMBIGUOUS_ESCAPES = re.compile(r"%(2f|5c|25|00)", re.IGNORECASE)
 #: Request headers never passed to the provider, besides hop-by-hop ones.
 _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"cookie", b"authorization", b"content-length", b"expect", b"accept-encoding",
-    b"origin", b"referer", b"proxy-authorization",
+    b"origin", b"referer", b"proxy-authorization", b"x-request-id",  # the gateway's own id goes instead
 } | {name.lower().encode() for name in FORWARDING_HEADERS}
+#: What may stand in a query as sent (RFC 3986 query characters; ``%`` keeps the caller's escapes).
+_QUERY_SAFE = "!$&'()*+,;=:@/?%"
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_UNSAFE_VALUE = re.compile(rb"[\r\n\x00]")
 #: Response headers never passed back: hop-by-hop ones, and cookies the provider sets (they
 #: would land on the app's origin).
 _RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"}
@@ -221,32 +236,35 @@ class Relay:
             raise RelayRefused(f"{provider.display_name or name} serves no API at this path through the gateway.")
         caller = await self._caller(scope, name, method)
         headers = scope["headers"]
-        declared = _declared_length(headers)
+        declared = declared_length(headers)
         limit = self.config.relay.max_body_bytes
         if declared is not None and declared > limit:
             raise GatewayError("The request body is too large for the relay.", code="body_too_large",
                                status_code=413)
-        url = f"{base}/{path}"
-        if urlsplit(url).netloc != urlsplit(base).netloc:  # belt and braces: the path cannot move hosts
+        if urlsplit(f"{base}/{path}").netloc != urlsplit(base).netloc:  # belt and braces: the path cannot move hosts
             raise GatewayError("The path cannot be relayed.", code="bad_path", status_code=400)
-        query = _without(scope.get("query_string", b""), provider.relay_credential_params)
+        query: bytes = scope.get("query_string", b"")
         forwarded = _forward_headers(headers, provider.relay_credential_headers)
         body = _Body(receive, keep=self.config.relay.replay_body_bytes, limit=limit)
         await body.prepare()
         next_path = _page_path(headers)
 
         tokens, token = await self._token(provider, caller, route, next_path)
+        origin, base_path = _split_base(base)
+        pool = self.runtime.relay_http.get(origin)
+        target_path = f"{base_path}/{path}".encode("latin-1")
+        fixed = b"host: " + urlsplit(base).netloc.encode("idna") + b"\r\naccept-encoding: identity\r\n"
+        rid = request_id.get()
+        if rid is not None:
+            fixed += b"x-request-id: " + rid.encode("ascii") + b"\r\n"
         for attempt in (1, 2):
             auth = provider.relay_auth(path, token, kind=route.token, tokens=tokens)
-            params: list[tuple[str, str | int | float | bool | None]] = [*query, *auth.params]
-            own = {name.lower() for name, _ in auth.headers}  # the plugin's replace the caller's
-            request = provider.http.build_request(
-                method, url, params=params if params else None,
-                headers=[*((k, v) for k, v in forwarded if k not in own), *auth.headers,
-                         ("accept-encoding", "identity")],
-                content=body.content() if method not in ("GET", "HEAD") or declared or body.streamed else None,
-            )
-            answer = _Answer(await self._send(provider, request))
+            target = target_path + _query(query, provider.relay_credential_params, auth.params)
+            content = body.content() if method not in ("GET", "HEAD") or declared or body.streamed else b""
+            head = _request_head(method, target, fixed, forwarded, auth.headers, content, declared)
+            for observe in self.runtime.relay_http.observers:
+                observe(origin, head, content if isinstance(content, bytes) else None)
+            answer = _Answer(await self._send(provider, pool, method, head, content, declared), pool)
             try:
                 verdict = await answer.verdict(provider)
                 if verdict.outcome == "expired" and attempt == 1:
@@ -273,7 +291,7 @@ class Relay:
                 await answer.relay(scope, send, verdict)
                 return
             finally:
-                await answer.response.aclose()
+                answer.close()
 
     # -- the parts ------------------------------------------------------------------------------
 
@@ -384,13 +402,24 @@ class Relay:
         return tokens, token
 
     @staticmethod
-    async def _send(provider: Provider, request: httpx.Request) -> httpx.Response:
+    async def _send(provider: Provider, pool: Pool, method: str, head: bytes, content: bytes | AsyncIterator[bytes],
+                    declared: int | None) -> Connection:
+        """The request written (its body streamed when it is not in hand), the answer's head read."""
         try:
-            return await provider.http.send(request, stream=True)
-        except httpx.TimeoutException:
+            if isinstance(content, bytes):
+                return await exchange(pool, head, method=method, body=content)
+
+            async def stream(connection: Connection) -> None:
+                await _stream_body(connection, content, declared, pool.timeout)
+
+            return await exchange(pool, head, method=method, stream=stream)
+        except TimeoutError:
             raise ProviderUnavailable(f"{provider.display_name or provider.name} did not answer in time.",
                                       code="provider_unavailable", retry_after_s=5) from None
-        except httpx.HTTPError:
+        except UpstreamBusy:
+            raise ProviderUnavailable(f"Too many calls to {provider.display_name or provider.name} are waiting.",
+                                      code="provider_unavailable", retry_after_s=5) from None
+        except (UpstreamFailed, OSError):
             raise ProviderUnavailable(f"{provider.display_name or provider.name} could not be reached.",
                                       code="provider_unavailable", retry_after_s=5) from None
 
@@ -401,11 +430,6 @@ class Relay:
 def _compile(route: RelayRoute) -> _Route:
     methods = frozenset(route.methods)
     return _Route(re.compile(translate(route.path)), methods, route.token, tuple(route.scopes))
-
-
-def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-    value = first_header(headers, b"content-length")
-    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 def _cookie(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:
@@ -439,67 +463,136 @@ def _page_path(headers: Sequence[tuple[bytes, bytes]]) -> str:
     return safe_next(parts.path + (f"?{parts.query}" if parts.query else ""))
 
 
-def _without(query: bytes, names: frozenset[str]) -> list[tuple[str, str]]:
-    """The caller's query parameters, in order, minus any that carry a credential."""
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    return [(key, value) for key, value in pairs if key.lower() not in names]
+@functools.lru_cache(maxsize=64)
+def _split_base(base: str) -> tuple[str, str]:
+    """A provider base URL as (origin, path without its trailing slash)."""
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", parts.path.rstrip("/")
 
 
-def _forward_headers(headers: Sequence[tuple[bytes, bytes]], credentials: frozenset[str]) -> list[tuple[str, str]]:
+def _param_name(piece: bytes) -> str:
+    return unquote_to_bytes(piece.partition(b"=")[0].replace(b"+", b" ")).decode("latin-1").lower()
+
+
+def _query(raw: bytes, credentials: frozenset[str], added: Sequence[tuple[str, str]]) -> bytes:
+    """The caller's query as sent, minus any parameter that carries a credential, plus the
+    plugin's; ``?...`` or empty."""
+    pieces = [piece for piece in raw.split(b"&") if piece and _param_name(piece) not in credentials] if raw else []
+    pieces += [f"{quote(str(key), safe='')}={quote(str(value), safe='')}".encode("ascii") for key, value in added]
+    return b"?" + quote_from_bytes(b"&".join(pieces), safe=_QUERY_SAFE).encode("ascii") if pieces else b""
+
+
+def _forward_headers(headers: Sequence[tuple[bytes, bytes]], credentials: frozenset[str]) -> list[tuple[bytes, bytes]]:
     listed = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
     drop = _REQUEST_DROP | listed | {name.encode() for name in credentials}
     # X-Forwarded-*: about the path to us, nothing the provider should know. X-Auth-*: the default
     # identity header names (the edge already removed the configured ones in every spelling).
-    return [(key.decode("latin-1"), value.decode("latin-1")) for key, value in headers
+    return [(key, value) for key, value in headers
             if key not in drop and not key.startswith(b"x-forwarded-") and not key.startswith(b"x-auth-")]
 
 
-class _Answer:
-    """The provider's answer: its head, and its body as one stream (read once)."""
+def _request_head(method: str, target: bytes, fixed: bytes, forwarded: Sequence[tuple[bytes, bytes]],
+                  plugin_headers: Sequence[tuple[str, str]], content: bytes | AsyncIterator[bytes],
+                  declared: int | None) -> bytes:
+    """The request line and headers as written: the plugin's headers in its own spelling (they
+    replace the caller's of the same name), the caller's, and the body's framing (ours)."""
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n", fixed]
+    own: set[bytes] = set()
+    for name, value in plugin_headers:
+        raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
+        if not _HEADER_NAME.fullmatch(raw_name) or _UNSAFE_VALUE.search(raw_value):
+            raise GatewayError("The provider plugin made a header that cannot be sent.", code="relay_misconfigured",
+                               status_code=502)
+        own.add(raw_name.lower())
+        parts += [raw_name, b": ", raw_value, b"\r\n"]
+    for key, text in forwarded:
+        if key not in own:
+            parts += [key, b": ", text, b"\r\n"]
+    if isinstance(content, bytes):
+        if content or method in ("POST", "PUT", "PATCH"):
+            parts.append(b"content-length: %d\r\n" % len(content))
+    elif declared is None:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        parts.append(b"content-length: %d\r\n" % declared)
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.stream = response.aiter_raw()
-        self.head: list[bytes] = []  # body bytes read for the verdict: sent first
-        self.complete = False
+
+async def _stream_body(connection: Connection, chunks: AsyncIterator[bytes], declared: int | None,
+                       patience_s: float) -> None:
+    """A body not in hand, written as it comes: chunked, or exactly the ``declared`` length."""
+    left = declared
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        if left is None:
+            connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            left -= len(chunk)
+            if left < 0:
+                raise GatewayError("The request body is longer than its Content-Length.",
+                                   code="body_length_mismatch", status_code=400)
+            connection.write(chunk)
+        await connection.drain(patience_s)
+    if left is None:
+        connection.write(b"0\r\n\r\n")
+    elif left:
+        raise GatewayError("The request body is shorter than its Content-Length.", code="body_length_mismatch",
+                           status_code=400)
+
+
+class _Answer:
+    """The provider's answer on its connection: the head is in; the body is read from it once."""
+
+    def __init__(self, connection: Connection, pool: Pool) -> None:
+        self.connection, self.pool = connection, pool
 
     async def verdict(self, provider: Provider) -> RelayVerdict:
         """The plugin's verdict, shown the body when it is small JSON (error envelopes are)."""
-        response = self.response
-        length = response.headers.get("content-length")
-        small = length is None or (length.isdigit() and int(length) <= _CLASSIFY_BYTES)
-        if "json" not in response.headers.get("content-type", "") or not small:
-            return provider.relay_verdict(response.status_code, response.headers, None)
-        size = 0
-        self.complete = True
-        async for chunk in self.stream:
-            self.head.append(chunk)
-            size += len(chunk)
-            if size > _CLASSIFY_BYTES:
-                self.complete = False
-                break
-        body = b"".join(self.head) if self.complete else None
-        return provider.relay_verdict(response.status_code, response.headers, body)
+        connection = self.connection
+        content_type = length = b""
+        for name, value in connection.headers:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                length = value.strip()
+        headers = httpx.Headers(connection.headers)
+        if b"json" not in content_type or (length and not (length.isdigit() and int(length) <= _CLASSIFY_BYTES)):
+            return provider.relay_verdict(connection.status, headers, None)
+        while not connection.complete and connection.error is None and connection.buffered <= _CLASSIFY_BYTES:
+            await connection.wait()
+        if connection.error is not None:
+            raise ProviderUnavailable(f"{provider.display_name or provider.name} broke off its answer.",
+                                      retry_after_s=5)
+        body = b"".join(connection.chunks) if connection.complete else None  # kept: relay() sends them
+        return provider.relay_verdict(connection.status, headers, body)
 
     async def relay(self, scope: Scope, send: Send, verdict: RelayVerdict) -> None:
-        """Pass the answer on as it is: status, end-to-end headers, the body streamed."""
-        response = self.response
-        listed = {token.strip().lower().encode() for token in response.headers.get("connection", "").split(",")}
-        drop = _RESPONSE_DROP | listed
-        headers = [(key.lower(), value) for key, value in response.headers.raw if key.lower() not in drop]
-        names = {key for key, _ in headers}
+        """Pass the answer on as it is: status, end-to-end headers, the body streamed. Broken off
+        midway, the response is left incomplete (the server cuts it: the caller sees the cut)."""
+        connection = self.connection
+        drop = _RESPONSE_DROP | hop_by_hop(connection.headers)
+        headers = [item for item in connection.headers if item[0] not in drop]
+        names = {name for name, _ in headers}
         if verdict.outcome == "rate_limited" and b"retry-after" not in names:
             headers.append((b"retry-after", str(verdict.retry_after_s or 5).encode()))
         if b"cache-control" not in names:
             headers.append((b"cache-control", b"no-store"))  # a user's data: never cached by the way
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        if scope["method"] != "HEAD":
-            for chunk in self.head:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if not self.complete:
-                async for chunk in self.stream:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.start", "status": connection.status, "headers": headers})
+        while True:
+            if connection.chunks:
+                await send({"type": "http.response.body", "body": connection.take(), "more_body": True})
+                continue
+            if connection.error is not None:
+                return
+            if connection.complete:
+                break
+            await connection.wait()
         await send({"type": "http.response.body", "body": b""})
+
+    def close(self) -> None:
+        self.pool.release(self.connection)
 
 
 def _json_error(scope: Scope, exc: GatewayError, login_url: str) -> Response:

@@ -31,6 +31,18 @@ class Relayed:
         return [request for request in self.sent if request.url.path == path]
 
 
+def wire_request(origin: str, head: bytes, body: bytes | None) -> httpx.Request:
+    """A relayed call as the relay wrote it on the wire (``Pools.observers``), readable as an
+    httpx.Request; header names keep the spelling they were sent in."""
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = request_line.split(" ")
+    headers = [(name, value) for name, _, value in (line.partition(": ") for line in lines if line)]
+    request = httpx.Request(method, origin + target, headers=headers)
+    if body is not None:
+        request._content = body  # as sent: the head already has its Content-Length
+    return request
+
+
 @contextlib.asynccontextmanager
 async def served(sandbox: Sandbox) -> AsyncIterator[dict[str, str]]:
     async with serve_apps(sandbox.hosts()) as urls:
@@ -52,7 +64,8 @@ async def relay_gateway(name: str, settings: dict[str, Any], routes: list[dict[s
     async def record(request: httpx.Request) -> None:
         running.sent.append(request)
 
-    gateway.runtime.http.event_hooks["request"].append(record)
+    gateway.runtime.http.event_hooks["request"].append(record)  # the plugins' own provider calls
+    gateway.runtime.relay_http.observers.append(lambda *wire: running.sent.append(wire_request(*wire)))
     try:
         async with serve_apps({"gateway": gateway}, port=port):
             yield running

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.identity import Identity
 from plugins.lark import openapi
+from tests._relay import wire_request
 from tests.conftest import GatewayStarter, RunningGateway, ServedLark, browser_login
 
 API = "/_gateway/api/lark"
@@ -41,7 +42,8 @@ async def signed_in(start_gateway: GatewayStarter, *, routes: list[dict[str, Any
         async def record(request: httpx.Request) -> None:
             sent.append(request)
 
-        running.gateway.runtime.http.event_hooks["request"].append(record)
+        running.gateway.runtime.http.event_hooks["request"].append(record)  # the plugins' own provider calls
+        running.gateway.runtime.relay_http.observers.append(lambda *wire: sent.append(wire_request(*wire)))
         async with running.client() as client:
             landed = await browser_login(client)
             assert landed.status_code == 200, landed.text
@@ -182,9 +184,8 @@ async def test_a_transient_failure_is_503_with_retry_after_and_the_session_lives
 
 
 async def test_an_unreachable_provider_is_503(start_gateway: GatewayStarter, lark: ServedLark) -> None:
-    async with signed_in(start_gateway, provider=GRANTED) as (running, client, _sent):
+    async with signed_in(start_gateway, provider=GRANTED, relay={"timeout_s": 0.5}) as (running, client, _sent):
         lark.sandbox.inject_fault("calendars", delay_s=30)
-        running.gateway.runtime.http.timeout = httpx.Timeout(0.5)
         answer = await client.get(CALENDARS)
         assert answer.status_code == 503 and answer.json()["error"] == "provider_unavailable"
 
