@@ -463,7 +463,8 @@ class Pools:
 
     def __init__(self, *, limit: int = 100, timeout_s: float = 10.0, pool_timeout_s: float = 10.0,
                  keepalive_s: float = 4.0) -> None:
-        self.limit, self.timeout_s, self.pool_timeout_s, self.keepalive_s = limit, timeout_s, pool_timeout_s, keepalive_s
+        self.limit, self.timeout_s = limit, timeout_s
+        self.pool_timeout_s, self.keepalive_s = pool_timeout_s, keepalive_s
         self.observers: list[Callable[[str, bytes, bytes | None], None]] = []
         self._pools: dict[str, Pool] = {}
         self._tls: ssl.SSLContext | None = None  # one CA store load for every https origin

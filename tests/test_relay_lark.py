@@ -184,7 +184,7 @@ async def test_a_transient_failure_is_503_with_retry_after_and_the_session_lives
 
 
 async def test_an_unreachable_provider_is_503(start_gateway: GatewayStarter, lark: ServedLark) -> None:
-    async with signed_in(start_gateway, provider=GRANTED, relay={"timeout_s": 0.5}) as (running, client, _sent):
+    async with signed_in(start_gateway, provider=GRANTED, relay={"timeout_s": 0.5}) as (_, client, _sent):
         lark.sandbox.inject_fault("calendars", delay_s=30)
         answer = await client.get(CALENDARS)
         assert answer.status_code == 503 and answer.json()["error"] == "provider_unavailable"
