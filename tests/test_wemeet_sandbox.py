@@ -301,6 +301,32 @@ async def test_the_profile_of_enterprise_and_personal_users(lab: Lab) -> None:
     assert (profile["username"], profile["open_corp_id"], profile["open_corp_name"]) == ("Pat Personal", "", "")
 
 
+#: ``V1UsersInfoBasicGet200Response`` as the official SDK declares it (TencentCloud/wemeet-openapi-sdk-python,
+#: ``wemeet_openapi/service/user_manager/model.py``, commit 7903860): every field is optional, each of one type.
+SDK_BASIC_INFO_TYPES: dict[str, type] = {
+    "account_type": int, "account_version": int, "add_on_largemeeting": int, "add_on_webinar": int,
+    "ai_account_type": int, "avatar_url": str, "email_status": int, "enable_ai_account": bool, "is_voov": int,
+    "open_corp_id": str, "open_corp_name": str, "phone_status": int, "status": str, "user_account_type": int,
+    "username": str,
+}
+
+
+@pytest.mark.parametrize("user", [ZHANG, PAT], ids=["enterprise", "personal"])
+async def test_the_profile_answers_the_types_of_the_official_sdk_model(lab: Lab, user: WeMeetUser) -> None:
+    tokens = await lab.tokens(user.open_id)
+    profile = (await lab.profile(tokens["access_token"], user.open_id)).json()
+    assert set(profile) <= set(SDK_BASIC_INFO_TYPES), set(profile) - set(SDK_BASIC_INFO_TYPES)
+    # type(), not isinstance(): a bool is an int in Python, and is_voov must not be true/false.
+    wrong = {name: type(value).__name__ for name, value in profile.items()
+             if type(value) is not SDK_BASIC_INFO_TYPES[name]}
+    assert not wrong, wrong
+    assert profile["is_voov"] == 0 and profile["enable_ai_account"] is False
+    # Values the official doc's tables list (S8): 1/2 for e-mail and phone, the account kinds.
+    assert profile["email_status"] in (1, 2) and profile["phone_status"] in (0, 1, 2)
+    assert profile["account_version"] in (0, 1, 2, 3) and profile["user_account_type"] in range(1, 10)
+    assert profile["account_type"] == (1 if user.open_corp_id else 0)  # 0: 个人免费版
+
+
 async def test_the_profile_needs_a_profile_scope(lab: Lab) -> None:
     tokens = await lab.tokens(ZHAO.open_id)
     assert tokens["scopes"] == ["VIEW_VIDEO"]

@@ -1,4 +1,13 @@
-"""The Tencent Meeting emulator's REST API beyond sign-in: the user's meetings, to call through the relay.
+"""The Tencent Meeting emulator's REST API beyond sign-in: the user's profile and meetings.
+
+``GET /v1/users/info/basic`` (获取用户基本信息, S8 in docs/providers/wemeet.md) answers
+``basic_info(user)``: every field with the type the official SDK model declares,
+``V1UsersInfoBasicGet200Response`` in TencentCloud/wemeet-openapi-sdk-python
+``wemeet_openapi/service/user_manager/model.py`` (commit 7903860, 2025-07-15; S10): ``status`` is a
+string, ``is_voov``, ``email_status``, ``phone_status`` and the account fields integers (not
+booleans), ``enable_ai_account`` the one boolean. The Go SDK's model (wemeet-openapi-sdk-go,
+2025-05) is an older spec without ``is_voov`` and ``email_status``; the fields it has carry the same
+types. The handler itself (scopes, the OAuth headers) is the emulator's ``_profile``.
 
 ``GET /v1/meetings?operator_id=<open_id>&operator_id_type=2&instanceid=1`` (查询用户的会议列表)
 with the OAuth headers of every REST call (sheet 4.1: ``AccessToken``, ``OpenId``,
@@ -17,14 +26,42 @@ its public source, not the fact sheet): ``meeting_number``, ``meeting_info_list`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 if TYPE_CHECKING:
-    from plugins.wemeet.sandbox import WeMeetSandbox
+    from plugins.wemeet.sandbox import WeMeetSandbox, WeMeetUser
+
+
+def basic_info(user: WeMeetUser) -> dict[str, Any]:
+    """``/v1/users/info/basic``'s answer for ``user``, typed as the SDK model declares (above).
+
+    Values (S8's tables): an enterprise user is paid (``account_type`` 1: "其他值均为会议付费版本"),
+    企业版 (``account_version`` 2) and a 高级账号 (``user_account_type`` 1); a personal user is
+    个人免费版 (``account_type`` 0), ``account_version`` 0 (其他) and ``user_account_type`` 2 (免费账号:
+    the tables name no value for personal accounts, so this one is the sandbox's choice). The phone
+    is verified (``phone_status`` 1), the e-mail not (``email_status`` 2), no AI account
+    (``enable_ai_account`` false, so no ``ai_account_type``), no add-on licences (``add_on_*``
+    absent, as for an account without them), not a VooV account (``is_voov`` 0).
+    """
+    enterprise = bool(user.open_corp_id)
+    return {
+        "username": user.username,
+        "open_corp_id": user.open_corp_id,
+        "open_corp_name": user.open_corp_name,
+        "status": user.status,
+        "avatar_url": f"https://sandbox.invalid/avatar/{user.open_id}.png",
+        "account_type": 1 if enterprise else 0,
+        "account_version": 2 if enterprise else 0,
+        "user_account_type": 1 if enterprise else 2,
+        "email_status": 2,
+        "phone_status": 1,
+        "enable_ai_account": False,
+        "is_voov": 0,
+    }
 
 
 def routes(sandbox: WeMeetSandbox) -> list[BaseRoute]:

@@ -545,19 +545,7 @@ class WeMeetSandbox(Sandbox):
             return api_error(190303)  # an OAuth user acts as themselves only
         if not PROFILE_SCOPES & set(self._granted(user)):
             return api_error(190303)  # "权限点不足": the grant lacks every profile scope
-        return JSONResponse({
-            "username": user.username,
-            "open_corp_id": user.open_corp_id,
-            "open_corp_name": user.open_corp_name,
-            "status": user.status,
-            "avatar_url": f"https://sandbox.invalid/avatar/{user.open_id}.png",
-            "account_type": 1 if user.open_corp_id else 0,
-            "account_version": 2 if user.open_corp_id else 0,
-            "user_account_type": 1 if user.open_corp_id else 0,
-            "email_status": 0,
-            "phone_status": 1,
-            "is_voov": 0,  # an integer, as the official SDK models declare it
-        })
+        return JSONResponse(openapi.basic_info(user))  # typed as the official SDK model declares
 
     def _authenticate(self, request: Request) -> WeMeetUser:
         """The OAuth headers of a REST call (sheet 4.1): the user they stand for, or ApiError."""
