@@ -179,7 +179,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                 sandbox = cls()
                 urls = await stack.enter_async_context(serve_apps(sandbox.hosts(), host=args.host, port=port))
                 port += len(urls)
-                providers[name] = sandbox.provider_settings(urls)
+                providers.update(sandbox.sandbox_providers(urls))
                 for role, url in urls.items():
                     print(f"# {name} {role} host: {url}")
             print(yaml.safe_dump({"providers": providers}, sort_keys=False, allow_unicode=True), flush=True)

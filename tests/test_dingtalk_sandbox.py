@@ -8,19 +8,25 @@ knob moves time instead of sleeping. Error codes are the provider's documented o
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway.config import GatewayConfig
+from gateway.middleware import AuthGateway
 from gateway.sandbox import serve_apps
 from plugins.dingtalk.crypto import CallbackCrypto
 from plugins.dingtalk.sandbox import (
@@ -35,7 +41,7 @@ from plugins.dingtalk.sandbox import (
     SANDBOX_SUITE_SECRET,
     DingTalkSandbox,
 )
-from tests.conftest import Clock
+from tests.conftest import BROWSER_UA, HTML, Clock, echo_app, free_port, free_port_block, headers_of
 
 ZHANG, LISI, ALICE, ZHANG_OTHER = DEFAULT_USERS
 REDIRECT = "https://app.example.com/_gateway/callback/dingtalk"
@@ -484,6 +490,65 @@ def test_settings_point_the_plugin_at_the_hosts() -> None:
     assert (isv["client_id"], isv["app_type"], isv["corp_id"]) == (SANDBOX_SUITE_KEY, "isv", None)
     assert len(isv["callback_aes_key"]) == 43
     assert sandbox.demo_settings(urls)["jssdk_url"] == "http://a/_sandbox/dingtalk.open.js"
+
+
+@contextmanager
+def gateway_sandbox_printout() -> Iterator[dict[str, Any]]:
+    """Run ``gateway sandbox`` as a user would and yield the ``providers:`` section it printed
+    (the YAML comes once every host is up, and ends with a blank line); it runs until the end."""
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "sandbox", "--port", str(free_port_block())],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        while True:
+            line = process.stdout.readline()
+            assert line, "gateway sandbox exited before printing its providers section"
+            if not line.strip() and any(not seen.startswith("#") for seen in lines):
+                break
+            lines.append(line)
+        yield dict(yaml.safe_load("".join(line for line in lines if not line.startswith("#")))["providers"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_gateway_sandbox_prints_an_isv_entry_that_signs_in_as_printed() -> None:
+    with gateway_sandbox_printout() as providers:
+        isv = providers["dingtalk-isv"]
+        assert (isv["plugin"], isv["app_type"], isv["corp_id"]) == ("dingtalk", "isv", None)
+        # Literal values, nothing to fill in: the SuiteKey, SuiteSecret, a seed ticket and the callback crypto.
+        assert (isv["client_id"], isv["client_secret"]) == (SANDBOX_SUITE_KEY, SANDBOX_SUITE_SECRET)
+        assert isinstance(isv["suite_ticket"], str) and isv["suite_ticket"] and "$" not in isv["suite_ticket"]
+        assert len(isv["callback_aes_key"]) == 43 and isv["callback_token"]
+        assert providers["dingtalk"]["app_type"] == "internal"  # the internal app stays as it was
+
+        async with httpx.AsyncClient(timeout=10) as http:
+            # The printed values get a corp token from the running emulator...
+            corp = await http.post(isv["api_base_url"] + "/v1.0/oauth2/corpAccessToken", json={
+                "suiteKey": isv["client_id"], "suiteSecret": isv["client_secret"], "authCorpId": SANDBOX_CORP_ID,
+                "suiteTicket": isv["suite_ticket"]})
+            assert corp.status_code == 200 and corp.json()["accessToken"], corp.text
+
+            # ...and a gateway configured with the entry exactly as printed signs a user in (the
+            # browser OAuth of a third-party app: the organisation from the app's URL, the corp token).
+            port = free_port()
+            config = GatewayConfig(public_url=f"http://127.0.0.1:{port}",
+                                   session={"secrets": [secrets.token_urlsafe(32)], "secure": False},
+                                   providers={"dingtalk-isv": isv})
+            gateway = AuthGateway(echo_app(), config)
+            try:
+                async with serve_apps({"gateway": gateway}, port=port) as urls, httpx.AsyncClient(
+                        base_url=urls["gateway"], headers={"user-agent": BROWSER_UA}, timeout=10) as browser:
+                    answer = await browser.get(f"/app?corpid={SANDBOX_CORP_ID}", headers=HTML, follow_redirects=True)
+                    assert answer.status_code == 200, answer.text
+                    received = headers_of(answer)
+                    assert received["x-auth-provider"] == ["dingtalk-isv"]
+                    assert received["x-auth-user"] == [ZHANG.userid] and received["x-auth-tenant"] == [SANDBOX_CORP_ID]
+            finally:
+                await gateway.aclose()
+            stats = (await http.get(isv["api_base_url"] + "/_sandbox/stats")).json()
+            assert stats["corpAccessToken"] >= 2  # the gateway's own, with the seeded ticket
 
 
 # -- what the demo tour drives: approvals, consent, expiry, the timeline ------------------------

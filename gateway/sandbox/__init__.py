@@ -169,6 +169,12 @@ class Sandbox:
         """
         raise NotImplementedError
 
+    def sandbox_providers(self, base_urls: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """The ``providers:`` entries ``gateway sandbox`` prints for this emulator (name ->
+        settings, every value literal so the section can be pasted as is). One by default, named
+        after the plugin; an emulator of several app kinds returns one entry per kind."""
+        return {self.plugin: self.provider_settings(base_urls)}
+
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         """Settings for ``gateway demo``: by default the same, with the simulated JSSDK if any."""
         return self.provider_settings(base_urls)

@@ -605,8 +605,15 @@ class DingTalkSandbox(Sandbox):
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         return {**self.provider_settings(base_urls), "jssdk_url": base_urls["api"] + "/_sandbox/dingtalk.open.js"}
 
-    #: The demo's second DingTalk provider: the third-party (ISV) suite.
+    #: The second DingTalk provider of the demo and of ``gateway sandbox``: the third-party (ISV) suite.
     DEMO_ISV = "dingtalk-isv"
+
+    def sandbox_providers(self, base_urls: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """Both app kinds. Nobody pushes a suiteTicket to a gateway pasted from this output, so the
+        ISV entry seeds the emulator's current one (``suite_ticket``, the ticket the demo pushes):
+        it stays valid until the emulator rotates it (``POST /_sandbox/suite_ticket``)."""
+        return {self.plugin: self.provider_settings(base_urls),
+                self.DEMO_ISV: {**self.isv_settings(base_urls), "suite_ticket": self.suite_ticket}}
 
     def demo_providers(self, base_urls: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         """Both app kinds: the internal app, and the ISV suite (its suiteTicket is pushed once the
