@@ -24,7 +24,7 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import jwt
 import uvicorn
@@ -35,7 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import GatewayConfig
-from gateway.demo_pages import app_page, demo_page, favicon, static_file, tour_page
+from gateway.demo_pages import app_page, demo_page, favicon, relay_page, static_file, tour_page
 from gateway.demo_tour import BURST, EMULATOR_TITLES, Tour, TourError
 from gateway.identity import IdentitySigner
 from gateway.middleware import AuthGateway
@@ -139,7 +139,7 @@ def demo_app(
         if tour is None:
             return _plain_home(clients, prefix)
         state = {entry["name"]: entry for entry in (await _tour_state(tour))["providers"]}
-        return tour_page(tour.providers.values(), state, prefix)
+        return tour_page(tour.providers.values(), state, prefix, tour.api_calls)
 
     async def choose_client(request: Request) -> Response:
         """Open the app as a plain browser (``none``) or inside a simulated client; with
@@ -149,15 +149,27 @@ def demo_app(
         name = request.query_params.get("provider", "")
         if tour is not None and name in tour.providers:
             provider = tour.providers[name]
-            target = f"{prefix}/login?{urlencode({'provider': name, 'next': provider.next_path})}"
+            next_path = provider.next_path
+            if request.query_params.get("then") == "relay":  # the relay page, with the app's own query
+                next_path = urlunsplit(("", "", "/relay", urlsplit(provider.next_path).query, ""))
+            target = f"{prefix}/login?{urlencode({'provider': name, 'next': next_path})}"
             how = "in the simulated client" if plugin in clients else "in the browser"
-            tour.note("open", f"open the app with {provider.title} {how}")
+            tour.note("open", f"open the {'relay page' if next_path.startswith('/relay') else 'app'} with "
+                              f"{provider.title} {how}")
         response = RedirectResponse(target, status_code=303)
         if plugin in clients:
             response.set_cookie(DEMO_CLIENT_COOKIE, plugin, path="/", httponly=True, samesite="lax")
         else:
             response.delete_cookie(DEMO_CLIENT_COOKIE, path="/")
         return response
+
+    async def relay(request: Request) -> Response:
+        """The page that calls one Open API of the signed-in provider through the relay."""
+        if tour is None:
+            return _problem(404, "no_tour", "This demo app runs without the tour.")
+        claims = identity(request)[1]
+        in_client = _cookie(request.scope, DEMO_CLIENT_COOKIE) in clients
+        return relay_page(tour, claims, in_client=in_client, prefix=prefix)
 
     async def tour_api(request: Request) -> Response:
         """``/demo/api/<action>`` (public: nothing here needs the identity) and ``/demo-api/<action>``
@@ -187,6 +199,7 @@ def demo_app(
         Route("/", home),
         Route("/whoami", whoami),
         Route("/favicon.ico", lambda request: favicon()),
+        Route("/relay", relay),
         Route("/demo/", demo_home),
         Route("/demo/static/{name}", lambda request: static_file(request.path_params["name"])),
         Route("/demo/client/{plugin}", choose_client),
@@ -214,6 +227,11 @@ async def _tour_action(tour: Tour, action: str, body: Mapping[str, Any], claims:
             raise TourError(400, "bad_switch", "Send switch (deny or approval) and on (true or false).")
         await tour.set_switch(name, switch, on)
         return await tour.state()
+    if action == "grant":
+        granted = body.get("granted")
+        if not isinstance(granted, bool):
+            raise TourError(400, "bad_grant", "Send granted: true (the user has granted the scope) or false.")
+        return await tour.set_user_grant(name, granted)
     if action in ("approve", "reject"):
         await tour.answer_approval(name, "approved" if action == "approve" else "rejected")
         return await tour.state()
@@ -243,12 +261,14 @@ def _plain_home(clients: Mapping[str, str], prefix: str) -> Response:
     return demo_page("Gateway demo", body, page_kind="plain")
 
 
-def demo_config(host: str, port: int, providers: dict[str, dict[str, Any]]) -> GatewayConfig:
+def demo_config(host: str, port: int, providers: dict[str, dict[str, Any]],
+                relay_routes: list[dict[str, Any]] | None = None) -> GatewayConfig:
     return GatewayConfig(
         public_url=f"http://{host}:{port}",
         session={"secrets": [secrets.token_urlsafe(32)], "secure": False},
         access={"public_paths": ["/demo/", "/demo/*", "/favicon.ico"]},
         providers=providers,
+        relay={"routes": relay_routes or []},
     )
 
 
@@ -318,9 +338,13 @@ async def running_demo(host: str = "127.0.0.1", port: int = 8000) -> AsyncIterat
             hosts[name] = urls
             for provider_name, settings in sandbox.demo_providers(urls).items():
                 providers[provider_name] = {**settings, **TOUR_SETTINGS.get(provider_name, {})}
-        config = demo_config(host, port, providers)
+        # The relay page's calls, one per provider at most, and the routes that let them through.
+        api_calls = {call.provider: call for sandbox in sandboxes.values() for call in sandbox.demo_api_calls()
+                     if call.provider in providers}
+        config = demo_config(host, port, providers, [call.relay_route() for call in api_calls.values()])
         tour = Tour({name: next(iter(urls.values())) for name, urls in hosts.items()}, config.public_url,
-                    config.path_prefix)
+                    config.path_prefix, api_calls,
+                    origins=[url for urls in hosts.values() for url in urls.values()])
         stack.push_async_callback(tour.aclose)
         clients = {name: sandbox.client_user_agent for name, sandbox in sandboxes.items()}
         holder: dict[str, IdentitySigner] = {}

@@ -16,7 +16,8 @@ from typing import Any
 
 from starlette.responses import HTMLResponse, Response
 
-from gateway.demo_tour import TourProvider
+from gateway.demo_tour import Tour, TourProvider
+from gateway.sandbox import DemoApiCall
 
 STATIC = Path(__file__).with_name("static")
 #: The files under /demo/static/ (name -> media type); nothing else is served from there.
@@ -49,20 +50,23 @@ def static_file(name: str) -> Response:
     return Response((STATIC / name).read_bytes(), media_type=media_type, headers={"cache-control": "no-cache"})
 
 
-def demo_page(title: str, body_html: str, *, page_kind: str, status_code: int = 200) -> HTMLResponse:
-    """A complete demo page (``body_html`` already escaped); ``page_kind`` tells demo.js what to run."""
+def demo_page(title: str, body_html: str, *, page_kind: str, status_code: int = 200, scripts: tuple[str, ...] = (),
+              csp: str = DEMO_CSP, referrer_policy: str = "no-referrer") -> HTMLResponse:
+    """A complete demo page (``body_html`` already escaped); ``page_kind`` tells demo.js what to run.
+    ``scripts``: same-origin scripts loaded before demo.js (the relay page's gateway.js)."""
+    extra = "".join(f'<script src="{html.escape(src)}"></script>' for src in scripts)
     document = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width,initial-scale=1">'
         f"<title>{html.escape(title)}</title>"
         '<link rel=icon href="/favicon.ico" type="image/svg+xml">'
         '<link rel=stylesheet href="/demo/static/demo.css">'
-        '<script src="/demo/static/demo.js" defer></script></head>'
+        f'{extra}<script src="/demo/static/demo.js" defer></script></head>'
         f'<body data-page="{html.escape(page_kind)}"><main>{body_html}</main></body></html>'
     )
     return HTMLResponse(document, status_code=status_code, headers={
-        "cache-control": "no-store", "content-security-policy": DEMO_CSP,
-        "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+        "cache-control": "no-store", "content-security-policy": csp,
+        "x-content-type-options": "nosniff", "referrer-policy": referrer_policy,
     })
 
 
@@ -109,7 +113,7 @@ _DENY_HELP = {
 }
 
 
-def _provider_card(provider: TourProvider, state: Mapping[str, Any]) -> str:
+def _provider_card(provider: TourProvider, state: Mapping[str, Any], relay_call: DemoApiCall | None = None) -> str:
     name = html.escape(provider.name)
     shared = ("<p class=\"hint\">Both DingTalk apps share one emulator: a switch applies to both.</p>"
               if provider.emulator == "dingtalk" else "")
@@ -128,6 +132,7 @@ def _provider_card(provider: TourProvider, state: Mapping[str, Any]) -> str:
         f'<p class="open"><a class="button" href="/demo/client/none?provider={name}">Open in the browser</a>'
         f'<a class="button secondary" href="/demo/client/{html.escape(provider.emulator)}?provider={name}">'
         "Open in the simulated client</a></p>"
+        + _relay_links(provider, relay_call)
         + _switch(provider, "deny", "The user denies", _DENY_HELP[provider.emulator][0], on=bool(state.get("deny")),
                   answers=_DENY_HELP[provider.emulator][1])
         + _switch(provider, "approval", "The admin must approve", _APPROVAL_HELP[provider.approval],
@@ -145,12 +150,24 @@ def _provider_card(provider: TourProvider, state: Mapping[str, Any]) -> str:
     )
 
 
+def _relay_links(provider: TourProvider, call: DemoApiCall | None) -> str:
+    if call is None:
+        return ""
+    name = html.escape(provider.name)
+    return (f'<p class="relay">Call {html.escape(call.title)} through the relay: '
+            f'<a href="/demo/client/{html.escape(provider.emulator)}?provider={name}&amp;then=relay">in the simulated '
+            f'client</a> · <a href="/demo/client/none?provider={name}&amp;then=relay">in the browser</a></p>')
+
+
 def _shortened(value: str, limit: int = 80) -> str:
     return value if len(value) <= limit else value[:limit] + "…"
 
 
-def tour_page(providers: Iterable[TourProvider], states: Mapping[str, Mapping[str, Any]], prefix: str) -> HTMLResponse:
-    cards = "".join(_provider_card(provider, states.get(provider.name, {})) for provider in providers)
+def tour_page(providers: Iterable[TourProvider], states: Mapping[str, Mapping[str, Any]], prefix: str,
+              relay_calls: Mapping[str, DemoApiCall] | None = None) -> HTMLResponse:
+    calls = relay_calls or {}
+    cards = "".join(_provider_card(provider, states.get(provider.name, {}), calls.get(provider.name))
+                    for provider in providers)
     body = (
         "<h1>In-client SSO gateway: the tour</h1>"
         "<p>The app at <code>/</code> sits behind the gateway. Open it with a provider, in a plain browser "
@@ -185,3 +202,81 @@ def app_page(
         + _timeline_panel()
     )
     return demo_page("Demo app", body, page_kind="app")
+
+
+def _relay_policy(origins: Iterable[str]) -> str:
+    """The demo's CSP, plus what gateway.fetch needs inside a simulated client: the emulators'
+    fake JSSDKs (scripts from their hosts) and the calls those make to their hosts."""
+    hosts = " ".join(dict.fromkeys(origins))
+    return (DEMO_CSP.replace("script-src 'self'", f"script-src 'self' {hosts}")
+            .replace("connect-src 'self'", f"connect-src 'self' {hosts}"))
+
+
+def _relay_card(tour: Tour, name: str, user: str, *, in_client: bool, prefix: str) -> str:
+    provider = tour.providers[name]
+    call = tour.api_calls[name]
+    url = f"{prefix}/api/{name}/{call.url_path(user)}"
+    if call.in_client_consent:
+        how = ("A missing scope is <code>403 consent_required</code>: inside the client, gateway.fetch runs the "
+               "consent in this page (the client's JSAPI asks the user for exactly that scope) and calls again, "
+               "without reloading the page. ")
+    else:
+        how = ""
+    reauthorize = ""
+    if not call.in_client_consent:
+        where = provider.emulator if in_client else "none"
+        reauthorize = (f'<p id="relay-reauthorize" hidden><a class="button secondary" '
+                       f'href="/demo/client/{html.escape(where)}?provider={html.escape(name)}&amp;then=relay">'
+                       "Authorize the app again (a new sign-in: this page is left, then reopened)</a></p>")
+    return (
+        f'<section class="panel" id="relay-panel" data-provider="{html.escape(name)}">'
+        f"<h2>{html.escape(provider.title)}: {html.escape(call.title)}</h2>"
+        f'<p><code>GET {html.escape(url)}</code></p>'
+        f'<p><button type="button" class="small secondary" id="relay-withhold" data-provider="{html.escape(name)}">'
+        f"Withdraw the user's grant of {html.escape(call.scope)}</button></p>"
+        "<p class=\"hint\">At the emulator: the user has not granted that scope now (as if they had withdrawn "
+        "it, or the app asked for it after they authorized); the next call needs it again.</p>"
+        f'<p class="hint" id="relay-how">{how}{html.escape(call.consent_note)}</p>'
+        f'<p><button type="button" id="relay-call" data-url="{html.escape(url)}" data-shows="{html.escape(call.shows)}"'
+        f' data-consent="{"in-client" if call.in_client_consent else "none"}">Call it with gateway.fetch</button></p>'
+        '<p id="relay-status" class="message" role="status" hidden></p>'
+        '<ol id="relay-steps" class="steps"></ol>'
+        '<pre id="relay-answer" class="json" hidden></pre>'
+        '<p id="relay-consent" hidden><a class="button secondary" id="relay-consent-link" href="/demo/">'
+        "Continue on the provider's consent page</a></p>"
+        + reauthorize
+        + '<p class="hint">This page was loaded at <span id="relay-loaded"></span>; the time stays while the page '
+          "is not reloaded.</p></section>"
+    )
+
+
+def relay_page(tour: Tour, claims: Mapping[str, Any], *, in_client: bool, prefix: str) -> HTMLResponse:
+    """One Open API of the signed-in provider, called through ``<prefix>/api/...`` with gateway.fetch."""
+    name = str(claims.get("provider", ""))
+    who = str(claims.get("name") or claims.get("user") or "?")
+    if name in tour.api_calls and name in tour.providers:
+        card = _relay_card(tour, name, str(claims.get("user", "")), in_client=in_client, prefix=prefix)
+        title = tour.providers[name].title
+        intro = (f"<p>Signed in with {html.escape(title)} as {html.escape(who)}, "
+                 f"{'inside the simulated client' if in_client else 'in a plain browser'}. The button calls the "
+                 "provider's Open API through the gateway: the page never holds a token, the gateway attaches "
+                 "the user's and refreshes it.</p>")
+    else:
+        card = '<section class="panel" id="relay-panel"><p>The demo calls no API of this provider.</p></section>'
+        intro = f"<p>Signed in as {html.escape(who)}.</p>"
+    others = "".join(
+        f'<li>{html.escape(provider.title)}: <a href="/demo/client/{html.escape(provider.emulator)}?provider='
+        f'{html.escape(provider.name)}&amp;then=relay">in the simulated client</a> · '
+        f'<a href="/demo/client/none?provider={html.escape(provider.name)}&amp;then=relay">in the browser</a></li>'
+        for provider in tour.providers.values() if provider.name in tour.api_calls)
+    body = (
+        "<h1>Provider APIs through the relay</h1>" + intro
+        + '<p id="tour-message" class="message" role="status" hidden></p>'
+        + card
+        + f'<section class="panel"><h2>Another provider</h2><ul class="others">{others}</ul>'
+          '<p><a class="button secondary" href="/demo/">Back to the tour</a></p></section>'
+        + _timeline_panel()
+    )
+    return demo_page("Demo: provider APIs through the relay", body, page_kind="relay",
+                     scripts=(f"{prefix}/static/gateway.js",), csp=_relay_policy(tour.origins),
+                     referrer_policy="same-origin")

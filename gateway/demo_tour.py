@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import httpx
 
 from gateway.errors import GatewayError
+from gateway.sandbox import DemoApiCall
 from gateway.tokens import token_key
 
 log = logging.getLogger("gateway.demo")
@@ -74,8 +75,13 @@ class Tour:
     serves the admin API); ``runtime``: the demo gateway's (for the token record that "expire the
     access token now" moves, and the provider a second device's old refresh token is tried with)."""
 
-    def __init__(self, admin_urls: Mapping[str, str], public_url: str, path_prefix: str) -> None:
+    def __init__(self, admin_urls: Mapping[str, str], public_url: str, path_prefix: str,
+                 api_calls: Mapping[str, DemoApiCall] | None = None, *, origins: Sequence[str] = ()) -> None:
         self.admin_urls = dict(admin_urls)
+        #: Every emulator host (the relay page loads their fake JSSDKs, which call them).
+        self.origins = list(origins)
+        #: The relay page's call per provider name (what each emulator contributed).
+        self.api_calls = dict(api_calls or {})
         self.public_url = public_url
         self.path_prefix = path_prefix
         self.providers = {provider.name: provider for provider in TOUR if provider.emulator in self.admin_urls}
@@ -173,6 +179,22 @@ class Tour:
             self.switches[(shared, switch)] = on
         what = {"deny": "the user refuses", "approval": "an administrator must approve"}[switch]
         self.note("switch", f"{title}: {what} — {'on' if on else 'off'}")
+
+    def api_call(self, name: str) -> DemoApiCall:
+        call = self.api_calls.get(name)
+        if call is None:
+            raise TourError(404, "no_api_call", f"The demo calls no API of {self.provider(name).title}.")
+        return call
+
+    async def set_user_grant(self, name: str, granted: bool) -> dict[str, Any]:
+        """The relay page's button: the emulator's current user has (not) granted the call's scope
+        (an action, not a state the tour keeps: a consent grants it again)."""
+        call = self.api_call(name)
+        emulator = self.provider(name).emulator
+        await self._admin(emulator, "POST", "user_grant", {"scope": call.scope, "granted": granted})
+        self.note("switch", f"{EMULATOR_TITLES[emulator]}: the user has {'granted' if granted else 'not granted'} "
+                            f"{call.scope}")
+        return {"provider": name, "scope": call.scope, "granted": granted}
 
     async def _wemeet_user(self) -> str:
         users = await self._admin("wemeet", "GET", "users")

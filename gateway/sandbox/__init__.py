@@ -40,6 +40,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from gateway.providers import str_field
+from gateway.sandbox.demo import DemoApiCall as DemoApiCall  # re-exported: emulators build them
 
 ENTRY_POINT_GROUP = "gateway.sandboxes"
 log = logging.getLogger("gateway.sandbox")
@@ -185,6 +186,18 @@ class Sandbox:
         (DingTalk's internal and ISV apps) returns one entry per kind."""
         return {self.plugin: self.demo_settings(base_urls)}
 
+    def demo_api_calls(self) -> list[DemoApiCall]:
+        """The Open API calls ``gateway demo``'s relay page makes for this emulator's demo
+        providers (one per provider at most). None by default."""
+        return []
+
+    def set_user_grant(self, scope: str, granted: bool) -> None:
+        """The current user has granted ``scope`` to the app, or has not (withdrawn it, or never
+        asked): the next Open API call needing it answers the provider's missing-scope error, until
+        the user grants it again the provider's way. ``POST /_sandbox/user_grant`` calls it; an
+        emulator without user scopes raises ``LookupError``."""
+        raise LookupError(f"the {self.plugin or 'sandbox'} emulator has no user scopes")
+
     def expire_access_tokens(self) -> int:
         """Every user access token issued so far expires now (the demo's "expire the access token
         now"): a use of one answers the provider's "expired" error. Returns how many did."""
@@ -328,6 +341,7 @@ class Sandbox:
             Route("/_sandbox/faults", self._admin_faults, methods=["POST", "DELETE"]),
             Route("/_sandbox/user_consent", self._admin_user_consent, methods=["GET", "POST"]),
             Route("/_sandbox/tokens/expire", self._admin_expire_tokens, methods=["POST"]),
+            Route("/_sandbox/user_grant", self._admin_user_grant, methods=["POST"]),
         ]
         if self.jsapi_modes:
             routes.append(Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]))
@@ -354,6 +368,18 @@ class Sandbox:
                                         "ask": "the user will see the consent page",
                                         "deny": "the user will refuse the authorization"}[mode])
         return JSONResponse({"mode": self.consent_mode})
+
+    async def _admin_user_grant(self, request: Request) -> Response:
+        body = await read_body(request) or {}
+        scope, granted = str_field(body, "scope"), body.get("granted")
+        if not scope or not isinstance(granted, bool):
+            return JSONResponse({"error": "give scope (a name) and granted (true or false)"}, 400)
+        try:
+            self.set_user_grant(scope, granted)
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, 404)
+        self.record_event("admin", f"the user has {'granted' if granted else 'not granted'} {scope}")
+        return JSONResponse({"scope": scope, "granted": granted})
 
     async def _admin_expire_tokens(self, request: Request) -> Response:
         count = self.expire_access_tokens()

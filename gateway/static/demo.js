@@ -6,7 +6,9 @@
  *   (actions on the signed-in user's tokens, behind the gateway);
  * - the timeline polls /demo/api/timeline?after=<last seen> and appends each step with the time
  *   since the step before;
- * - "Your session" asks /whoami (behind the gateway) for the identity the app received.
+ * - "Your session" asks /whoami (behind the gateway) for the identity the app received;
+ * - the relay page (/relay) calls one Open API with gateway.fetch (the gateway's gateway.js) and
+ *   lists every request gateway.fetch makes on the way (a consent round trip shows as its steps).
  */
 (function () {
   "use strict";
@@ -106,8 +108,8 @@
     if (!list) { return; }
     request("/demo/api/timeline?after=" + cursor).then(function (data) {
       var first = 0;
-      if (pageKind === "app" && cursor === 0) {
-        // The app page tells the sign-in that led here: from the last "open" on.
+      if ((pageKind === "app" || pageKind === "relay") && cursor === 0) {
+        // The app and relay pages tell the sign-in that led here: from the last "open" on.
         for (var k = 0; k < data.events.length; k += 1) { if (data.events[k].kind === "open") { first = k; } }
       }
       for (var i = first; i < data.events.length; i += 1) { addEvent(list, data.events[i]); }
@@ -238,8 +240,145 @@
     }
   }
 
-  if (pageKind === "tour" || pageKind === "app") {
+  // -- the relay page ------------------------------------------------------------------------------
+
+  var relaySteps = null;
+  var gatewayPrefix = null;
+
+  function shortPath(url) {
+    var path = String(url).replace(/^[a-z]+:\/\/[^\/]+/i, "");
+    return path.length > 90 ? path.slice(0, 90) + "…" : path;
+  }
+
+  function addStep(text) {
+    var item = document.createElement("li");
+    item.textContent = text;
+    relaySteps.appendChild(item);
+    return item;
+  }
+
+  // What one answer on the way means (the item is added now, so the steps keep their order).
+  function describeStep(item, head, response) {
+    if (response.type === "opaqueredirect") {
+      item.textContent = head + " → a redirect to the provider's own page (not possible without leaving this page)";
+      return;
+    }
+    var type = response.headers.get("content-type") || "";
+    if (type.indexOf("json") < 0) {
+      var page = response.status === 200 && type.indexOf("html") >= 0;
+      item.textContent = head + " → " + response.status + (page ? ": the handshake page's settings; the client's " +
+        "JSAPI runs in this page (its JSSDK and bridge loaded here)" : "");
+      return;
+    }
+    response.clone().json().then(function (data) {
+      var text = head + " → " + response.status;
+      if (data && data.error) { text += " " + data.error; }
+      if (data && data.scopes && data.scopes.length) { text += " (scopes: " + data.scopes.join(", ") + ")"; }
+      if (data && data.error_info) { text += " error_code " + data.error_info.error_code; }
+      if (data && typeof data.code === "number" && data.code !== 0) { text += " code " + data.code; }
+      if (head.indexOf("/exchange/") >= 0 && response.ok) { text += ": the new grant, the session renewed"; }
+      item.textContent = text;
+    }, function () { item.textContent = head + " → " + response.status; });
+  }
+
+  // gateway.fetch calls window.fetch for each step: watch the ones that go to the gateway.
+  function watchGatewayCalls() {
+    var realFetch = window.fetch;
+    window.fetch = function (url, init) {
+      var promise = realFetch.apply(window, arguments);
+      var path = shortPath(url && url.url ? url.url : url);
+      if (!relaySteps || path.indexOf(gatewayPrefix + "/") !== 0) { return promise; }
+      var head = ((init && init.method) || "GET") + " " + path;
+      var item = addStep(head + " …");
+      return promise.then(function (response) {
+        describeStep(item, head, response);
+        return response;
+      }, function (error) {
+        item.textContent = head + " → no answer";
+        throw error;
+      });
+    };
+  }
+
+  function relayStatus(text, code) {
+    var node = byId("relay-status");
+    node.hidden = false;
+    node.textContent = text;
+    if (code) {
+      var detail = document.createElement("small");
+      detail.className = "code";
+      detail.textContent = "error code: " + code;
+      node.appendChild(document.createTextNode(" "));
+      node.appendChild(detail);
+    }
+  }
+
+  function showAnswer(data) {
+    var node = byId("relay-answer");
+    node.textContent = typeof data === "string" ? data : JSON.stringify(data, null, 2);
+    node.hidden = false;
+  }
+
+  function onRelayCall(event) {
+    var button = event.target;
+    var url = button.getAttribute("data-url");
+    var noConsent = button.getAttribute("data-consent") === "none";
+    relaySteps.textContent = "";
+    byId("relay-answer").hidden = true;
+    byId("relay-consent").hidden = true;
+    var reauthorize = byId("relay-reauthorize");
+    if (reauthorize) { reauthorize.hidden = true; }
+    relayStatus("Calling…");
+    button.disabled = true;
+    window.gateway.fetch(url, { headers: { "Accept": "application/json" } }).then(function (response) {
+      return response.text().then(function (text) {
+        var data = text;
+        try { data = JSON.parse(text); } catch (ignored) { /* shown as text */ }
+        showAnswer(data);
+        if (response.ok) {
+          relayStatus("HTTP " + response.status + ": the provider's answer, through the relay" +
+            (relaySteps.children.length > 1 ? ", after the steps above" : "") + ".");
+          return;
+        }
+        var code = data && (data.error || (data.error_info && String(data.error_info.error_code)));
+        relayStatus("HTTP " + response.status + ": the provider's answer, passed on." +
+          (noConsent ? " See above: this provider has no in-client consent." : ""), code);
+        if (reauthorize && noConsent) { reauthorize.hidden = false; }
+      });
+    }, function (failure) {
+      var target = (failure && (failure.consentUrl || failure.loginUrl)) || "";
+      relayStatus("gateway.fetch could not do it in this page" + (failure && failure.message ? " (" +
+        failure.message + ")" : "") + ": the user must continue on the provider's page.", failure && failure.error);
+      if (target.charAt(0) === "/" && target.charAt(1) !== "/") {
+        byId("relay-consent-link").setAttribute("href", target);
+        byId("relay-consent").hidden = false;
+      }
+    }).then(function () { button.disabled = false; });
+  }
+
+  function onWithhold(event) {
+    var provider = event.target.getAttribute("data-provider");
+    request("/demo/api/grant", { provider: provider, granted: false }).then(function (answer) {
+      say("The user has not granted " + answer.scope + " now. Call the API to see what happens.");
+    }, failed);
+  }
+
+  function wireRelay() {
+    var button = byId("relay-call");
+    var loaded = byId("relay-loaded");
+    if (loaded) { loaded.textContent = clock(Date.now() / 1000); }
+    if (!button) { return; }
+    gatewayPrefix = button.getAttribute("data-url").replace(/\/api\/.*$/, "");
+    relaySteps = byId("relay-steps");
+    watchGatewayCalls();
+    button.addEventListener("click", onRelayCall);
+    var withhold = byId("relay-withhold");
+    if (withhold) { withhold.addEventListener("click", onWithhold); }
+  }
+
+  if (pageKind === "tour" || pageKind === "app" || pageKind === "relay") {
     wire();
+    if (pageKind === "relay") { wireRelay(); }
     loadIdentity();
     poll();
   }

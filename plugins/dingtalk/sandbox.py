@@ -67,6 +67,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.providers import str_field
 from gateway.sandbox import (
     CORS_HEADERS,
+    DemoApiCall,
     Fault,
     Sandbox,
     consent_form,
@@ -408,6 +409,9 @@ class DingTalkSandbox(Sandbox):
         self._refresh: dict[str, _UserRefresh] = {}
         self._app_grants: dict[str, set[str]] = {}  # corp -> app permissions an admin granted
         self._consents: dict[str, _Consent] = {}
+        #: unionid -> delegated permissions the person has not granted (withdrawn since their token
+        #: was issued): their user tokens are refused those APIs until an authorization asks again.
+        self._withheld: dict[str, set[str]] = {}
 
     # -- the Python API ------------------------------------------------------------------------
 
@@ -621,6 +625,29 @@ class DingTalkSandbox(Sandbox):
         jssdk = {"jssdk_url": base_urls["api"] + "/_sandbox/dingtalk.open.js"}
         return {self.plugin: self.demo_settings(base_urls), self.DEMO_ISV: {**self.isv_settings(base_urls), **jssdk}}
 
+    def demo_api_calls(self) -> list[DemoApiCall]:
+        """The signed-in person (``v1.0/contact/users/me``) with the user token, for both app kinds:
+        a missing ``Contact.User.Read`` is 403 ``Forbidden.AccessDenied.AccessTokenPermissionDenied``,
+        consent_required at the relay; in the client the authorization component (openAuth type 0
+        with that ``rpcScope``) asks for it."""
+        note = ("Outside the client the gateway sends the browser to DingTalk's login page with the added "
+                "permission; the user comes back here.")
+        return [DemoApiCall(name, "the signed-in person", "v1.0/contact/users/me", openapi.STAFF_PERMISSION,
+                            route={"path": "v1.0/contact/users/me", "scopes": [openapi.STAFF_PERMISSION]},
+                            consent_note=note, shows="unionId")
+                for name in (self.plugin, self.DEMO_ISV)]
+
+    def set_user_grant(self, scope: str, granted: bool) -> None:
+        """Withdrawn: every user token of the current person is refused ``scope`` until an
+        authorization (openAuth, the login page) asks for it again."""
+        if scope not in self.delegated_permissions:
+            raise LookupError(f"{scope!r} is not a delegated permission of the emulated app")
+        withheld = self._withheld.setdefault(self.user.unionid, set())
+        if granted:
+            withheld.discard(scope)
+        else:
+            withheld.add(scope)
+
     async def demo_started(self, gateway_url: str, path_prefix: str) -> None:
         result = await self.push_suite_ticket(f"{gateway_url}{path_prefix}/providers/{self.DEMO_ISV}/events")
         if not result.ok:
@@ -647,6 +674,7 @@ class DingTalkSandbox(Sandbox):
         return code
 
     def _mint_user(self, user: DingUser, client_id: str, scopes: frozenset[str], with_corp: bool) -> str:
+        self._withheld.get(user.unionid, set()).difference_update(scopes)  # granted again by this authorization
         code = _token("", 16)
         self._user_codes[code] = _UserCode(user.unionid, user.corp_id, client_id, scopes, with_corp,
                                            self.clock() + CODE_TTL_S)
@@ -800,7 +828,8 @@ class DingTalkSandbox(Sandbox):
             return api_error("InvalidAuthentication")
         if self.clock() >= access.expires_at:
             return api_error("accesstoken.expired")
-        if "Contact.User.Read" not in self.delegated_permissions:
+        granted = self.delegated_permissions - self._withheld.get(access.unionid, set())
+        if "Contact.User.Read" not in granted:
             return api_error("Forbidden.AccessDenied.AccessTokenPermissionDenied")
         union_id = request.path_params["union_id"]
         if union_id not in ("me", access.unionid):

@@ -54,6 +54,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.providers import str_field
 from gateway.sandbox import (
     CORS_HEADERS,
+    DemoApiCall,
     Fault,
     Sandbox,
     consent_form,
@@ -437,6 +438,19 @@ class LarkSandbox(Sandbox):
 
     def demo_settings(self, base_urls: Mapping[str, str]) -> dict[str, Any]:
         return {**self.provider_settings(base_urls), "jssdk_url": base_urls["open"] + "/_sandbox/h5-js-sdk.js"}
+
+    def demo_api_calls(self) -> list[DemoApiCall]:
+        """The user's calendars: a missing ``calendar:calendar:readonly`` is 99991679, which the
+        relay turns into consent_required; in the client ``tt.requestAccess`` asks for it."""
+        return [DemoApiCall(
+            self.plugin, "the user's calendars", "open-apis/calendar/v4/calendars", openapi.CALENDAR_SCOPE,
+            route={"path": "open-apis/calendar/v4/calendars", "scopes": [openapi.CALENDAR_SCOPE]},
+            consent_note="Outside the client the gateway sends the browser to Feishu's authorize page with the "
+                            "added scope; the user comes back here.",
+            shows="calendar_list")]
+
+    def set_user_grant(self, scope: str, granted: bool) -> None:
+        (openapi.grant_scopes if granted else openapi.revoke_scopes)(self, self.current_user, [scope])
 
     # -- shared request plumbing -------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.providers import str_field
 from gateway.sandbox import (
     CORS_HEADERS,
+    DemoApiCall,
     Fault,
     Sandbox,
     consent_form,
@@ -304,6 +305,9 @@ class WeMeetSandbox(Sandbox):
         self._consents: dict[str, _Consent] = {}
         self._nonces: dict[tuple[str, str], float] = {}
         self._calls: dict[str, deque[float]] = {}
+        #: open_id -> app scopes the user has not authorized (the app asked for them after the
+        #: user's authorization): left out of every grant until the user authorizes the app again.
+        self._withheld: dict[str, set[str]] = {}
 
     # -- the Python API ------------------------------------------------------------------------
 
@@ -336,7 +340,7 @@ class WeMeetSandbox(Sandbox):
             raise KeyError(f"no sandbox user {user!r}")
         if self.approval[user] != "approved":
             raise ValueError(f"{user} cannot authorize the app: the administrator's answer is {self.approval[user]}")
-        self._authorized.add(user)
+        self._authorize_user(user)
         return self._mint(user)
 
     def is_live(self, access_token: str) -> bool:
@@ -350,6 +354,31 @@ class WeMeetSandbox(Sandbox):
         for access in live:
             access.expires_at = now  # the REST API now answers 190303
         return len(live)
+
+    def demo_api_calls(self) -> list[DemoApiCall]:
+        """The user's profile (``v1/users/info/basic``): without a profile scope it is 190303, the
+        code of an expired token too, so the relay refreshes once and passes the second one on.
+        Tencent Meeting has no JSAPI that adds scopes: the user authorizes the app again."""
+        note = ("Tencent Meeting has no in-client JSAPI that asks for more scopes, and answers a missing scope "
+                "with 190303, the code of an expired token: the gateway refreshes once, gets 190303 again and "
+                "passes it on (no consent_required). The user must authorize the app again, with the scopes "
+                "its console now lists: a new sign-in, which leaves this page.")
+        profile = "v1/users/info/basic?operator_id={user}&operator_id_type=2"
+        return [DemoApiCall(self.plugin, "the user's profile", profile, "VIEW_USER_INFO",
+                            route={"path": "v1/users/info/basic"}, in_client_consent=False, consent_note=note,
+                            shows="username")]
+
+    def set_user_grant(self, scope: str, granted: bool) -> None:
+        """Not granted: the app asks for ``scope`` since the user authorized it, so the user must
+        authorize it again (``requestAgentAuthCode`` refuses until then); granted: as if they had."""
+        if scope not in self.app_scopes:
+            raise LookupError(f"{scope!r} is not a scope of the emulated app")
+        open_id = self.current_user
+        if granted:
+            self._withheld.get(open_id, set()).discard(scope)
+            return
+        self._withheld.setdefault(open_id, set()).add(scope)
+        self._authorized.discard(open_id)
 
     def revoke(self, open_id: str) -> None:
         """The user (or their administrator) cancels the app's authorization: every token dies."""
@@ -413,7 +442,14 @@ class WeMeetSandbox(Sandbox):
         return code
 
     def _granted(self, user: WeMeetUser) -> list[str]:
-        return [scope for scope in self.app_scopes if user.scopes is None or scope in user.scopes]
+        withheld = self._withheld.get(user.open_id, set())
+        return [scope for scope in self.app_scopes
+                if (user.scopes is None or scope in user.scopes) and scope not in withheld]
+
+    def _authorize_user(self, open_id: str) -> None:
+        """The user authorizes the app (the authorize page, the dialog): every scope it asks for."""
+        self._authorized.add(open_id)
+        self._withheld.pop(open_id, None)
 
     def _kill(self, open_id: str) -> None:
         live = self._live.pop(open_id, None)
@@ -625,7 +661,7 @@ class WeMeetSandbox(Sandbox):
             self.record_event("refused", "the user refused on the authorization page: access_denied")
             return redirect_to(redirect_uri, {"error": "access_denied", "state": state})
         if open_id in self._authorized or self.auto_consent:
-            self._authorized.add(open_id)
+            self._authorize_user(open_id)
             return redirect_to(redirect_uri, {"auth_code": self._mint(open_id), "state": state})
         ticket = _token(16)
         self._consents[ticket] = _Consent(open_id, redirect_uri, state, self.clock() + CONSENT_TTL_S)
@@ -648,7 +684,7 @@ class WeMeetSandbox(Sandbox):
         if str_field(form, "decision") != "allow":
             self.record_event("refused", "the user pressed Deny on the authorization page: access_denied")
             return redirect_to(consent.redirect_uri, {"error": "access_denied", "state": consent.state})
-        self._authorized.add(consent.open_id)
+        self._authorize_user(consent.open_id)
         return redirect_to(consent.redirect_uri, {"auth_code": self._mint(consent.open_id), "state": consent.state})
 
     # -- the simulated client: fake JS-SDK and its code endpoint --------------------------------
@@ -684,7 +720,7 @@ class WeMeetSandbox(Sandbox):
                 self.record_event("refused", "the user refused in the authorization dialog (bizCode 3)")
                 return {"bizCode": 3, "bizMessage": "用户拒绝授权"}
             if open_id in self._authorized or self.auto_consent or consent is True:
-                self._authorized.add(open_id)
+                self._authorize_user(open_id)
                 return {"authCode": self._mint(open_id)}
             if consent is False:
                 return {"bizCode": 3, "bizMessage": "用户拒绝授权"}
