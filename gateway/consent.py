@@ -7,10 +7,17 @@ caller a ``consent_url`` to this endpoint. It is a sign-in that asks for more: t
 with the added scopes in ``LoginContext.extra_scopes``, so in the client the page asks the JSAPI
 for exactly those scopes (Lark ``tt.requestAccess({scopeList})``, DingTalk ``openAuth`` type 0
 with ``rpcScope``, or type 1, the administrator's grant, for an app-token route: ``grant=app``),
-and outside it the browser authorize URL carries them. The new grant replaces the user's token
-record, as every login does, and every replica sees it; the browser returns to ``next`` (the
-login's own rules, ``gateway.state.safe_next``). Denied, pending an administrator (``toAdmin``)
-and failed end on the login's own pages.
+and outside it the browser authorize URL carries them. The pending login (sealed in the login
+cookie) keeps the added scopes too, so the callback and ``/exchange`` know the login was a
+consent: the new grant replaces the user's token record with the union of the old record's scopes
+and the new grant's (``TokenManager.save(..., keep_scopes=True)``), every replica sees it, the
+``consent.*`` audit events name the scopes, and the pages' "try again" and "sign in in the
+browser" links come back here with the same scopes (a plain login would not ask for them).
+
+Denied, pending an administrator (``toAdmin``) and failed end on the login's own pages. In the
+client those happen in the page, out of the gateway's sight: the handshake page reports them with
+``POST <prefix>/consent`` ``{provider, state, outcome}`` (``consent_outcome``), which spends the
+login's state (one report per ``/consent``, which is rate limited) and writes the audit event.
 
 Only scopes some route declares (``relay.routes[].scopes``) or ``relay.consent_scopes`` lists can
 be asked for: anything else is ``400 scope_not_allowed``, so a link cannot make the app ask users
@@ -20,27 +27,56 @@ for access its operator never meant it to have.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
+from gateway.bodies import read_json
 from gateway.errors import GatewayError
 from gateway.providers import APP_SCOPE_MARK
 
 if TYPE_CHECKING:
     from gateway.handshake import Handshake
 
-_SCOPE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-_MAX_SCOPES = 20
+MAX_SCOPES = 20
+#: Scope keys are short (Lark `contact:user.employee_id:readonly`, DingTalk `Contact.User.Read`); at
+#: most 20 of this length still fit in the login cookie beside the rest of a login (state.py).
+MAX_SCOPE_CHARS = 100
+_SCOPE = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{MAX_SCOPE_CHARS}}}")
+#: What the handshake page may report about an in-client consent that gave no code.
+Outcome = Literal["denied", "pending", "failed"]
+_OUTCOMES: tuple[Outcome, ...] = ("denied", "pending", "failed")
 
 
 def requested_scopes(raw: str | None) -> list[str]:
     """``scopes=a,b`` (commas or spaces) as a list, or a 400 for a malformed one."""
     scopes = [scope for scope in re.split(r"[,\s]+", raw or "") if scope]
-    if not scopes or len(scopes) > _MAX_SCOPES or not all(_SCOPE.fullmatch(scope) for scope in scopes):
+    if not scopes or len(scopes) > MAX_SCOPES or not all(_SCOPE.fullmatch(scope) for scope in scopes):
         raise GatewayError("Name the scopes to ask for: scopes=a,b.", code="scope_not_allowed", status_code=400)
     return list(dict.fromkeys(scopes))
+
+
+def consent_query(provider: str, extra_scopes: Sequence[str], next_path: str) -> dict[str, str]:
+    """The ``/consent`` query that asks again for ``extra_scopes`` (as ``LoginContext`` holds them:
+    an administrator's grant marked ``app:``), for the pages' retry and browser links."""
+    app = [scope[len(APP_SCOPE_MARK):] for scope in extra_scopes if scope.startswith(APP_SCOPE_MARK)]
+    user = [scope for scope in extra_scopes if not scope.startswith(APP_SCOPE_MARK)]
+    query = {"provider": provider, "scopes": ",".join(app or user), "next": next_path}
+    if app:
+        query["grant"] = "app"
+    return query
+
+
+def consent_url(prefix: str, provider: str, extra_scopes: Sequence[str], next_path: str, **more: str) -> str:
+    return f"{prefix}/consent?{urlencode({**consent_query(provider, extra_scopes, next_path), **more})}"
+
+
+def scopes_field(extra_scopes: Sequence[str]) -> str:
+    """The audit events' ``scopes``: the names, comma-joined (``app:`` kept: an administrator's grant)."""
+    return ",".join(extra_scopes)
 
 
 async def consent(handshake: Handshake, request: Request, rest: str) -> Response:
@@ -58,3 +94,35 @@ async def consent(handshake: Handshake, request: Request, rest: str) -> Response
         raise GatewayError("grant is user or app.", code="bad_request", status_code=400)
     extra = tuple(f"{APP_SCOPE_MARK}{scope}" if grant == "app" else scope for scope in scopes)
     return await handshake.login(request, "", extra_scopes=extra)
+
+
+async def consent_outcome(handshake: Handshake, request: Request, rest: str) -> Response:
+    """``POST <prefix>/consent`` ``{provider, state, outcome}``: the handshake page's word that an
+    in-client consent ended without a code (the user declined, an administrator must approve, the
+    client's authorization failed). Written as ``consent.denied`` / ``consent.failed``; the state
+    is spent, so each ``/consent`` is reported at most once, and only by the browser that holds
+    its sealed login (a forged report names a state this browser's cookie does not hold)."""
+    handshake._require_same_origin(request)
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise GatewayError("Send the outcome as JSON.", code="unsupported_media_type", status_code=415)
+    limits = handshake.config.limits
+    body = await read_json(request, limit=limits.max_body_bytes, max_depth=limits.max_json_depth)
+    if not isinstance(body, dict):
+        raise GatewayError("Send a JSON object with provider, state and outcome.", code="invalid_json",
+                           status_code=400)
+    provider = handshake._provider(str(body.get("provider") or ""))
+    outcome, state = body.get("outcome"), body.get("state")
+    if outcome not in _OUTCOMES or not isinstance(state, str):
+        raise GatewayError("outcome is denied, pending or failed, with the login's state.", code="bad_request",
+                           status_code=400)
+    pending = await handshake._take_pending(request, state, provider)
+    if not pending.is_consent:
+        raise GatewayError("This sign-in was not a consent.", code="bad_request", status_code=400)
+    await handshake.audit_consent(request, provider.name, "client", pending,
+                                  error={"denied": "access_denied", "pending": "approval_pending",
+                                         "failed": "provider_error"}[outcome])
+    response = JSONResponse({"ok": True}, headers={"cache-control": "no-store"})
+    logins = handshake.logins.open(request.cookies.get(handshake.binding_cookie))
+    logins.pop(pending.state, None)
+    handshake._set_logins(response, logins)
+    return response

@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -33,7 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.bodies import read_json
 from gateway.config import GatewayConfig
-from gateway.consent import consent
+from gateway.consent import consent, consent_outcome, consent_url, scopes_field
 from gateway.edge import TrustedProxies
 from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
 from gateway.i18n import EN, Locale, display_name, error_message, language_headers, locale_of, text
@@ -197,6 +197,7 @@ class Handshake:
             ("GET", "metrics"): self.metrics,
             ("GET", "static"): self.static,
             ("GET", "consent"): self.consent,  # incremental consent (gateway/consent.py)
+            ("POST", "consent"): self.consent_outcome,  # the page's report of an in-client refusal
         }
         self._scripts = {"handshake.js": (_STATIC / "handshake.js").read_bytes(),
                          "gateway.js": (_STATIC / "gateway.js").read_bytes()}
@@ -291,7 +292,13 @@ class Handshake:
                 actions = {text("action.open_app", locale_of(request.scope), url=url):
                            f"{url}{self.prefix}/login?{urlencode(query)}"}
             else:
-                actions = {"action.try_again": f"{self.prefix}/login?{urlencode(query)}"}
+                pending: PendingLogin | None = getattr(request.state, "pending", None)
+                if pending is not None and pending.is_consent:
+                    # Trying a consent again asks for the same scopes, not for a plain login.
+                    retry = consent_url(self.prefix, pending.provider, pending.extra_scopes, query["next"])
+                else:
+                    retry = f"{self.prefix}/login?{urlencode(query)}"
+                actions = {"action.try_again": retry}
         return gateway_error_response(request.scope, exc, actions=actions)
 
     def _provider(self, name: str) -> Provider:
@@ -304,6 +311,9 @@ class Handshake:
 
     async def consent(self, request: Request, rest: str) -> Response:
         return await consent(self, request, rest)
+
+    async def consent_outcome(self, request: Request, rest: str) -> Response:
+        return await consent_outcome(self, request, rest)
 
     async def login(self, request: Request, rest: str, *, extra_scopes: tuple[str, ...] = ()) -> Response:
         next_path = safe_next(request.query_params.get("next"))
@@ -331,7 +341,7 @@ class Handshake:
         logins = self.logins.open(request.cookies.get(self.binding_cookie))
         state = self.logins.new_state()
         verifier, challenge = pkce_pair() if provider.uses_pkce else (None, None)
-        logins[state] = PendingLogin(state, provider.name, next_path, verifier, time.time())
+        logins[state] = PendingLogin(state, provider.name, next_path, verifier, time.time(), extra_scopes)
         self._note_foreign_host(request, state, next_path)
         context = LoginContext(
             state=state, redirect_uri=self.config.redirect_uri(provider.name), next_path=next_path,
@@ -394,8 +404,15 @@ class Handshake:
     def _handshake_page(
         self, provider: Provider, login: LoginContext, fallback_url: str, request: Request
     ) -> Response:
-        retry_query = urlencode({"provider": provider.name, "next": login.next_path, "retry": "1"})
-        browser_query = urlencode({"provider": provider.name, "next": login.next_path, "flow": "browser"})
+        if login.extra_scopes:
+            # A consent's ways on ask for the same scopes again: a plain login would not.
+            retry_url = consent_url(self.prefix, provider.name, login.extra_scopes, login.next_path, retry="1")
+            browser_url = consent_url(self.prefix, provider.name, login.extra_scopes, login.next_path,
+                                      flow="browser")
+        else:
+            plain = {"provider": provider.name, "next": login.next_path}
+            retry_url = f"{self.prefix}/login?{urlencode({**plain, 'retry': '1'})}"
+            browser_url = f"{self.prefix}/login?{urlencode({**plain, 'flow': 'browser'})}"
         settings = provider.settings
         page_config: dict[str, Any] = {
             "plugin": provider.plugin,
@@ -404,13 +421,17 @@ class Handshake:
             "next": login.next_path,
             "exchangeUrl": f"{self.prefix}/exchange/{provider.name}",
             "fallbackUrl": fallback_url,
-            "retryUrl": f"{self.prefix}/login?{retry_query}",
-            "browserUrl": f"{self.prefix}/login?{browser_query}",
+            "retryUrl": retry_url,
+            "browserUrl": browser_url,
             "fresh": request.query_params.get("retry") != "1",
             "timeoutMs": int(settings.client_timeout_s * 1000),
             "jssdkUrl": settings.jssdk_url,
             "bridge": provider.bridge_config(login),
         }
+        if login.extra_scopes:
+            # Where the page reports a consent that ended in the client without a code (the audit trail).
+            page_config["consentReportUrl"] = f"{self.prefix}/consent"
+            page_config["provider"] = provider.name
         locale = locale_of(request.scope)
         name = display_name(provider.display_name or provider.name, locale)
         page_config["displayName"] = name
@@ -460,6 +481,7 @@ class Handshake:
         # the store with these; atomic, so two requests racing with one state cannot both win.
         if await self.runtime.store.set_versioned(used, b"1", STATE_TTL_S, expected_version=0) is None:
             raise BadRequest("This sign-in link was already used; please start again.", code="state_invalid")
+        request.state.pending = pending  # a consent? (its audit event, its pages' links)
         return pending
 
     async def _complete_login(
@@ -468,7 +490,9 @@ class Handshake:
         identity = grant.identity
         if not self.runtime.access.tenant_allowed(identity.tenant):
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
-        key = await self.runtime.tokens.save(provider.name, identity.tenant, identity.user, grant.tokens)
+        # A consent adds to the grant: the record keeps the scopes it had (TokenManager.save).
+        key = await self.runtime.tokens.save(provider.name, identity.tenant, identity.user, grant.tokens,
+                                             keep_scopes=pending.is_consent)
         await self.runtime.authenticator.tokens_replaced(key)
         previous = request.cookies.get(self.config.session.cookie_name)
         if previous:
@@ -488,10 +512,11 @@ class Handshake:
         self._set_logins(response, logins)
         return response
 
-    @contextlib.contextmanager
-    def _login_attempt(self, provider: Provider, flow: str, request: Request) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _login_attempt(self, provider: Provider, flow: str, request: Request) -> AsyncIterator[None]:
         """Counts a sign-in attempt by its result, ``ok`` or the error code that ended it, and
-        writes its audit event (``login.succeeded`` / ``login.failed``)."""
+        writes its audit event (``login.succeeded`` / ``login.failed``), and a consent's
+        (``consent.*``, ``audit_consent``) when the login was one."""
         try:
             yield
         except Exception as exc:
@@ -499,15 +524,45 @@ class Handshake:
             self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, code)
             audit("login.failed", provider=provider.name, flow=flow, error=code,
                   client_ip=client_ip(request.scope, self._trusted))
+            pending: PendingLogin | None = getattr(request.state, "pending", None)
+            if pending is not None and pending.is_consent:
+                await self.audit_consent(request, provider.name, flow, pending, error=code)
             raise
         self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, "ok")
         identity = getattr(request.state, "signed_in", None)
         audit("login.succeeded", provider=provider.name, flow=flow, client_ip=client_ip(request.scope, self._trusted),
               tenant=identity.tenant if identity else None, user_id=identity.user if identity else None)
+        pending = getattr(request.state, "pending", None)
+        if pending is not None and pending.is_consent:
+            await self.audit_consent(request, provider.name, flow, pending)
+
+    async def audit_consent(self, request: Request, provider: str, flow: str, pending: PendingLogin, *,
+                            error: str | None = None) -> None:
+        """``consent.granted`` (no ``error``), ``consent.denied`` (``access_denied``: the user said
+        no) or ``consent.failed`` (any other code; ``approval_pending``, an administrator must
+        approve first, with outcome ``pending_admin``: nothing was refused yet, nothing granted).
+        Who: the new grant's identity, else the session the consent was asked from."""
+        identity = getattr(request.state, "signed_in", None)
+        if identity is None:
+            ticket = request.cookies.get(self.config.session.cookie_name)
+            with contextlib.suppress(GatewayError):  # the audit line must not fail the answer
+                authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+                identity = authenticated.identity if authenticated is not None else None
+        tenant, user = (identity.tenant, identity.user) if identity is not None else (None, None)
+        fields: dict[str, Any] = {"provider": provider, "flow": flow, "tenant": tenant, "user_id": user,
+                                  "client_ip": client_ip(request.scope, self._trusted),
+                                  "scopes": scopes_field(pending.extra_scopes)}
+        if error is None:
+            audit("consent.granted", **fields)
+        elif error == "access_denied":
+            audit("consent.denied", error=error, **fields)
+        else:
+            audit("consent.failed", error=error, outcome="pending_admin" if error == "approval_pending" else None,
+                  **fields)
 
     async def exchange(self, request: Request, rest: str) -> Response:
         provider = self._provider(rest)
-        with self._login_attempt(provider, "client", request):
+        async with self._login_attempt(provider, "client", request):
             return await self._exchange(request, provider)
 
     async def _exchange(self, request: Request, provider: Provider) -> Response:
@@ -536,7 +591,7 @@ class Handshake:
         provider = self._provider(rest)
         next_path: str | None = None
         try:
-            with self._login_attempt(provider, "browser", request):
+            async with self._login_attempt(provider, "browser", request):
                 result = provider.parse_callback(dict(request.query_params))
                 if result.error == "approval_pending" and not result.state:
                     # Some providers come back from a pending approval without any state; nothing

@@ -25,7 +25,7 @@ import secrets
 import string
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import unquote, urlsplit
 
 from gateway.sealing import Sealer, derive_key
@@ -88,16 +88,39 @@ def _is_plain_path(value: str) -> bool:
 
 @dataclass(frozen=True)
 class PendingLogin:
-    """What a ``state`` stands for, sealed into the browser's login cookie."""
+    """What a ``state`` stands for, sealed into the browser's login cookie.
+
+    ``extra_scopes``: set when the login is an incremental consent (``<prefix>/consent``): the
+    scopes it asks for beyond the configured ones, as ``LoginContext.extra_scopes`` has them
+    (``app:`` marks an administrator's grant). The callback and ``/exchange`` read it to know the
+    login was a consent, for which scopes (the ``consent.*`` audit events, the record's scope
+    union), and where the page's "try again" goes: to the consent, not to a plain login.
+    """
 
     state: str
     provider: str
     next_path: str
     code_verifier: str | None
     created_at: float
+    extra_scopes: tuple[str, ...] = ()
+
+    @property
+    def is_consent(self) -> bool:
+        return bool(self.extra_scopes)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) - self.created_at > STATE_TTL_S
+
+
+def _entry(item: object) -> PendingLogin:
+    """One sealed login: five fields, or six with a consent's scopes (a list of strings)."""
+    if not isinstance(item, list) or len(item) not in (5, 6):
+        raise ValueError("not a sealed login")
+    state, provider, next_path, verifier, created_at, *rest = item
+    scopes = rest[0] if rest else []
+    if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+        raise ValueError("not a sealed login")
+    return PendingLogin(state, provider, next_path, verifier, created_at, tuple(scopes))
 
 
 def _base62(data: bytes, width: int) -> str:
@@ -155,7 +178,7 @@ class LoginCookie:
         if opened is None:
             return {}
         try:
-            entries = [PendingLogin(*entry) for entry in json.loads(opened)]
+            entries = [_entry(item) for item in json.loads(opened)]
         except (ValueError, TypeError):
             return {}
         return {entry.state: entry for entry in entries}
@@ -176,7 +199,7 @@ class LoginCookie:
             if len(candidate) > MAX_COOKIE_CHARS:
                 if kept:
                     break
-                entry = PendingLogin(entry.state, entry.provider, "/", entry.code_verifier, entry.created_at)
+                entry = replace(entry, next_path="/")
                 candidate = self._seal([entry])
             kept.append(entry)
             value = candidate
@@ -184,7 +207,9 @@ class LoginCookie:
 
     def _seal(self, entries: list[PendingLogin]) -> str:
         plaintext = json.dumps(
-            [[e.state, e.provider, e.next_path, e.code_verifier, e.created_at] for e in entries],
+            # A plain login stays five fields (as sealed before consent existed: such cookies open).
+            [[e.state, e.provider, e.next_path, e.code_verifier, e.created_at, *([list(e.extra_scopes)]
+              if e.extra_scopes else [])] for e in entries],
             separators=(",", ":"), ensure_ascii=False,
         ).encode()
         return base64.urlsafe_b64encode(self._sealer.seal(self._purpose, plaintext)).rstrip(b"=").decode("ascii")

@@ -35,6 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 from cachetools import TTLCache
@@ -70,6 +71,13 @@ def _audit_refresh(key: str, provider: str, error: str | None, outcome: Literal[
         audit("token.refreshed", provider=provider, tenant=tenant, user_id=user)
     else:
         audit("token.refresh_failed", provider=provider, tenant=tenant, user_id=user, error=error, outcome=outcome)
+
+
+def union_scope(*scopes: str) -> str:
+    """Space-separated scope strings (commas accepted too, as ``Provider.granted_scopes`` reads
+    them) as one, each scope once, in first-seen order; "" when none holds any."""
+    names = (name for scope in scopes for name in scope.replace(",", " ").split())
+    return " ".join(dict.fromkeys(names))
 
 
 def _backoff_key(key: str) -> str:
@@ -134,16 +142,26 @@ class TokenManager:
             return max(1.0, tokens.refresh_expires_at - now, tokens.expires_at - now)
         return _DEFAULT_RECORD_TTL_S
 
-    async def save(self, provider: str, tenant: str, user: str, tokens: TokenSet) -> str:
-        """Store the tokens of a new code exchange, replacing whatever the user had."""
+    async def save(self, provider: str, tenant: str, user: str, tokens: TokenSet, *, keep_scopes: bool = False) -> str:
+        """Store the tokens of a new code exchange, replacing whatever the user had.
+
+        ``keep_scopes``: the exchange was an incremental consent (gateway/consent.py), a grant
+        that adds to the one the record holds: the record's scopes become the union of its own
+        and the new grant's, so a provider that reports only what this consent added (none of
+        ours is documented to: Lark's newest token carries every scope ever granted, DingTalk
+        reports none, Tencent Meeting all of the app's) cannot make the gateway forget the rest
+        and refuse a call that needs them. Computed against the record as stored, under the same
+        compare-and-set as the write (a concurrent consent's scopes are not lost either)."""
         key = token_key(provider, tenant, user)
         for _ in range(5):
             current = await self.store.get_versioned(key)
             existing = self._decode(key, current.value) if current is not None else None
             if existing is not None and existing.issued_at > tokens.issued_at:
                 break  # two logins raced: the provider killed the older grant, keep the newer one
+            saved = replace(tokens, scope=union_scope(existing.scope, tokens.scope)) if (
+                keep_scopes and existing is not None) else tokens
             written = await self.store.set_versioned(
-                key, self._encode(key, provider, tokens), self._ttl(tokens),
+                key, self._encode(key, provider, saved), self._ttl(saved),
                 expected_version=current.version if current is not None else 0,
             )
             if written is not None:
@@ -278,6 +296,9 @@ class TokenManager:
             raise
         self.metrics.inc("gateway_token_refreshes_total", provider_name, "ok")
         _audit_refresh(key, provider_name, None, None)
+        # A refresh neither adds nor removes grants; the record may know more than the answer
+        # says (a consent's union, above): it keeps that.
+        fresh = replace(fresh, scope=union_scope(tokens.scope, fresh.scope))
         written = await self._write(key, provider_name, fresh, current)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.

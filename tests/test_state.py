@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import string
 import time
@@ -283,3 +284,31 @@ def test_pending_login_expiry() -> None:
     assert _pending(time.time() - STATE_TTL_S - 1).expired()
     # An explicit clock of 0 is a time, not "no clock".
     assert not _pending(0.0).expired(now=0.0)
+
+
+def test_a_consent_login_keeps_its_scopes_and_a_plain_one_seals_as_before() -> None:
+    consent = PendingLogin(state=COOKIES.new_state(), provider="dingtalk", next_path="/app", code_verifier=None,
+                           created_at=time.time(), extra_scopes=("Contact.User.Read", "app:qyapi_base"))
+    plain = _pending(time.time())
+    opened = COOKIES.open(COOKIES.seal({consent.state: consent, plain.state: plain}))
+    assert opened[consent.state].extra_scopes == ("Contact.User.Read", "app:qyapi_base")
+    assert opened[consent.state].is_consent and not opened[plain.state].is_consent
+    # A cookie sealed before consent existed (five fields a login) still opens.
+    five = json.dumps([[plain.state, "lark", "/", None, plain.created_at]]).encode()
+    old = COOKIES._sealer.seal(COOKIES._purpose, five)
+    value = base64.urlsafe_b64encode(old).rstrip(b"=").decode()
+    assert COOKIES.open(value)[plain.state].extra_scopes == ()
+    # Anything else in the sixth field is a damaged cookie: nothing opens.
+    bad = COOKIES._sealer.seal(COOKIES._purpose, json.dumps([[plain.state, "lark", "/", None, 1.0, "x"]]).encode())
+    assert COOKIES.open(base64.urlsafe_b64encode(bad).rstrip(b"=").decode()) == {}
+
+
+def test_the_largest_consent_consent_allows_still_fits_the_cookie() -> None:
+    from gateway.consent import MAX_SCOPE_CHARS, MAX_SCOPES
+
+    scopes = tuple(f"app:{index:02d}" + "x" * (MAX_SCOPE_CHARS - 2) for index in range(MAX_SCOPES))
+    login = PendingLogin(state=COOKIES.new_state(), provider="lark", next_path="/" + "n" * 2000, code_verifier="v" * 64,
+                         created_at=time.time(), extra_scopes=scopes)
+    value = COOKIES.seal({login.state: login})
+    assert len(value) <= MAX_COOKIE_CHARS
+    assert COOKIES.open(value)[login.state].extra_scopes == scopes  # next went to "/" rather than the login

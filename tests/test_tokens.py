@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import cast
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from gateway.errors import ProviderUnavailable, ReauthRequired
 from gateway.providers import Provider, ProviderContext, ProviderSettings, TokenSet
 from gateway.stores.memory import MemoryStore
-from gateway.tokens import TokenManager, token_key
+from gateway.tokens import TokenManager, token_key, union_scope
 from tests.conftest import Clock
 
 T0 = 1_700_000_000.0
@@ -118,6 +119,38 @@ async def test_save_replaces_the_record(manager: TokenManager, store: MemoryStor
     after = await store.get_versioned(key)
     assert before is not None and after is not None and after.version > before.version
     assert await manager.load(key) == replacement
+
+
+def test_union_scope_keeps_each_scope_once_in_order() -> None:
+    assert union_scope("offline_access a", "b a", "c,d") == "offline_access a b c d"
+    assert union_scope("", "") == "" and union_scope("a") == "a"
+
+
+async def test_a_consent_keeps_the_records_scopes_and_adds_the_new_grants(
+        manager: TokenManager, provider: FakeProvider, clock: Clock) -> None:
+    """A provider that reports only what the consent added (B) must not make the record forget A."""
+    had_a = replace(tokens("a", issued_at=clock.now, lifetime_s=7200), scope="offline_access A")
+    key = await manager.save("fake", "t1", "u1", had_a)
+    only_b = replace(tokens("b", issued_at=clock.now + 1, lifetime_s=7200), scope="B")
+    await manager.save("fake", "t1", "u1", only_b, keep_scopes=True)
+    record = await manager.load(key)
+    assert record is not None and record.access_token == "at-b"  # the new grant replaced the record
+    assert provider.granted_scopes(record) == {"offline_access", "A", "B"}
+    # The refresh answer says nothing of A or B (FakeProvider reports no scope): the record keeps them.
+    clock.now = record.expires_at - 60
+    fresh = await manager.current(key, "fake")
+    assert fresh.access_token == "at-1" and provider.granted_scopes(fresh) == {"offline_access", "A", "B"}
+    assert await manager.load(key) == fresh
+    # A plain login replaces the scopes with what the provider reports for it.
+    await manager.save("fake", "t1", "u1", replace(tokens("c", issued_at=clock.now, lifetime_s=7200), scope="A"))
+    plain = await manager.load(key)
+    assert plain is not None and plain.scope == "A"
+
+
+async def test_a_consent_for_a_user_without_a_record_is_saved_as_granted(manager: TokenManager, clock: Clock) -> None:
+    granted = replace(tokens("b", issued_at=clock.now, lifetime_s=7200), scope="B")
+    key = await manager.save("fake", "t1", "u9", granted, keep_scopes=True)
+    assert await manager.load(key) == granted
 
 
 async def test_missing_record_requires_reauth(manager: TokenManager, provider: FakeProvider) -> None:
