@@ -601,3 +601,24 @@ async def test_expiring_the_user_tokens_now(lab: Lab) -> None:
     events = (await lab.http.get(lab.urls["api"] + "/_sandbox/events")).json()["events"]
     assert [event["kind"] for event in events if event["kind"] in ("exchange", "refresh", "tokens")] == [
         "exchange", "tokens", "refresh", "tokens"]
+
+
+async def test_a_withdrawn_permission_is_access_denied_until_an_authorization_asks_again(lab: Lab) -> None:
+    """``POST /_sandbox/user_grant`` (the demo's relay page): the person's user tokens are refused
+    ``Contact.User.Read`` (403 Forbidden.AccessDenied.AccessTokenPermissionDenied) until openAuth
+    or the login page asks for it again."""
+    first = (await lab.user_token(code=lab.sandbox.mint_user_code(scopes=["Contact.User.Read"]),
+                                  grantType="authorization_code")).json()["accessToken"]
+    assert (await lab.me(first)).status_code == 200
+    grant = lab.urls["api"] + "/_sandbox/user_grant"
+    assert (await lab.http.post(grant, json={"scope": "Contact.User.Read", "granted": False})).status_code == 200
+    refused = await lab.me(first)
+    assert refused.status_code == 403 and refused.json()["code"] == "Forbidden.AccessDenied.AccessTokenPermissionDenied"
+    other = (await lab.user_token(code=lab.sandbox.mint_user_code(scopes=["Contact.User.mobile"]),
+                                  grantType="authorization_code")).json()["accessToken"]
+    assert (await lab.me(other)).status_code == 403  # an authorization for something else does not give it back
+    again = (await lab.user_token(code=lab.sandbox.mint_user_code(scopes=["Contact.User.Read"]),
+                                  grantType="authorization_code")).json()["accessToken"]
+    assert (await lab.me(again)).status_code == 200 and (await lab.me(first)).status_code == 200
+    unknown = await lab.http.post(grant, json={"scope": "Mail.Read", "granted": False})
+    assert unknown.status_code == 404 and "Mail.Read" in unknown.json()["error"]

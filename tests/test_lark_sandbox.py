@@ -576,3 +576,25 @@ async def test_the_events_tell_each_step_without_secrets(lab: Lab) -> None:
     text = " ".join(event["text"] for event in answer["events"])
     assert code not in text and tokens["access_token"] not in text and tokens["refresh_token"] not in text
     assert "2 h" in text and "7 d" in text  # the documented lifetimes, as the sandbox issues them
+
+
+async def test_the_user_grant_switch_answers_99991679_until_the_user_consents_again(lab: Lab) -> None:
+    """``POST /_sandbox/user_grant``: the demo's relay page withdraws the calendar scope; Lark's own
+    missing-scope answer follows, and a requestAccess for the scope grants it again."""
+    calendars = lab.urls["open"] + "/open-apis/calendar/v4/calendars"
+    scope = "calendar:calendar:readonly"
+    code = (await lab.http.post(lab.urls["accounts"] + "/_sandbox/jsapi/code", json={
+        "api": "requestAccess", "appID": lab.sandbox.app_id, "scopeList": ["offline_access", scope]})).json()["code"]
+    token = (await lab.exchange(code)).json()["access_token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert (await lab.http.get(calendars, headers=bearer)).json()["code"] == 0
+    withdrawn = await lab.http.post(lab.urls["open"] + "/_sandbox/user_grant", json={"scope": scope, "granted": False})
+    assert withdrawn.json() == {"scope": scope, "granted": False}
+    refused = (await lab.http.get(calendars, headers=bearer)).json()
+    assert refused["code"] == 99991679 and refused["error"]["permission_violations"][0]["subject"] == scope
+    again = (await lab.http.post(lab.urls["accounts"] + "/_sandbox/jsapi/code", json={
+        "api": "requestAccess", "appID": lab.sandbox.app_id, "scopeList": [scope]})).json()["code"]
+    fresh = (await lab.exchange(again)).json()["access_token"]
+    assert (await lab.http.get(calendars, headers={"Authorization": f"Bearer {fresh}"})).json()["code"] == 0
+    bad = await lab.http.post(lab.urls["open"] + "/_sandbox/user_grant", json={"scope": scope, "granted": "no"})
+    assert bad.status_code == 400 and bad.json()["error"]

@@ -698,3 +698,22 @@ async def test_the_events_tell_each_step_in_order_without_secrets(lab: Lab) -> N
     later = (await lab.http.get(lab.urls["web"] + "/_sandbox/events", params={"after": answer["last"] - 1})).json()
     assert [event["kind"] for event in later["events"]] == ["tokens"]
     assert (await lab.http.get(lab.urls["web"] + "/_sandbox/events", params={"after": "x"})).status_code == 400
+
+
+async def test_a_withheld_scope_is_190303_until_the_user_authorizes_again(lab: Lab) -> None:
+    """``POST /_sandbox/user_grant`` (the demo's relay page): the app asks for a scope the user has
+    not authorized, so the profile answers 190303 (no distinct missing-scope code), the silent
+    requestAgentAuthCode refuses, and the authorization dialog grants every scope again."""
+    tokens = await lab.tokens()
+    assert (await lab.profile(tokens["access_token"], ZHANG.open_id)).status_code == 200
+    grant = lab.urls["api"] + "/_sandbox/user_grant"
+    assert (await lab.http.post(grant, json={"scope": "VIEW_USER_INFO", "granted": False})).status_code == 200
+    assert_api_error(await lab.profile(tokens["access_token"], ZHANG.open_id), 190303)
+    refused = await lab.jsapi(api="requestAgentAuthCode", sdkId=lab.sandbox.sdk_id)
+    assert refused["errCode"] == 10002  # the user must authorize the app again
+    code = (await lab.jsapi(api="authorize", sdkId=lab.sandbox.sdk_id))["authCode"]
+    answer = (await lab.exchange(code)).json()["data"]
+    assert "VIEW_USER_INFO" in answer["scopes"]
+    assert (await lab.profile(answer["access_token"], ZHANG.open_id)).status_code == 200
+    unknown = await lab.http.post(grant, json={"scope": "MANAGE_USER_INFO", "granted": False})
+    assert unknown.status_code == 404

@@ -8,7 +8,8 @@ provider host (Lark: ``open`` and ``accounts``), because official SDKs take a ho
 Every emulator also serves, on each of its hosts, a small admin API under ``/_sandbox/`` that
 tests and the demo use: ``GET stats``, ``GET events`` (what happened, with timestamps: the demo's
 timeline), ``POST``/``DELETE faults``, ``POST user_consent`` (the simulated user allows, is asked,
-or refuses) and ``POST tokens/expire`` come from ``Sandbox`` itself; an emulator adds its own
+or refuses), ``POST tokens/expire`` and ``POST user_grant`` (``{scope, granted}``: the current user
+has, or has not, granted a scope; ``Sandbox.set_user_grant``) come from ``Sandbox`` itself; an emulator adds its own
 (current user, JSSDK mode, the simulated client's codes, administrator approvals...).
 
 How to write one: see ``Sandbox``. The helpers below (body readers, redirects, the consent
