@@ -801,6 +801,7 @@ def _script_messages(locale: Locale, name: str) -> dict[str, str]:
         "accessWasDenied": text("page.access_was_denied", locale),
         "codeUnusable": text("page.code_unusable", locale),
         "exchangeFailed": text("page.exchange_failed", locale),
+        "providerFailed": text("error.provider_error", locale),
         "approvalNeeded": text("error.approval_pending", locale),
         "networkFailed": text("page.network_failed", locale),
         "gatewayTimeout": text("page.gateway_timeout", locale),

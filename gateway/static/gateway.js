@@ -15,7 +15,12 @@
  * At most one re-login and one consent per call, in that order. Outside the client (the gateway
  * answers the login or consent URL with a redirect to the provider's browser page) it rejects with
  * {error: "login_required", loginUrl} or {error: "consent_required", consentUrl, scopes}: the app
- * decides when to navigate there. Any other failure of the silent path rejects the same way.
+ * decides when to navigate there. Any other failure of the silent path rejects the same way. The
+ * rejection's "outcome" says why when the client answered: "denied" (the user declined),
+ * "pending" (an administrator must approve first), "failed" (the client's authorization failed);
+ * "navigate" or "fallback" when the provider's own page is needed (outside the client, or a
+ * provider without an in-client consent: Tencent Meeting). A consent that ended so in the client is
+ * reported to the gateway for its audit trail, as the handshake page does.
  * Every wait is bounded (the page fetch, the SDK script, the bridge, the exchange), as in the
  * handshake page.
  *
@@ -99,6 +104,13 @@
         return withTimeout(bridge.requestCode(bridgeConfig, {
           withTimeout: withTimeout, waitingForUser: function () {}
         }), ms * 4, "the client");
+      }).then(null, function (why) {
+        var outcome = why && why.outcome;
+        if (config.consentReportUrl && (outcome === "denied" || outcome === "pending" || outcome === "failed")) {
+          postJson(config.consentReportUrl, { provider: config.provider, state: config.state, outcome: outcome },
+                   ms).then(null, function () { /* the caller is told either way */ });
+        }
+        throw why;
       }).then(function (result) {
         if (!result || !result.code) { throw { outcome: "fallback", message: "the client returned no code" }; }
         var body = { code: result.code, state: config.state };
@@ -133,14 +145,15 @@
           done.login = true;
           var loginUrl = answer.login_url || (prefix + "/login?next=" + encodeURIComponent(location.pathname + location.search));
           return silently(loginUrl).then(attempt, function (why) {
-            throw { error: "login_required", loginUrl: loginUrl, message: why && why.message };
+            throw { error: "login_required", loginUrl: loginUrl, outcome: why && why.outcome,
+                    message: why && why.message };
           });
         }
         if (response.status === 403 && answer.error === "consent_required" && !done.consent && answer.consent_url) {
           done.consent = true;
           return silently(answer.consent_url).then(attempt, function (why) {
             throw { error: "consent_required", consentUrl: answer.consent_url, scopes: answer.scopes || [],
-                    message: why && why.message };
+                    outcome: why && why.outcome, message: why && why.message };
           });
         }
         return response;

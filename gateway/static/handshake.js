@@ -12,8 +12,14 @@
  *
  * A provider's bridge.js registers window.gatewayBridges[plugin] = {requestCode(config, tools)}:
  * it resolves {code, context?} or rejects {outcome, message}: "fallback" (use the browser OAuth),
- * "denied", "pending" (an administrator must approve), or "navigating" (the bridge started the
- * provider's own authorization page, which comes back to /callback/<provider>).
+ * "denied", "pending" (an administrator must approve), "failed" (the client's authorization failed
+ * and the browser OAuth cannot ask the same: an administrator's grant), or "navigating" (the bridge
+ * started the provider's own authorization page, which comes back to /callback/<provider>).
+ * A page that ends (declined, pending, failed) names the stable code in <code id="gw-code">, as the
+ * gateway's own error pages do: access_denied, approval_pending, provider_error.
+ * An incremental consent (<prefix>/consent) that ends so in the client happens out of the gateway's
+ * sight: the page reports it (config.consentReportUrl, {provider, state, outcome}) for the audit
+ * trail, once, without waiting for the answer.
  * tools.waitingForUser() tells the page the bridge is waiting for the user (a consent panel):
  * the page's overall watchdog stops, and the bridge bounds that wait itself.
  * Every wait is bounded: the SDK script, the bridge (ready hook and each JSAPI call) and the
@@ -42,11 +48,19 @@
     actionsNode.appendChild(link);
   }
 
-  function stop(title, message) {
+  function stop(title, message, code) {
     if (finished) { return; }
     finished = true;
     document.getElementById("gw-title").textContent = title;
     say(message);
+    if (code) {
+      var line = document.createElement("p");
+      var node = document.createElement("code");
+      node.id = "gw-code";
+      node.textContent = code;
+      line.appendChild(node);
+      statusNode.parentNode.insertBefore(line, actionsNode);
+    }
     offer(t.tryAgain, window.location.href);
     // The page's own state may be spent by now: a fresh login, forced to the browser OAuth.
     offer(t.browserSignIn, config.browserUrl, "secondary");
@@ -99,6 +113,13 @@
     });
   }
 
+  // The consent's end in the client, for the gateway's audit trail; nothing waits for it.
+  function report(outcome) {
+    if (!config.consentReportUrl) { return; }
+    postJson(config.consentReportUrl, { provider: config.provider, state: config.state, outcome: outcome })
+      .then(null, function () { /* the page says what happened either way */ });
+  }
+
   function exchange(result) {
     exchanging = true;
     say(t.signingYouIn);
@@ -109,9 +130,9 @@
       window.location.replace(data.next || config.next || "/");
     }, function (error) {
       if (error.error === "approval_pending") {
-        stop(t.pendingTitle, error.message || t.approvalNeeded);
+        stop(t.pendingTitle, error.message || t.approvalNeeded, error.error);
       } else if (error.status === 403 || error.error === "access_denied") {
-        stop(t.notCompletedDenied, error.message || t.accessWasDenied);
+        stop(t.notCompletedDenied, error.message || t.accessWasDenied, error.error);
       } else if (error.status === 401 || error.error === "state_invalid") {
         // A code that expired or was already used: one more silent attempt, then a page.
         if (window.sessionStorage && !window.sessionStorage.getItem("gw-retried")) {
@@ -152,9 +173,14 @@
         exchanging = true;
         say(t.continuingWith);
       } else if (error.outcome === "pending") {
-        stop(t.pendingTitle, english && error.message ? error.message : t.pending);
+        report("pending");
+        stop(t.pendingTitle, english && error.message ? error.message : t.pending, "approval_pending");
       } else if (error.outcome === "denied") {
-        stop(t.deniedTitle, english && error.message ? error.message : t.declined);
+        report("denied");
+        stop(t.deniedTitle, english && error.message ? error.message : t.declined, "access_denied");
+      } else if (error.outcome === "failed") {
+        report("failed");
+        stop(t.notCompleted, english && error.message ? error.message : t.providerFailed, "provider_error");
       } else {
         fallback(error.message);
       }

@@ -13,6 +13,9 @@
  *   4. appScopes set: the authorization component, type 1 (an administrator grants the app's
  *      permissions): ok -> go on (remembered in localStorage), toAdmin -> "pending",
  *      cancel -> "denied", failed -> go on (the login itself does not need those permissions).
+ *      An incremental consent for an app-token route (config.appConsent, /consent?grant=app) asks
+ *      even when a grant is remembered (the provider has just refused the app's token), and its
+ *      failed -> "failed": that grant is what the sign-in is for, and no browser page asks it.
  *   5. scopes set: the authorization component, type 0 (the user consents; a user token):
  *      ok -> {code: result.authCode, context: {kind: "open_auth", corpId}}, toAdmin -> "pending",
  *      cancel -> "denied", failed -> "fallback" (the browser OAuth asks the same consent).
@@ -295,7 +298,7 @@
       return Promise.resolve();
     }
     var key = CONSENT_KEY + config.clientId + ":" + corpId + ":" + config.appScopes;
-    if (storageGet(key)) {
+    if (!config.appConsent && storageGet(key)) {
       return Promise.resolve();
     }
     var params = { type: 1, clientId: config.clientId, corpId: corpId, rpcScope: config.appScopes, fieldScope: "" };
@@ -311,12 +314,18 @@
       if (answer.status === "cancel") {
         throw reason("denied", "The app's permissions were not granted, so you are not signed in.");
       }
+      if (config.appConsent) {
+        throw reason("failed", "DingTalk could not grant the app's permissions" + statusDetail(answer) + ".");
+      }
       // "failed": the sign-in itself needs none of these permissions.
       if (window.console && window.console.warn) {
         window.console.warn("DingTalk app authorization failed" + statusDetail(answer) + "; signing in anyway");
       }
     }, function (err) {
       if (err && err.unsupported) {
+        if (config.appConsent) {
+          throw reason("failed", "This DingTalk client cannot show the authorization panel (" + err.unsupported + ").");
+        }
         return; // an older client: sign in without asking
       }
       throw err;

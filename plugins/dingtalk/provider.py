@@ -591,7 +591,7 @@ class DingTalkProvider(Provider):
         return list(dict.fromkeys([*self.settings.app_scopes, *extra]))
 
     def bridge_config(self, login: LoginContext) -> dict[str, Any]:
-        return {
+        config = {
             "clientId": self.settings.client_id,
             "corpId": self._page_corp(login.next_path),
             # ISV apps serve many organisations: the page's own ?corpid= (a homepage pointing at
@@ -601,6 +601,12 @@ class DingTalkProvider(Provider):
             "fieldScopes": ",".join(self.settings.field_scopes),
             "appScopes": ",".join(self._app_scopes(login)),
         }
+        if any(scope.startswith(APP_SCOPE_MARK) for scope in login.extra_scopes):
+            # /consent?grant=app: the administrator's grant is what this sign-in is for, so it is
+            # asked even when this browser remembers an earlier one (the provider just refused the
+            # app token), and a failed one ends the page instead of signing in without it.
+            config["appConsent"] = True
+        return config
 
     def authorize_url(self, login: LoginContext) -> str:
         params = {

@@ -33,6 +33,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from gateway.errors import ProviderError, ProviderMisconfigured, ProviderUnavailable, ReauthRequired
 from gateway.i18n import register as register_messages
 from gateway.providers import (
+    APP_SCOPE_MARK,
     PASS,
     ErrorRule,
     Flow,
@@ -404,8 +405,11 @@ class LarkProvider(Provider):
         return bool(_CLIENT_UA.search(user_agent))
 
     def _scopes(self, login: LoginContext) -> list[str]:
-        """The configured scopes, plus what an incremental consent asks for (``/consent``)."""
-        return list(dict.fromkeys([*self.settings.scopes, *login.extra_scopes]))
+        """The configured scopes, plus what an incremental consent asks for (``/consent``). Not
+        an administrator's grant (``app:``-marked, ``grant=app``): a tenant token's scopes are
+        enabled in the developer console (99991672), no user can grant them."""
+        extra = [scope for scope in login.extra_scopes if not scope.startswith(APP_SCOPE_MARK)]
+        return list(dict.fromkeys([*self.settings.scopes, *extra]))
 
     def bridge_config(self, login: LoginContext) -> dict[str, Any]:
         # requestAccess shows the user only the scopes not granted yet; [] would grant just the

@@ -15,6 +15,10 @@
  *      page to the authorization page; its redirect comes back to the gateway's callback;
  *   4. else (or when nothing navigated in time) the plain authorization link: outcome "fallback".
  *
+ * An incremental consent (config.consent) asks none of them: Tencent Meeting has no JSAPI that asks
+ * for more scopes and the agent code would carry the same grant, so it goes to the authorization
+ * page at once (outcome "fallback"), where the user authorizes the app's current scopes again.
+ *
  * The rejection shapes of requestAgentAuthCode and requestAuth are undocumented, so any rejection
  * counts as "try the next way". No init/ready step is documented. A JSAPI call that does not answer
  * in time (a client bridge that never initialised) goes straight to the authorization link: the
@@ -218,6 +222,9 @@
       var permission = wemeet && wemeet.permission;
       if (!permission || typeof permission !== "object") {
         return Promise.reject(fallback("no Tencent Meeting JS-SDK on this page (the wemeet global is missing)"));
+      }
+      if (config.consent) {
+        return Promise.reject(fallback("Tencent Meeting asks for more scopes only on its authorization page"));
       }
       var reasons = [];
       var attempt = orElse(agentAuthCode(permission, config, tools), function () {

@@ -306,12 +306,18 @@ class WeMeetProvider(Provider):
 
     def bridge_config(self, login: LoginContext) -> dict[str, Any]:
         # requestAuth (the navigating fallback) needs the same values as the authorization link.
-        return {
+        config: dict[str, Any] = {
             "sdkId": self.settings.sdk_id,
             "corpId": self.settings.corp_id,
             "redirectUri": login.redirect_uri,
             "state": login.state,
         }
+        if login.extra_scopes:
+            # An incremental consent (/consent): Tencent Meeting has no JSAPI that asks for more
+            # scopes, and the silent agent code would hand back the same grant. The user authorizes
+            # the app again on its authorization page (the scopes its console lists now).
+            config["consent"] = True
+        return config
 
     def authorize_url(self, login: LoginContext) -> str:
         params = {
