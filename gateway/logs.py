@@ -8,7 +8,8 @@ lines and its access log go through the same formatters (``uvicorn_log_config``)
 
 **The request id** lives in a context variable set by ``AuthGateway`` for the whole request
 (every coroutine the request runs, every log line it writes, the provider calls it makes and the
-error page it answers read it from there).
+error page it answers read it from there); the client's address (``request_client_ip``) beside
+it, for the audit events.
 
 **Audit events** (``audit``) have their own names and take only the fields listed in
 ``AUDIT_FIELDS``: a token, a code, a cookie, a secret or ``state`` cannot be passed to one, so
@@ -27,6 +28,12 @@ from typing import Any, Literal
 
 #: The id of the request being served (None outside a request).
 request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+#: The client address of the request being served (``client_ip``: the trusted-proxy rule), set
+#: with ``request_id`` by ``AuthGateway``: an audit event written deep inside the request (a token
+#: refresh in gateway/tokens.py) carries it without every caller passing it along. A task started
+#: by a request copies its context: a single-flight refresh started by request X and awaited by Y
+#: logs X's address (the request that made the provider call).
+request_client_ip: ContextVar[str | None] = ContextVar("gateway_request_client_ip", default=None)
 
 
 def new_request_id() -> str:
@@ -73,9 +80,11 @@ def audit(
     """Write one audit event (INFO, logger ``gateway.audit``; ``login.failed`` and
     ``token.refresh_failed``, ``consent.failed`` at WARNING). ``flow`` is ``client`` or ``browser`` (logged as
     ``in-client`` / ``browser``), ``error`` the stable error code. Only these fields exist: there
-    is no way to hand it a token."""
+    is no way to hand it a token. ``client_ip`` defaults to the request's (``request_client_ip``)."""
     if not audit_log.isEnabledFor(logging.WARNING if event.endswith("failed") else logging.INFO):
         return
+    if client_ip is None:
+        client_ip = request_client_ip.get()
     values = (provider, FLOWS.get(flow, flow) if flow else None, tenant, user_id, client_ip, scopes, error, outcome)
     fields = {"event": event, **{name: value for name, value in zip(AUDIT_FIELDS, values, strict=True)
                                 if value is not None}}

@@ -31,7 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.edge import Edge, EdgeRejected, first_header, normalize_target
 from gateway.errors import GatewayError
 from gateway.handshake import ForwardAuthHeaders, Handshake, login_required_response
-from gateway.logs import acceptable_request_id, request_id
+from gateway.logs import acceptable_request_id, client_ip, request_client_ip, request_id
 from gateway.metrics import AUTHENTICATED, DENIED, ERROR, LOGIN_REQUIRED, PUBLIC, Metrics
 from gateway.pages import error_response, gateway_error_response
 from gateway.runtime import Runtime
@@ -81,6 +81,7 @@ class AuthGateway:
         self._trusted = self._edge.trusted
         self._any_trusted = bool(self._trusted)  # once: TrustedProxies.__bool__ is a call per request
         self._set_request_id = request_id.set
+        self._set_client_ip = request_client_ip.set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -90,12 +91,19 @@ class AuthGateway:
             else:
                 await self.app(scope, receive, send)
             return
-        # The request id (gateway/logs.py): a trusted proxy's X-Request-Id, else a new one. Set in
-        # the request's context (uvicorn runs each request in a task of its own, so it ends with
-        # the request) before anything can log or answer an error.
+        # The request id (gateway/logs.py): a trusted proxy's X-Request-Id, else a new one, and the
+        # client's address for the audit events. Set in the request's context (uvicorn runs each
+        # request in a task of its own, so it ends with the request) before anything can log or
+        # answer an error.
         client = scope.get("client")
         peer = client[0] if client else None
-        proxied = self._proxy_request_id(scope["headers"]) if self._any_trusted and peer in self._trusted else None
+        from_proxy = self._any_trusted and peer in self._trusted
+        if from_proxy:
+            proxied = self._proxy_request_id(scope["headers"])
+            self._set_client_ip(client_ip(scope, self._trusted))
+        else:
+            proxied = None
+            self._set_client_ip(peer)  # client_ip's answer without a trusted proxy, without the call
         generated = proxied is None
         # gateway.logs.new_request_id, inlined: one call less per request.
         rid = os.urandom(8).hex() if proxied is None else proxied
@@ -126,7 +134,7 @@ class AuthGateway:
         if generated:
             # The edge dropped a client's X-Request-Id (any spelling) unless a trusted proxy sent
             # it; a trusted one's unfit value is replaced too. The app sees the id we log.
-            if self._any_trusted and peer in self._trusted:
+            if from_proxy:
                 headers = [item for item in headers if item[0] != b"x-request-id"]
             headers.append((b"x-request-id", rid.encode("ascii")))
         scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change

@@ -7,11 +7,13 @@ error answers show it (``request_id`` in JSON, a labelled detail on a page)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -34,6 +36,7 @@ from tests.conftest import (
     headers_of,
 )
 from tests.test_metrics import samples
+from tests.test_proxy import serve
 
 GENERATED = re.compile(r"[0-9a-f]{16}")
 TRUSTED = {"access": {"trusted_proxies": ["127.0.0.1/32"]}}
@@ -174,3 +177,56 @@ async def test_the_sidecar_passes_the_id_on_and_times_the_upstream(make_config: 
     assert missing.status_code == 200  # the echo app answers every path
     found = samples(scrape.text)
     assert found['gateway_upstream_duration_seconds_count{status_class="2xx"}'] == 2
+
+
+async def test_a_token_refresh_logs_the_client_ip_of_the_request_that_made_it(
+        make_config: Any, lark: ServedLark) -> None:
+    """token.refreshed / token.refresh_failed are written in gateway/tokens.py, which is handed no
+    request: the address comes from the request's context (gateway.logs.request_client_ip), set
+    with the request id, by the trusted-proxy rule (X-Forwarded-For believed from 127.0.0.1).
+    uvicorn without proxy_headers, as ``gateway serve`` runs it: the gateway reads the header."""
+    lark.sandbox.access_ttl_s = 4  # a refresh is due 2 s after each token
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = make_config(public_url=f"http://127.0.0.1:{sock.getsockname()[1]}", **TRUSTED)
+    gateway = AuthGateway(echo_app(), config)
+    try:
+        async with serve(gateway, sock) as url, \
+                httpx.AsyncClient(base_url=url, headers={"user-agent": BROWSER_UA}, timeout=10) as client:
+            await browser_login(client, "/x")
+            with json_lines("gateway.audit") as buffer:
+                await asyncio.sleep(2.2)
+                refreshed = await client.get("/r", headers={"x-forwarded-for": "198.51.100.7",
+                                                            "x-request-id": "rid-r1"})
+                lark.sandbox.revoke(lark.sandbox.current_user)  # the next refresh is refused for good
+                await asyncio.sleep(2.2)
+                ended = await client.get("/r", headers={"x-forwarded-for": "203.0.113.9, 127.0.0.1"})
+    finally:
+        await gateway.aclose()
+    assert refreshed.status_code == 200 and ended.status_code in (302, 401)
+    assert headers_of(refreshed)["x-forwarded-for"] == ["198.51.100.7"]  # a trusted peer's, kept
+    events = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    by_event = {event["event"]: event for event in events}
+    assert by_event["token.refreshed"]["client_ip"] == "198.51.100.7"
+    assert by_event["token.refreshed"]["request_id"] == "rid-r1"
+    failed = by_event["token.refresh_failed"]
+    assert failed["client_ip"] == "203.0.113.9"  # the right-most hop that is not a trusted proxy
+    assert failed["outcome"] == "definitive" and failed["provider"] == "lark"
+
+
+async def test_an_audit_event_outside_a_request_has_no_client_ip(caplog: Any) -> None:
+    """The context variable is the request's: an event written by no request has no address
+    (rather than the last request's), and an explicit one wins over the request's."""
+    from gateway.logs import audit, request_client_ip
+
+    with caplog.at_level(logging.INFO, logger="gateway.audit"):
+        audit("token.refreshed", provider="lark")
+        token = request_client_ip.set("192.0.2.1")
+        try:
+            audit("token.refreshed", provider="lark")
+            audit("logout", provider="lark", client_ip="192.0.2.2")
+        finally:
+            request_client_ip.reset(token)
+    fields = [record.event_fields for record in caplog.records]  # type: ignore[attr-defined]
+    assert "client_ip" not in fields[0]
+    assert fields[1]["client_ip"] == "192.0.2.1" and fields[2]["client_ip"] == "192.0.2.2"
