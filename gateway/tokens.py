@@ -151,7 +151,10 @@ class TokenManager:
         ours is documented to: Lark's newest token carries every scope ever granted, DingTalk
         reports none, Tencent Meeting all of the app's) cannot make the gateway forget the rest
         and refuse a call that needs them. Computed against the record as stored, under the same
-        compare-and-set as the write (a concurrent consent's scopes are not lost either)."""
+        compare-and-set as the write (a concurrent consent's scopes are not lost either). A
+        refresh, and a plain login, take the scopes the provider reports as they are: they are
+        how a scope the user has since withdrawn leaves the record (a route's ``scopes`` are then
+        ``consent_required`` before the call, instead of a provider refusal)."""
         key = token_key(provider, tenant, user)
         for _ in range(5):
             current = await self.store.get_versioned(key)
@@ -296,9 +299,6 @@ class TokenManager:
             raise
         self.metrics.inc("gateway_token_refreshes_total", provider_name, "ok")
         _audit_refresh(key, provider_name, None, None)
-        # A refresh neither adds nor removes grants; the record may know more than the answer
-        # says (a consent's union, above): it keeps that.
-        fresh = replace(fresh, scope=union_scope(tokens.scope, fresh.scope))
         written = await self._write(key, provider_name, fresh, current)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.
