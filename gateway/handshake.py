@@ -770,7 +770,7 @@ class Handshake:
                 return error_response(request.scope, 401, "metrics_unauthorized",
                                       "The metrics need the bearer token set in metrics.bearer_token.",
                                       headers={"www-authenticate": 'Bearer realm="gateway metrics"'})
-        return PlainTextResponse(self.runtime.metrics.render(), headers={"cache-control": "no-store"},
+        return PlainTextResponse(await self.runtime.metrics.scrape(), headers={"cache-control": "no-store"},
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def static(self, request: Request, rest: str) -> Response:

@@ -25,7 +25,7 @@ from gateway.metrics import Metrics
 from gateway.providers import Provider, ProviderContext, load_plugin
 from gateway.sealing import Sealer
 from gateway.sessions import CookieCodec, SessionStore
-from gateway.stores import Store
+from gateway.stores import SESSION_PREFIX, Store
 from gateway.stores.instrumented import InstrumentedStore
 from gateway.stores.memory import MemoryStore
 from gateway.tokens import AppTokenCache, TokenManager
@@ -97,7 +97,8 @@ class Runtime:
         if isinstance(backend, MemoryStore):
             memory_store = backend
             self.metrics.gauge("gateway_store_entries", lambda: len(memory_store))
-            self.metrics.gauge("gateway_sessions_active", lambda: _sessions_in(memory_store))
+        # Asked of the store at each scrape (Redis: its index of session keys, every replica's).
+        self.metrics.gauge_async("gateway_sessions_active", lambda: self.store.count(SESSION_PREFIX))
         self.spoofable = spoofable_names(config.identity.headers)
         self.access = AccessRules(config.access)
 
@@ -149,8 +150,3 @@ def _timed(method: Callable[..., Awaitable[Any]], metrics: Metrics, provider: st
                             provider, operation, outcome)
 
     return timed
-
-
-def _sessions_in(store: MemoryStore) -> int:
-    """Session records in the memory store (``SessionStore`` keys them ``sess:<id>``)."""
-    return sum(1 for key in list(store._data) if key.startswith("sess:"))

@@ -158,3 +158,54 @@ def test_a_short_bearer_token_is_a_config_error(make_config: object) -> None:
         make_config(metrics={"bearer_token": "short"})  # type: ignore[operator]
     with pytest.raises(ValidationError, match="printable ASCII"):
         make_config(metrics={"bearer_token": "long enough but with spaces"})  # type: ignore[operator]
+
+
+def test_the_histograms_keep_the_librarys_layout() -> None:
+    """``BucketHistogram`` (plain lists bumped on the request path) writes what the library's
+    ``Histogram`` wrote for the same observations: names, buckets, ``le`` spelling, cumulative
+    counts, sum, created; a value on a bound falls in that bound's bucket."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gateway.metrics import _FAST_BUCKETS, METRICS
+
+    name = "gateway_store_operation_duration_seconds"
+    ours = Metrics()
+    registry = CollectorRegistry()
+    library = Histogram(name, METRICS[name][1], METRICS[name][2], registry=registry, buckets=_FAST_BUCKETS)
+    for labels, value in [(("redis", "get", "ok"), 0.0003), (("redis", "get", "ok"), 0.001),
+                          (("redis", "get", "ok"), 7.5), (("memory", "set", "error"), 0.02)]:
+        ours.observe(name, value, *labels)
+        library.labels(*labels).observe(value)
+
+    def lines(text: str) -> list[str]:
+        kept = [line for line in text.splitlines() if line.startswith(("# ", name)) and "_created" not in line]
+        return [line for line in kept if name in line]
+
+    expected = lines(generate_latest(registry).decode())
+    assert lines(ours.render()) == expected and len(expected) > 20
+    found = samples(ours.render())
+    assert found[f'{name}_bucket{{backend="redis",operation="get",outcome="ok",le="0.001"}}'] == 2
+    assert found[f'{name}_bucket{{backend="redis",operation="get",outcome="ok",le="+Inf"}}'] == 3
+    assert f'{name}_created{{backend="memory",operation="set",outcome="error"}}' in found
+
+
+async def test_an_async_gauge_is_read_at_each_scrape_and_left_out_when_the_store_is_down() -> None:
+    from gateway.errors import StoreUnavailable
+
+    metrics = Metrics()
+    answers: list[object] = [3, StoreUnavailable("down"), None, 5]
+
+    async def read() -> float | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    metrics.gauge_async("gateway_sessions_active", read)
+    assert "gateway_sessions_active" not in samples(metrics.render())  # not read before a scrape
+    assert samples(await metrics.scrape())["gateway_sessions_active"] == 3
+    assert samples(metrics.render())["gateway_sessions_active"] == 3  # render alone: the last value
+    for _ in range(2):  # an outage, then a store that cannot tell: no sample, never a failed scrape
+        text = await metrics.scrape()
+        assert "# TYPE gateway_sessions_active gauge" in text and "gateway_sessions_active" not in samples(text)
+    assert samples(await metrics.scrape())["gateway_sessions_active"] == 5

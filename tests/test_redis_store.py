@@ -74,6 +74,23 @@ async def test_values_carry_their_version_under_the_prefix(make_store: StoreFact
     assert await raw.get("sess:abc") is None  # nothing outside the prefix
 
 
+async def test_session_keys_are_indexed_by_their_expiry(make_store: StoreFactory, raw: aioredis.Redis) -> None:
+    """``count:sess:`` scores each session key by its expiry on Redis's clock and lives no longer
+    than its last member; other keys are not in it."""
+    store = make_store()
+    await store.set("sess:abc", b"payload", 60)
+    await store.set("tok:lark:t:u", b"not counted", 600)
+    index = f"{store.prefix}count:sess:"
+    seconds, micros = await raw.time()
+    [(member, score)] = await raw.zrange(index, 0, -1, withscores=True)
+    assert member == b"sess:abc" and 59_000 < score - (seconds * 1000 + micros // 1000) <= 60_000
+    assert 59_000 < await raw.pttl(index) <= 60_000
+    await store.set("sess:abc", b"again", 120)  # written again: one member, its later expiry
+    assert await raw.zcard(index) == 1 and 119_000 < await raw.pttl(index) <= 120_000
+    await store.delete("sess:abc")
+    assert await raw.zcard(index) == 0
+
+
 async def test_a_lock_names_its_holder(make_store: StoreFactory, raw: aioredis.Redis) -> None:
     store = make_store()
     async with store.lock("refresh:tok:lark:t:u", lease_s=5, wait_s=1) as lease:
@@ -481,3 +498,41 @@ async def test_a_rotation_written_to_a_demoted_master_is_written_again_on_the_ne
     assert await manager.load(key) == fresh
     assert provider.calls == ["rt-old"]  # one rotation
     assert await manager.current(key, "fake") == fresh and provider.calls == ["rt-old"]
+
+
+# -- gateway_sessions_active --------------------------------------------------------------------------
+
+
+async def test_sessions_active_counts_every_replicas_sessions_on_redis(
+    start_gateway: GatewayStarter, redis_url: str, raw: aioredis.Redis
+) -> None:
+    """Each replica answers the count of the sessions of all of them (the index ``count:sess:``,
+    no scan of the keys); a logout on one lowers it on both, and an index member whose key's TTL
+    has passed is not counted even though nothing deleted it."""
+    from tests.test_metrics import samples
+
+    prefix = f"t:{uuid.uuid4().hex[:10]}:"
+    sections: dict[str, Any] = {
+        "session": {"secrets": [secrets.token_urlsafe(32)], "secure": False},
+        "store": {"backend": "redis", "url": redis_url, "key_prefix": prefix},
+        "metrics": {"allow_from": ["127.0.0.1"]},
+    }
+
+    async def active(running: Any) -> float:
+        async with running.client() as scraper:
+            return samples((await scraper.get("/_gateway/metrics")).text)["gateway_sessions_active"]
+
+    async with start_gateway(**sections) as a, start_gateway(**sections) as b, \
+            a.client() as on_a, b.client() as on_b:
+        assert (await active(a), await active(b)) == (0, 0)
+        assert (await browser_login(on_a, "/private")).status_code == 200
+        assert (await browser_login(on_b, "/private")).status_code == 200
+        assert (await active(a), await active(b)) == (2, 2)
+        assert (await on_b.post("/_gateway/logout", headers={"origin": b.url})).status_code == 200
+        assert (await active(a), await active(b)) == (1, 1)
+        # A session whose key died by its TTL (here: made to, as Redis would after max_age_s).
+        [key] = [key async for key in raw.scan_iter(match=f"{prefix}sess:*")]
+        await raw.pexpire(key, 1)
+        await raw.zadd(f"{prefix}count:sess:", {key.decode().removeprefix(prefix): 1})  # its expiry, long past
+        assert (await active(a), await active(b)) == (0, 0)
+    assert await raw.zcard(f"{prefix}count:sess:") == 0  # the scrape dropped the expired member

@@ -202,6 +202,34 @@ async def test_ttls_take_fractions_of_a_second(store: Store, key: Callable[[str]
     assert await store.get(key("a")) is None
 
 
+# -- count (gateway_sessions_active) ---------------------------------------------------------------
+
+
+async def test_count_follows_writes_deletes_pops_and_expiry(store: Store) -> None:
+    run = uuid.uuid4().hex  # the keys are under the counted prefix itself ("sess:")
+    assert await store.count("sess:") == 0
+    await store.set(f"sess:{run}:a", b"a", 60)
+    await store.set(f"sess:{run}:b", b"b", SHORT_TTL_S)
+    await store.set_versioned(f"sess:{run}:c", b"c", 60)
+    await store.set(f"sess:{run}:a", b"again", 60)  # a key written twice counts once
+    await store.set(f"other:{run}", b"not a session", 60)
+    await store.delete(f"sess:{run}:gone-already")  # deleting what is not there changes nothing
+    assert await store.count("sess:") == 3
+    await asyncio.sleep(PAST_SHORT_TTL_S)
+    assert await store.count("sess:") == 2  # b expired by its TTL, nothing deleted it
+    await store.delete(f"sess:{run}:a")
+    assert await store.pop(f"sess:{run}:c") == b"c"
+    assert await store.count("sess:") == 0
+    await store.set(f"sess:{run}:b", b"back", 60)  # written again after it expired
+    assert await store.count("sess:") == 1
+
+
+async def test_count_answers_only_for_counted_prefixes_or_says_it_cannot(store: Store) -> None:
+    await store.set(f"other:{uuid.uuid4().hex}", b"x", 60)
+    # The memory store walks its keys and may answer any prefix; Redis counts only what it indexes.
+    assert await store.count("other:") == (1 if isinstance(store, MemoryStore) else None)
+
+
 # -- locks ---------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,10 @@ nothing lives forever. Five operations carry the concurrency rules:
 - ``set_versioned_replicated``: ``set_versioned`` that also says whether the write reached a
   replica (Redis ``WAIT``), for the one write a failover must not discard: a rotated refresh token.
 
+``count(prefix)`` says how many live entries a key prefix of ``COUNTED_PREFIXES`` holds (the
+``gateway_sessions_active`` gauge), for every process sharing the store; a backend that cannot
+walk its keys cheaply indexes those keys as they are written (Redis: a sorted set by expiry).
+
 The lock is correct only with the fencing rule of its users: the holder re-reads the record it
 protects after acquiring and writes it back with compare-and-set on the version it read, so a
 holder whose lease lapsed (paused, partitioned) can never overwrite a newer write.
@@ -53,6 +57,13 @@ log = logging.getLogger("gateway.stores")
 
 #: Identifies this process in lock values (who holds a lock is visible to an operator).
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+#: Where the session records live (``SessionStore`` keys them ``sess:<id>``).
+SESSION_PREFIX = "sess:"
+#: The key prefixes ``Store.count`` answers for. A backend may index these keys on every write, so
+#: the list stays short.
+COUNTED_PREFIXES = (SESSION_PREFIX,)
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,12 @@ class Store(ABC):
 
     async def aclose(self) -> None:
         """Release connections."""
+
+    async def count(self, prefix: str) -> int | None:
+        """How many live entries (not expired, not deleted) have a key starting with ``prefix``,
+        one of ``COUNTED_PREFIXES``, for every process sharing the store; None when the backend
+        cannot tell (the gauge is then not exposed)."""
+        return None
 
     # -- broadcast ------------------------------------------------------------------------------
 

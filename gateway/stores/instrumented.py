@@ -99,6 +99,9 @@ class InstrumentedStore(Store):
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+    async def count(self, prefix: str) -> int | None:
+        return await self._timed("count", lambda: self.inner.count(prefix))  # type: ignore[no-any-return]
+
     # Broadcast and locks are the inner store's own (its renewal and notification machinery).
 
     def subscribe(self, topic: str, callback: Callable[[str], None]) -> None:

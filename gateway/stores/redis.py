@@ -10,7 +10,13 @@ Layout (every key starts with ``store.key_prefix``):
   fence counter ``fence:{<same hash>}`` (one hash slot, so Cluster runs the scripts); the owner is
   ``host:pid:random``, so ``redis-cli GET`` tells an operator who holds a lock;
 - one pub/sub channel ``<prefix>events`` carries lock releases (waiters are woken at once) and the
-  broadcasts of ``publish`` (a logout drops the session from every replica's cache).
+  broadcasts of ``publish`` (a logout drops the session from every replica's cache);
+- ``count:<counted prefix>`` (``COUNTED_PREFIXES``: ``count:sess:``) is a sorted set of the keys
+  under that prefix scored by their expiry (Redis's clock, ``TIME``), so ``count`` is a
+  ``ZCOUNT`` of the scores still ahead, O(log n), whatever the number of sessions: no scan. A
+  write adds its key before writing and a delete removes it after deleting, so an outage in
+  between overcounts one key until its expiry, never undercounts; each index write and count also
+  drops a bounded number of expired members, so the set holds little more than the live keys.
 
 Every failure of Redis (refused, timed out, read-only replica after a failover, a Cluster without
 a reachable seed node or with slots uncovered...) becomes ``StoreUnavailable``: requests that need
@@ -53,7 +59,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import StoreConfig
 from gateway.errors import StoreUnavailable
-from gateway.stores import LockAttempt, Store, Versioned
+from gateway.stores import COUNTED_PREFIXES, LockAttempt, Store, Versioned
 
 log = logging.getLogger("gateway.stores.redis")
 
@@ -115,6 +121,39 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# Redis's clock in milliseconds, in a script: every replica's index scores and counts use the
+# same clock as the keys' PX expiry. Effects replication (the default since Redis 5) lets a
+# script write after reading TIME; older servers are asked for it.
+_NOW_MS = """
+if redis.replicate_commands then redis.replicate_commands() end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local function drop_expired(limit)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, limit)
+  if #expired > 0 then redis.call('ZREM', KEYS[1], unpack(expired)) end
+end
+"""
+
+# KEYS[1] index; ARGV[1] member (the key), ARGV[2] its TTL ms, ARGV[3] expired members to drop at most.
+_INDEX = _NOW_MS + """
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+drop_expired(tonumber(ARGV[3]))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS[1] index; ARGV[1] expired members to drop at most. Answers the members whose expiry is ahead.
+_COUNT = _NOW_MS + """
+drop_expired(tonumber(ARGV[1]))
+return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf')
+"""
+
+# Expired index members dropped per index write and per count: bounded work per call (a scrape
+# after a mass expiry does not block Redis), enough to keep up (each new session drops up to 16).
+_DROP_ON_WRITE = 16
+_DROP_ON_COUNT = 1000
 
 
 def _ms(seconds: float) -> int:
@@ -226,6 +265,8 @@ class RedisStore(Store):
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._index_script = client.register_script(_INDEX)
+        self._count_script = client.register_script(_COUNT)
         self._listener: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None  # Sentinel's +switch-master
         self._subscribed = asyncio.Event()
@@ -302,6 +343,26 @@ class RedisStore(Store):
 
     def _k(self, key: str) -> str:
         return self.prefix + key
+
+    def _index_of(self, key: str) -> str | None:
+        """The index (sorted set) that counts ``key``, if its prefix is counted."""
+        for prefix in COUNTED_PREFIXES:
+            if key.startswith(prefix):
+                return f"{self.prefix}count:{prefix}"
+        return None
+
+    async def _index(self, key: str, ttl_s: float) -> None:
+        """Before a write: ``key`` counted until the write's expiry."""
+        index = self._index_of(key)
+        if index is not None:
+            args: list[str | int] = [key, _ms(ttl_s), _DROP_ON_WRITE]
+            await self._run("index", lambda: self._index_script(keys=[index], args=args))
+
+    async def _unindex(self, key: str) -> None:
+        """After a delete: ``key`` no longer counted."""
+        index = self._index_of(key)
+        if index is not None:
+            await self._run("index", lambda: cast(Awaitable[Any], self._client.zrem(index, key)))
 
     def _lock_keys(self, name: str) -> list[str]:
         tag = hashlib.sha256(name.encode()).hexdigest()[:20]
@@ -387,13 +448,16 @@ class RedisStore(Store):
         return found.value if found is not None else None
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._index(key, ttl_s)
         await self._run("set", lambda: self._set(keys=[self._k(key)], args=[value, _ms(ttl_s), ""]))
 
     async def delete(self, key: str) -> None:
         await self._run("delete", lambda: cast(Awaitable[Any], self._client.delete(self._k(key))))
+        await self._unindex(key)
 
     async def pop(self, key: str) -> bytes | None:
         data = await self._run("pop", lambda: cast(Awaitable[Any], self._client.getdel(self._k(key))))
+        await self._unindex(key)
         found = _unpack(data)
         return found.value if found is not None else None
 
@@ -404,6 +468,7 @@ class RedisStore(Store):
         self, key: str, value: bytes, ttl_s: float, *, expected_version: int | None = None
     ) -> int | None:
         expected = "" if expected_version is None else str(expected_version)
+        await self._index(key, ttl_s)  # a refused compare-and-set overcounts the key until this TTL at most
         version = await self._run("set", lambda: self._set(keys=[self._k(key)], args=[value, _ms(ttl_s), expected]))
         return None if version is None else int(version)
 
@@ -414,9 +479,19 @@ class RedisStore(Store):
         # cluster client does not lend); its manual failover hands over with the replica in sync,
         # and a master killed outright loses only what was on the wire (docs/redis.md).
         expected = "" if expected_version is None else str(expected_version)
+        await self._index(key, ttl_s)
         version, acknowledged = await self._run_acked("set", self._set, [self._k(key)],
                                                       [value, _ms(ttl_s), expected])
         return (None if version is None else int(version)), acknowledged
+
+    async def count(self, prefix: str) -> int | None:
+        """The keys under ``prefix`` whose expiry is ahead, from its index (every replica's
+        writes); None for a prefix that is not indexed. Keys written before the index existed
+        (a gateway upgraded with sessions live) are not in it until they are written again."""
+        if prefix not in COUNTED_PREFIXES:
+            return None
+        index = f"{self.prefix}count:{prefix}"
+        return int(await self._run("count", lambda: self._count_script(keys=[index], args=[_DROP_ON_COUNT])))
 
     async def ping(self) -> None:
         if isinstance(self._client, RedisCluster):
