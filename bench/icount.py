@@ -12,6 +12,15 @@ their run-to-run variation cannot leak in). Modes:
 - ``sidecar`` / ``sidecar-public``: ``gateway.cli.build_sidecar`` in front of the raw ASGI
   upstream (a native uvicorn, not counted), authenticated and on a public path.
 
+``--in-process`` counts the ASGI apps called directly instead (no server, no socket, no event-loop
+wake-ups: the gateway's own work only), the scope and no-op ``send`` of ``bench/hotpath.py``:
+
+- ``bare``: the Starlette app alone; ``middleware``: ``AuthGateway`` around it;
+- ``gateway``: ``AuthGateway`` around a no-op ASGI app;
+- ``sidecar``: ``build_sidecar``'s stack (``AuthGateway`` and every wrapper it puts around the
+  proxy, ``TimedUpstream`` included) with a no-op app in the proxy's place; minus ``gateway``, the
+  wrappers' cost.
+
 uvicorn runs as ``gateway serve`` runs it (uvloop, httptools, no access log, no Server/Date
 headers). Counts are user-space instructions only: system calls are not in them (``strace -c``
 around the same client gives those), and work that depends on the clock (the session cache
@@ -33,10 +42,12 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM_UP = 300
 MODES = ("bare", "middleware", "sidecar", "sidecar-public")
+IN_PROCESS_MODES = ("bare", "middleware", "gateway", "sidecar")
 
 
 def serve(mode: str, port: int, cookie_file: str, upstream: str) -> None:
@@ -67,6 +78,86 @@ def serve(mode: str, port: int, cookie_file: str, upstream: str) -> None:
         await uvicorn.Server(config).serve()
 
     asyncio.run(main())
+
+
+def serve_in_process(mode: str, requests: int) -> None:
+    """The apps under count, called directly (run by valgrind): warm up, say ``ready`` on stdout,
+    wait for a line on stdin (instrumentation is on by then), run ``requests`` requests, say
+    ``done`` and wait for the dump."""
+    from bench import hotpath
+    from bench.apps import bare_app
+
+    async def noop(scope: object, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"hello"})  # type: ignore[operator]
+
+    async def main() -> None:
+        app: Any
+        if mode == "bare":
+            app = bare_app()
+            from gateway.middleware import AuthGateway
+
+            cookie = await hotpath.signed_in(AuthGateway(bare_app(), hotpath._config()))  # a cookie to send
+        elif mode in ("middleware", "gateway"):
+            from gateway.middleware import AuthGateway
+
+            app = AuthGateway(bare_app() if mode == "middleware" else noop, hotpath._config())
+            cookie = await hotpath.signed_in(app)
+        else:
+            from gateway.cli import build_sidecar
+
+            app = build_sidecar(hotpath._config(upstream={"url": "http://127.0.0.1:9"}))
+            cookie = await hotpath.signed_in(app)
+            parent, inner = app, app.app
+            while type(inner).__name__ != "UpstreamProxy":  # the wrappers build_sidecar added
+                parent, inner = inner, inner.app
+            parent.app = noop
+        scope = hotpath.scope_for("/", [*hotpath.WRK_HEADERS, (b"cookie", f"gw_session={cookie}".encode())])
+        headers = scope["headers"]
+        statuses: list[int] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        for _ in range(WARM_UP):
+            await app({**scope, "headers": list(headers)}, hotpath._receive, send)
+        if set(statuses) != {200}:
+            raise RuntimeError(f"{mode} answered {set(statuses)}")
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for _ in range(requests):  # a new scope per request, as a server builds one
+            await app({**scope, "headers": list(headers)}, hotpath._receive, hotpath._send)
+        print("done", flush=True)
+        sys.stdin.readline()
+
+    asyncio.run(main())
+
+
+def count_in_process(tree: Path, mode: str, requests: int) -> int:
+    """Instructions ``requests`` direct calls of the ``mode`` app executed after the warm-up."""
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "callgrind.out"
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+        child = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+             __file__, "serve-in-process", mode, str(requests)],
+            cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            for step in ("ready", "done"):
+                line = child.stdout.readline().strip()
+                if line != step:
+                    raise RuntimeError(f"{mode} from {tree}: expected {step!r}, got {line!r}")
+                _instrumentation(child.pid, "-i on" if step == "ready" else "--dump")
+                child.stdin.write("\n")
+                child.stdin.flush()
+        finally:
+            child.stdin.close()
+            child.wait(timeout=300)
+        dumped = next(Path(work).glob("callgrind.out.*"))
+        totals = [line for line in dumped.read_text().splitlines() if line.startswith(("summary:", "totals:"))]
+        return int(totals[0].split()[1])
 
 
 def _requests(sock: socket.socket, cookie: str, path: str, count: int) -> None:
@@ -137,12 +228,23 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "serve-in-process":
+        serve_in_process(sys.argv[2], int(sys.argv[3]))
+        return
     parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="*", choices=sorted({*MODES, *IN_PROCESS_MODES}),
+                        help=f"default: {' '.join(MODES)}; with --in-process: {' '.join(IN_PROCESS_MODES)}")
     parser.add_argument("--compare", nargs="*", default=[], metavar="LABEL=PATH")
+    parser.add_argument("--in-process", action="store_true", help="call the apps directly: no server, no socket")
     args = parser.parse_args()
     trees = {"this tree": ROOT, **{item.partition("=")[0]: Path(item.partition("=")[2]).resolve()
                                    for item in args.compare}}
+    if args.in_process:
+        _report_in_process(trees, args.modes or list(IN_PROCESS_MODES), args.requests)
+        return
+    args.modes = args.modes or list(MODES)
+    if not set(args.modes) <= set(MODES):
+        parser.error(f"server modes are {', '.join(MODES)} (the others need --in-process)")
     upstream_port = _free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.apps:raw_app", "--port", str(upstream_port),
                                  "--no-access-log", "--log-level", "warning"], cwd=ROOT,
@@ -162,6 +264,19 @@ def main() -> None:
     for (label, mode), value in per_request.items():
         ratio = f"{bare / value:.3f}" if bare and mode == "middleware" else ""
         print(f"| {label} | {mode} | {value:,.0f} | {ratio} |")
+
+
+def _report_in_process(trees: dict[str, Path], modes: list[str], requests: int) -> None:
+    jobs = [(label, mode) for label in trees for mode in modes]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counts = dict(zip(jobs, pool.map(lambda job: count_in_process(trees[job[0]], job[1], requests), jobs),
+                          strict=True))
+    print("| tree | in-process app | instructions per request | bare / middleware |")
+    print("|---|---|---|---|")
+    for (label, mode), total in counts.items():
+        bare = counts.get((label, "bare"))
+        ratio = f"{bare / total:.3f}" if bare and mode == "middleware" else ""
+        print(f"| {label} | {mode} | {total / requests:,.0f} | {ratio} |")
 
 
 def _free_port() -> int:
