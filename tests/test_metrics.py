@@ -127,6 +127,38 @@ async def test_the_counters_follow_what_the_gateway_did(start_gateway: GatewaySt
         assert "ou_" not in line and "gw_session" not in line
 
 
+async def test_failed_refreshes_are_counted_by_result_and_timed_by_outcome(
+        start_gateway: GatewayStarter, lark: ServedLark) -> None:
+    """Two users, two failed refreshes as a scrape shows them: a transient one (Lark 20050, a
+    system error: retried later, the user keeps the old token meanwhile) and a definitive one
+    (the grant revoked: signed out, the session record ended)."""
+    lark.sandbox.access_ttl_s = 4  # a refresh is due 2 s after each token
+    first, second = list(lark.sandbox.users)[:2]
+    async with start_gateway(metrics={"allow_from": ["127.0.0.1"]}) as running, \
+            running.client() as transient, running.client() as definitive:
+        lark.sandbox.set_current_user(first)
+        await browser_login(transient, "/x")
+        lark.sandbox.set_current_user(second)
+        await browser_login(definitive, "/x")
+        await asyncio.sleep(2.2)
+        lark.sandbox.inject_fault("token:refresh_token", 20050, times=1)
+        kept = await transient.get("/x")
+        lark.sandbox.revoke(second)
+        ended = await definitive.get("/x", headers={"accept": "application/json"})
+        scrape = await transient.get("/_gateway/metrics")
+    assert kept.status_code == 200  # the old token still runs ~2 s
+    assert ended.status_code == 401 and ended.json()["error"] == "login_required"
+    found = samples(scrape.text)
+    refreshes = 'gateway_token_refreshes_total{provider="lark",result="%s"}'
+    assert found[refreshes % "unavailable"] == 1 and found[refreshes % "reauth_required"] == 1
+    assert refreshes % "ok" not in found or found[refreshes % "ok"] == 0
+    provider = 'gateway_provider_request_duration_seconds_count{provider="lark",operation="refresh",outcome="%s"}'
+    assert found[provider % "provider_unavailable"] == 1 and found[provider % "reauth_required"] == 1
+    assert provider % "ok" not in found
+    assert found['gateway_requests_total{result="authenticated"}'] == 3  # both logins' /x, then the kept one
+    assert found["gateway_sessions_active"] == 1  # the revoked user's session was ended
+
+
 async def test_a_bearer_token_guards_the_metrics(start_gateway: GatewayStarter) -> None:
     token = "s3cret-metrics-token-0123456789"
     async with start_gateway(metrics={"bearer_token": token}) as running, running.client() as client:
