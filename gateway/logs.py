@@ -28,11 +28,12 @@ from typing import Any, Literal
 
 #: The id of the request being served (None outside a request).
 request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
-#: The client address of the request being served (``client_ip``: the trusted-proxy rule), set
-#: with ``request_id`` by ``AuthGateway``: an audit event written deep inside the request (a token
-#: refresh in gateway/tokens.py) carries it without every caller passing it along. A task started
-#: by a request copies its context: a single-flight refresh started by request X and awaited by Y
-#: logs X's address (the request that made the provider call).
+#: The client address of the request being served (``client_ip``: the trusted-proxy rule), bound
+#: by ``AuthGateway`` once a request leaves its fast path (a session not in the cache, the
+#: gateway's own endpoints: where audit events are written), so an event written deep inside the
+#: request (a token refresh in gateway/tokens.py) carries it without every caller passing it
+#: along. A task started by a request copies its context: a single-flight refresh started by
+#: request X and awaited by Y logs X's address (the request that made the provider call).
 request_client_ip: ContextVar[str | None] = ContextVar("gateway_request_client_ip", default=None)
 
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.cli import build_sidecar
 from gateway.config import GatewayConfig
@@ -179,12 +180,14 @@ async def test_the_sidecar_passes_the_id_on_and_times_the_upstream(make_config: 
     assert found['gateway_upstream_duration_seconds_count{status_class="2xx"}'] == 2
 
 
+@pytest.mark.parametrize("path", ["/r", "/_gateway/auth"])
 async def test_a_token_refresh_logs_the_client_ip_of_the_request_that_made_it(
-        make_config: Any, lark: ServedLark) -> None:
+        make_config: Any, lark: ServedLark, path: str) -> None:
     """token.refreshed / token.refresh_failed are written in gateway/tokens.py, which is handed no
-    request: the address comes from the request's context (gateway.logs.request_client_ip), set
-    with the request id, by the trusted-proxy rule (X-Forwarded-For believed from 127.0.0.1).
-    uvicorn without proxy_headers, as ``gateway serve`` runs it: the gateway reads the header."""
+    request: the address comes from the request's context (gateway.logs.request_client_ip), bound
+    by AuthGateway once the session is not in its cache, by the trusted-proxy rule (X-Forwarded-For
+    believed from 127.0.0.1); for an app request and for a forward-auth check alike. uvicorn
+    without proxy_headers, as ``gateway serve`` runs it: the gateway reads the header."""
     lark.sandbox.access_ttl_s = 4  # a refresh is due 2 s after each token
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -196,15 +199,16 @@ async def test_a_token_refresh_logs_the_client_ip_of_the_request_that_made_it(
             await browser_login(client, "/x")
             with json_lines("gateway.audit") as buffer:
                 await asyncio.sleep(2.2)
-                refreshed = await client.get("/r", headers={"x-forwarded-for": "198.51.100.7",
+                refreshed = await client.get(path, headers={"x-forwarded-for": "198.51.100.7",
                                                             "x-request-id": "rid-r1"})
                 lark.sandbox.revoke(lark.sandbox.current_user)  # the next refresh is refused for good
                 await asyncio.sleep(2.2)
-                ended = await client.get("/r", headers={"x-forwarded-for": "203.0.113.9, 127.0.0.1"})
+                ended = await client.get(path, headers={"x-forwarded-for": "203.0.113.9, 127.0.0.1"})
     finally:
         await gateway.aclose()
     assert refreshed.status_code == 200 and ended.status_code in (302, 401)
-    assert headers_of(refreshed)["x-forwarded-for"] == ["198.51.100.7"]  # a trusted peer's, kept
+    if path == "/r":
+        assert headers_of(refreshed)["x-forwarded-for"] == ["198.51.100.7"]  # a trusted peer's, kept
     events = [json.loads(line) for line in buffer.getvalue().splitlines()]
     by_event = {event["event"]: event for event in events}
     assert by_event["token.refreshed"]["client_ip"] == "198.51.100.7"
