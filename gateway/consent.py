@@ -34,7 +34,6 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.bodies import read_json
 from gateway.errors import GatewayError
 from gateway.providers import APP_SCOPE_MARK
 
@@ -102,14 +101,7 @@ async def consent_outcome(handshake: Handshake, request: Request, rest: str) -> 
     client's authorization failed). Written as ``consent.denied`` / ``consent.failed``; the state
     is spent, so each ``/consent`` is reported at most once, and only by the browser that holds
     its sealed login (a forged report names a state this browser's cookie does not hold)."""
-    handshake._require_same_origin(request)
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise GatewayError("Send the outcome as JSON.", code="unsupported_media_type", status_code=415)
-    limits = handshake.config.limits
-    body = await read_json(request, limit=limits.max_body_bytes, max_depth=limits.max_json_depth)
-    if not isinstance(body, dict):
-        raise GatewayError("Send a JSON object with provider, state and outcome.", code="invalid_json",
-                           status_code=400)
+    body = await handshake._json_object(request, what="the outcome", fields="provider, state and outcome")
     provider = handshake._provider(str(body.get("provider") or ""))
     outcome, state = body.get("outcome"), body.get("state")
     if outcome not in _OUTCOMES or not isinstance(state, str):

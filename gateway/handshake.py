@@ -566,13 +566,7 @@ class Handshake:
             return await self._exchange(request, provider)
 
     async def _exchange(self, request: Request, provider: Provider) -> Response:
-        self._require_same_origin(request)
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise GatewayError("Send the code as JSON.", code="unsupported_media_type", status_code=415)
-        limits = self.config.limits
-        body = await read_json(request, limit=limits.max_body_bytes, max_depth=limits.max_json_depth)
-        if not isinstance(body, dict):
-            raise BadRequest("Send a JSON object with code and state.", code="invalid_json")
+        body = await self._json_object(request, what="the code", fields="code and state")
         code, state, context = body.get("code"), body.get("state"), body.get("context") or {}
         if not isinstance(code, str) or not code or len(code) > _MAX_CODE:
             raise BadRequest("The request has no usable code.", code="code_missing")
@@ -621,6 +615,18 @@ class Handshake:
             return self._error(request, exc, provider=provider.name, next_path=next_path)
 
     # -- session endpoints ------------------------------------------------------------------
+
+    async def _json_object(self, request: Request, *, what: str, fields: str) -> dict[str, Any]:
+        """A page's JSON POST (``/exchange``, ``/consent``): from our own origin, sent as JSON, within
+        the body limits, one object; else 403 / 415 / 413 / 400 with a sentence naming ``what``."""
+        self._require_same_origin(request)
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise GatewayError(f"Send {what} as JSON.", code="unsupported_media_type", status_code=415)
+        limits = self.config.limits
+        body = await read_json(request, limit=limits.max_body_bytes, max_depth=limits.max_json_depth)
+        if not isinstance(body, dict):
+            raise BadRequest(f"Send a JSON object with {fields}.", code="invalid_json")
+        return body
 
     def _require_same_origin(self, request: Request) -> None:
         origin = request.headers.get("origin")

@@ -45,9 +45,10 @@
     });
   }
 
-  // A sentence, and the stable error code as a small labelled detail (never as if it were text).
-  function say(text, code) {
-    var node = byId("tour-message");
+  // A sentence in the element ``id``, and the stable error code as a small labelled detail
+  // (never as if it were text).
+  function show(id, text, code) {
+    var node = byId(id);
     if (!node) { return; }
     node.hidden = false;
     node.textContent = text;
@@ -58,6 +59,10 @@
       node.appendChild(document.createTextNode(" "));
       node.appendChild(detail);
     }
+  }
+
+  function say(text, code) {
+    show("tour-message", text, code);
   }
 
   function failed(error) {
@@ -301,16 +306,7 @@
   }
 
   function relayStatus(text, code) {
-    var node = byId("relay-status");
-    node.hidden = false;
-    node.textContent = text;
-    if (code) {
-      var detail = document.createElement("small");
-      detail.className = "code";
-      detail.textContent = "error code: " + code;
-      node.appendChild(document.createTextNode(" "));
-      node.appendChild(detail);
-    }
+    show("relay-status", text, code);
   }
 
   function showAnswer(data) {
