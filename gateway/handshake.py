@@ -22,6 +22,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -50,7 +51,7 @@ from gateway.pages import (
     script_json,
     wants_html,
 )
-from gateway.providers import Grant, LoginContext, Provider
+from gateway.providers import Flow, Grant, LoginContext, Provider
 from gateway.ratelimit import RateLimiter, client_key
 from gateway.relay import Relay
 from gateway.runtime import Runtime
@@ -485,14 +486,16 @@ class Handshake:
         return pending
 
     async def _complete_login(
-        self, request: Request, provider: Provider, pending: PendingLogin, grant: Grant, response: Response
+        self, request: Request, provider: Provider, pending: PendingLogin, grant: Grant, flow: Flow,
+        response: Response,
     ) -> Response:
         identity = grant.identity
         if not self.runtime.access.tenant_allowed(identity.tenant):
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
-        # A consent adds to the grant: the record keeps the scopes it had (TokenManager.save).
-        key = await self.runtime.tokens.save(provider.name, identity.tenant, identity.user, grant.tokens,
-                                             keep_scopes=pending.is_consent)
+        # A consent adds to the grant: the record keeps the scopes it had (TokenManager.save). The
+        # record keeps this sign-in's flow, for its refreshes' audit events (TokenSet.flow).
+        key = await self.runtime.tokens.save(provider.name, identity.tenant, identity.user,
+                                             replace(grant.tokens, flow=flow), keep_scopes=pending.is_consent)
         await self.runtime.authenticator.tokens_replaced(key)
         previous = request.cookies.get(self.config.session.cookie_name)
         if previous:
@@ -578,7 +581,7 @@ class Handshake:
         grant = await provider.redeem(
             code, flow="client", redirect_uri=self.config.redirect_uri(provider.name), client_context=context
         )
-        return await self._complete_login(request, provider, pending, grant,
+        return await self._complete_login(request, provider, pending, grant, "client",
                                           JSONResponse({"next": pending.next_path}))
 
     async def callback(self, request: Request, rest: str) -> Response:
@@ -610,7 +613,7 @@ class Handshake:
                     code_verifier=pending.code_verifier, client_context=result.context,
                 )
                 redirect = RedirectResponse(pending.next_path, status_code=302, headers={"cache-control": "no-store"})
-                return await self._complete_login(request, provider, pending, grant, redirect)
+                return await self._complete_login(request, provider, pending, grant, "browser", redirect)
         except (LoginDenied, LoginPending, ReauthRequired, BadRequest, ProviderError) as exc:
             return self._error(request, exc, provider=provider.name, next_path=next_path)
 

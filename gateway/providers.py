@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import httpx
@@ -134,6 +134,10 @@ class TokenSet:
 
     ``extra`` holds what a provider needs to refresh besides the refresh token (e.g. WeMeet's
     ``open_id``); it is stored with the record, so keep it small and non-secret.
+
+    ``flow`` is how the sign-in that produced these tokens ran, ``client`` or ``browser`` (the
+    handshake stamps it; a refresh keeps it), for the ``token.*`` audit events. None: unknown (a
+    record stored before it was kept), and then omitted from the record and from the events.
     """
 
     access_token: str
@@ -143,6 +147,7 @@ class TokenSet:
     issued_at: float = field(default_factory=time.time)
     scope: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
+    flow: Flow | None = None
 
     @property
     def lifetime_s(self) -> float:
@@ -153,7 +158,7 @@ class TokenSet:
         return self.expires_at - min(margin_s, self.lifetime_s / 2)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "at": self.access_token,
             "exp": self.expires_at,
             "rt": self.refresh_token,
@@ -162,6 +167,9 @@ class TokenSet:
             "scope": self.scope,
             "extra": dict(self.extra),
         }
+        if self.flow is not None:
+            data["flow"] = self.flow
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TokenSet:
@@ -173,6 +181,8 @@ class TokenSet:
             issued_at=data.get("iat", 0.0),
             scope=data.get("scope", ""),
             extra=data.get("extra") or {},
+            # Absent in a record stored before the flow was kept; anything else unknown is too.
+            flow=flow if (flow := data.get("flow")) in get_args(Flow) else None,
         )
 
 

@@ -61,16 +61,19 @@ _SLOW = "The sign-in provider is slow to answer; please try again shortly."
 _ENDED = "Your sign-in has ended; please sign in again."
 
 
-def _audit_refresh(key: str, provider: str, error: str | None, outcome: Literal["transient", "definitive"] | None
-                   ) -> None:
+def _audit_refresh(key: str, provider: str, tokens: TokenSet, error: str | None,
+                   outcome: Literal["transient", "definitive"] | None) -> None:
     """``token.refreshed`` or ``token.refresh_failed`` (gateway/logs.py), the tenant and user
-    read back from the record's key (``token_key``); the tokens themselves never reach it."""
+    read back from the record's key (``token_key``), the flow from the record the refresh started
+    from (the sign-in's, ``TokenSet.flow``; none for a record stored before it was kept); the
+    tokens themselves never reach it."""
     _, _, rest = key.partition(":")
     _, tenant, user = rest.split(":", 2) if rest.count(":") >= 2 else (provider, None, None)
     if error is None:
-        audit("token.refreshed", provider=provider, tenant=tenant, user_id=user)
+        audit("token.refreshed", provider=provider, flow=tokens.flow, tenant=tenant, user_id=user)
     else:
-        audit("token.refresh_failed", provider=provider, tenant=tenant, user_id=user, error=error, outcome=outcome)
+        audit("token.refresh_failed", provider=provider, flow=tokens.flow, tenant=tenant, user_id=user,
+              error=error, outcome=outcome)
 
 
 def union_scope(*scopes: str) -> str:
@@ -266,10 +269,11 @@ class TokenManager:
             self._not_before[key] = float(shared)
             return self._backing_off(tokens, float(shared))
         try:
-            fresh = await provider.refresh(tokens)
+            # The provider knows nothing of the sign-in's flow: the rotated tokens keep the record's.
+            fresh = replace(await provider.refresh(tokens), flow=tokens.flow)
         except ReauthRequired as exc:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "reauth_required")
-            _audit_refresh(key, provider_name, exc.code, "definitive")
+            _audit_refresh(key, provider_name, tokens, exc.code, "definitive")
             # Another writer (a new login, another replica) may have rotated the record already:
             # theirs is newer, so it is never deleted here, even when this replica cannot open it.
             again = await self.store.get_versioned(key)
@@ -283,7 +287,7 @@ class TokenManager:
             raise
         except ProviderUnavailable as exc:
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "unavailable")
-            _audit_refresh(key, provider_name, exc.code, "transient")
+            _audit_refresh(key, provider_name, tokens, exc.code, "transient")
             not_before = self.clock() + exc.retry_after_s
             self._not_before[key] = not_before
             with contextlib.suppress(StoreUnavailable):  # the local back-off still holds
@@ -295,10 +299,10 @@ class TokenManager:
             raise
         except Exception:  # misconfiguration, a bug: counted, then answered as always
             self.metrics.inc("gateway_token_refreshes_total", provider_name, "error")
-            _audit_refresh(key, provider_name, "internal_error", "transient")  # the next request tries again
+            _audit_refresh(key, provider_name, tokens, "internal_error", "transient")  # the next request tries again
             raise
         self.metrics.inc("gateway_token_refreshes_total", provider_name, "ok")
-        _audit_refresh(key, provider_name, None, None)
+        _audit_refresh(key, provider_name, tokens, None, None)
         written = await self._write(key, provider_name, fresh, current)
         if written is None:
             # A concurrent writer won (a new login replaced the record): theirs is newer.

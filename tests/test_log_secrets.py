@@ -118,7 +118,8 @@ def _states(answer: httpx.Response) -> set[str]:
 
 
 async def test_no_issued_value_appears_in_any_log_line() -> None:
-    lark, dingtalk, wemeet = LarkSandbox(access_ttl_s=4), DingTalkSandbox(), WeMeetSandbox()  # Lark: a refresh soon
+    # Lark and Tencent Meeting: a refresh soon (one after a browser sign-in, one after an in-client one).
+    lark, dingtalk, wemeet = LarkSandbox(access_ttl_s=4), DingTalkSandbox(), WeMeetSandbox(access_ttl_s=4)
     session_secret = secrets.token_urlsafe(32)
     secret_values: set[str] = {session_secret}
     audit: list[dict[str, Any]] = []
@@ -170,6 +171,9 @@ async def test_no_issued_value_appears_in_any_log_line() -> None:
                 await client_login(client, running, code)
                 secret_values |= {code} | _cookie_values(client)
                 assert (await client.get("/", headers=HTML)).status_code == 200
+                await asyncio.sleep(2.2)  # the refresh is due 2 s after the login
+                assert (await client.get("/after-refresh", headers=HTML)).status_code == 200
+                secret_values |= _cookie_values(client)
 
         for sandbox in (lark, dingtalk, wemeet):
             secret_values |= issued_values(sandbox)
@@ -182,8 +186,13 @@ async def test_no_issued_value_appears_in_any_log_line() -> None:
     # The run did what it must, and said so: a scan of nothing would prove nothing.
     for expected in [("login.succeeded", "lark"), ("token.refreshed", "lark"), ("login.failed", "lark"),
                      ("logout", "lark"), ("login.succeeded", "dingtalk"), ("login.failed", "dingtalk"),
-                     ("login.succeeded", "wemeet")]:
+                     ("login.succeeded", "wemeet"), ("token.refreshed", "wemeet")]:
         assert expected in events, (expected, events)
+    # Every sign-in's and refresh's event says which flow it was (a refresh: its sign-in's).
+    flows = {(record["event"], record["provider"], record.get("flow")) for record in audit
+             if record["event"].startswith(("login.", "token."))}
+    assert {("token.refreshed", "lark", "browser"), ("token.refreshed", "wemeet", "in-client")} <= flows, flows
+    assert all(flow in ("browser", "in-client") for _, _, flow in flows), flows
     assert all(re.fullmatch(r"[0-9a-f]{16}", record["request_id"]) for record in audit)
     assert len(lines) > len(audit)  # DEBUG on: more than the audit events
     assert any(len(value) > 100 for value in secret_values)  # the emulators' long tokens are in the set

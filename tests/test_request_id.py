@@ -216,6 +216,8 @@ async def test_a_token_refresh_logs_the_client_ip_of_the_request_that_made_it(
     failed = by_event["token.refresh_failed"]
     assert failed["client_ip"] == "203.0.113.9"  # the right-most hop that is not a trusted proxy
     assert failed["outcome"] == "definitive" and failed["provider"] == "lark"
+    # The flow of the sign-in that produced the tokens (the record keeps it: TokenSet.flow).
+    assert by_event["token.refreshed"]["flow"] == failed["flow"] == "browser"
 
 
 async def test_an_audit_event_outside_a_request_has_no_client_ip(caplog: Any) -> None:

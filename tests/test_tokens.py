@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from gateway.config import StoreConfig
 from gateway.errors import ProviderUnavailable, ReauthRequired
 from gateway.providers import Provider, ProviderContext, ProviderSettings, TokenSet
+from gateway.sealing import Sealer, seal
+from gateway.stores import Store
 from gateway.stores.memory import MemoryStore
+from gateway.stores.redis import RedisStore
 from gateway.tokens import TokenManager, token_key, union_scope
 from tests.conftest import Clock
 
@@ -519,3 +527,85 @@ async def test_of_two_racing_logins_the_newer_grant_wins() -> None:
     await manager.save("p", "t", "u", older)  # the slower exchange finishes last
     loaded = await manager.load(key)
     assert loaded is not None and loaded.access_token == "newer"
+
+
+# -- the sign-in's flow, for the token.* audit events ----------------------------------------------
+
+
+def _audit_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [record.event_fields for record in caplog.records  # type: ignore[attr-defined]
+            if record.name == "gateway.audit"]
+
+
+@pytest.mark.parametrize(("flow", "logged"), [("client", "in-client"), ("browser", "browser")])
+async def test_a_refresh_keeps_the_sign_ins_flow_and_its_audit_events_carry_it(
+        manager: TokenManager, provider: FakeProvider, clock: Clock, caplog: pytest.LogCaptureFixture,
+        flow: Any, logged: str) -> None:
+    """The handshake stamps the flow on the record (``TokenSet.flow``); the provider's rotated
+    tokens know nothing of it, so the refresh carries it over, and the next refresh (read back
+    from the store) still has it."""
+    first = replace(tokens("old", issued_at=clock.now, lifetime_s=7200), flow=flow)
+    key = await manager.save("fake", "t1", "u1", first)
+    clock.now = first.expires_at - 60
+    with caplog.at_level(logging.INFO, logger="gateway.audit"):
+        fresh = await manager.current(key, "fake")
+        stored = await manager.load(key)
+        clock.now = fresh.expires_at - 60
+        provider.script = [ProviderUnavailable("busy", retry_after_s=30)]
+        assert await manager.current(key, "fake") == fresh  # served with the current token
+        clock.now += 31
+        provider.script = [ReauthRequired("refresh token revoked")]
+        with pytest.raises(ReauthRequired):
+            await manager.current(key, "fake")
+    assert fresh.access_token == "at-1" and fresh.flow == flow
+    assert stored is not None and stored.flow == flow
+    events = _audit_events(caplog)
+    assert [(event["event"], event.get("outcome")) for event in events] == [
+        ("token.refreshed", None), ("token.refresh_failed", "transient"), ("token.refresh_failed", "definitive")]
+    assert all(event["flow"] == logged and event["provider"] == "fake" and event["tenant"] == "t1"
+               and event["user_id"] == "u1" for event in events)
+
+
+def test_a_token_set_without_a_flow_stores_none_and_an_unknown_one_reads_as_none() -> None:
+    """The stored form is the previous version's when the flow is unknown (nothing added), so a
+    replica still running it reads the record; a value it never wrote is not believed."""
+    plain = TokenSet(access_token="at", expires_at=2.0, issued_at=1.0)
+    assert "flow" not in plain.to_dict()
+    assert TokenSet.from_dict({**plain.to_dict(), "flow": "client"}).flow == "client"
+    assert TokenSet.from_dict({**plain.to_dict(), "flow": "teleport"}).flow is None
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    config = StoreConfig.model_validate({"backend": "redis", "url": request.getfixturevalue("redis_url"),
+                                         "key_prefix": f"t:{uuid.uuid4().hex[:10]}:"})
+    store = RedisStore.from_config(config)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_a_record_stored_by_the_previous_version_loads_and_refreshes(
+        any_store: Store, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """A record written before the flow was kept, byte for byte as that version's ``_encode`` did
+    (sealed JSON, no ``flow``): it loads, refreshes, and its audit event simply has no flow."""
+    sealer = Sealer([secrets.token_urlsafe(32)])
+    provider = FakeProvider(clock)
+    manager = TokenManager(any_store, {"fake": provider}, refresh_margin_s=300, clock=clock, sealer=sealer)
+    key = token_key("fake", "t1", "u1")
+    legacy = {"provider": "fake", "tokens": {"at": "at-legacy", "exp": clock.now + 60, "rt": "rt-legacy",
+                                             "rexp": None, "iat": clock.now - 7140, "scope": "", "extra": {}}}
+    await any_store.set(key, seal(sealer, key, json.dumps(legacy, separators=(",", ":")).encode()), 3600)
+    loaded = await manager.load(key)
+    assert loaded is not None and loaded.access_token == "at-legacy" and loaded.flow is None
+    with caplog.at_level(logging.INFO, logger="gateway.audit"):
+        fresh = await manager.current(key, "fake")
+    assert fresh.access_token == "at-1" and provider.calls == ["rt-legacy"]
+    again = await manager.load(key)
+    assert again is not None and again.refresh_token == "rt-1" and again.flow is None
+    [event] = _audit_events(caplog)
+    assert event["event"] == "token.refreshed" and "flow" not in event
