@@ -33,6 +33,7 @@ from plugins.dingtalk.sandbox import DingTalkSandbox
 from plugins.lark.sandbox import LarkSandbox
 from plugins.wemeet.sandbox import WeMeetSandbox
 from tests.conftest import HTML, RunningGateway, browser_login, echo_app, free_port
+from tests.test_audit_docs import documented_audit_events
 from tests.test_dingtalk_e2e import DINGTALK_UA, in_client_login
 from tests.test_wemeet_e2e import WEMEET_UA, client_login
 
@@ -193,6 +194,11 @@ async def test_no_issued_value_appears_in_any_log_line() -> None:
              if record["event"].startswith(("login.", "token."))}
     assert {("token.refreshed", "lark", "browser"), ("token.refreshed", "wemeet", "in-client")} <= flows, flows
     assert all(flow in ("browser", "in-client") for _, _, flow in flows), flows
+    documented = documented_audit_events()  # docs/deployment.md's table: each line as it says
+    for record in audit:
+        level, fields = documented[record["event"]]
+        assert record["level"] == level, record
+        assert set(record) - {"time", "level", "logger", "message", "request_id", "event"} <= fields, record
     assert all(re.fullmatch(r"[0-9a-f]{16}", record["request_id"]) for record in audit)
     assert len(lines) > len(audit)  # DEBUG on: more than the audit events
     assert any(len(value) > 100 for value in secret_values)  # the emulators' long tokens are in the set
