@@ -9,7 +9,9 @@ Every emulator also serves, on each of its hosts, a small admin API under ``/_sa
 tests and the demo use: ``GET stats``, ``GET events`` (what happened, with timestamps: the demo's
 timeline), ``POST``/``DELETE faults``, ``POST user_consent`` (the simulated user allows, is asked,
 or refuses), ``POST tokens/expire`` and ``POST user_grant`` (``{scope, granted}``: the current user
-has, or has not, granted a scope; ``Sandbox.set_user_grant``) come from ``Sandbox`` itself; an emulator adds its own
+has, or has not, granted a scope; ``Sandbox.set_user_grant``) come from ``Sandbox`` itself, and so do
+the tour's administrator-approval endpoints, which each emulator fills in (``GET``/``POST
+tour/approval``, ``POST tour/answer``: ``Sandbox.set_tour_approval``); an emulator adds its own
 (current user, JSSDK mode, the simulated client's codes, administrator approvals...).
 
 How to write one: see ``Sandbox``. The helpers below (body readers, redirects, the consent
@@ -42,6 +44,7 @@ from starlette.types import ASGIApp
 
 from gateway.providers import str_field
 from gateway.sandbox.demo import DemoApiCall as DemoApiCall  # re-exported: emulators build them
+from gateway.sandbox.demo import TourEntry as TourEntry
 
 ENTRY_POINT_GROUP = "gateway.sandboxes"
 log = logging.getLogger("gateway.sandbox")
@@ -57,6 +60,9 @@ CORS_HEADERS = {
 
 ConsentMode = Literal["allow", "ask", "deny"]
 CONSENT_MODES: tuple[ConsentMode, ...] = get_args(ConsentMode)
+#: What the tour's administrator answers (``POST /_sandbox/tour/answer``).
+AdminAnswer = Literal["approved", "rejected"]
+ADMIN_ANSWERS: tuple[AdminAnswer, ...] = get_args(AdminAnswer)
 #: How many events an emulator keeps (the oldest go first): enough for a demo's timeline.
 EVENT_LOG_SIZE = 500
 
@@ -128,6 +134,10 @@ class Sandbox:
 
     #: The provider plugin this emulates (its entry-point name).
     plugin: ClassVar[str] = ""
+    #: The provider as people call it ("the <title> emulator" in the demo); the plugin name if "".
+    title: ClassVar[str] = ""
+    #: Where this emulator's tour entries go on the demo's page: lower first, then by plugin name.
+    tour_position: ClassVar[int] = 100
     #: Appended to a browser's User-Agent by the demo to simulate the provider's client.
     client_user_agent: ClassVar[str] = ""
     #: What a fault's ``code`` may be: integers by default; add ``str`` for string error codes.
@@ -191,6 +201,38 @@ class Sandbox:
         """The Open API calls ``gateway demo``'s relay page makes for this emulator's demo
         providers (one per provider at most). None by default."""
         return []
+
+    def demo_tour(self) -> list[TourEntry]:
+        """The cards of ``gateway demo``'s tour page (``/demo/``) for this emulator, in the order
+        shown; none by default (the emulator's providers then work in the demo, without a card).
+
+        How a new plugin joins the tour: return one ``TourEntry`` per provider of
+        ``demo_providers`` it wants on the page (title, what refusing and an administrator's
+        approval look like there, the provider's answers as codes). The "the user denies" switch
+        and "expire the access token now" use what every emulator has (``set_consent``,
+        ``expire_access_tokens``); an entry with ``approval_answers`` also needs
+        ``set_tour_approval``, ``answer_tour_approval`` and ``tour_approval_status``. Set
+        ``tour_position`` for the place on the page and ``title`` for the emulator's name. Several
+        entries of one emulator share its switches, and the page says so.
+        """
+        return []
+
+    def set_tour_approval(self, on: bool) -> None:
+        """The tour's "an administrator must approve" switch (``POST /_sandbox/tour/approval``
+        ``{"on": bool}``): on, the next sign-in waits for an administrator, as the provider makes
+        it wait; off, it does not. Raises ``LookupError`` by default: no approval step."""
+        raise LookupError(f"the {self.title or self.plugin or 'sandbox'} emulator has no administrator approval step")
+
+    def answer_tour_approval(self, answer: AdminAnswer) -> None:
+        """The administrator answers what waits (``POST /_sandbox/tour/answer``). Raises
+        ``LookupError`` without an approval step, ``ValueError`` for an answer the provider's
+        administrator cannot give."""
+        raise LookupError(f"the {self.title or self.plugin or 'sandbox'} emulator has no administrator approval step")
+
+    def tour_approval_status(self) -> str:
+        """What the administrator has answered so far, for the tour page ("" for nothing yet;
+        ``GET /_sandbox/tour/approval`` answers ``{"status": ...}``)."""
+        raise LookupError(f"the {self.title or self.plugin or 'sandbox'} emulator has no administrator approval step")
 
     def set_user_grant(self, scope: str, granted: bool) -> None:
         """The current user has granted ``scope`` to the app, or has not (withdrawn it, or never
@@ -343,6 +385,8 @@ class Sandbox:
             Route("/_sandbox/user_consent", self._admin_user_consent, methods=["GET", "POST"]),
             Route("/_sandbox/tokens/expire", self._admin_expire_tokens, methods=["POST"]),
             Route("/_sandbox/user_grant", self._admin_user_grant, methods=["POST"]),
+            Route("/_sandbox/tour/approval", self._admin_tour_approval, methods=["GET", "POST"]),
+            Route("/_sandbox/tour/answer", self._admin_tour_answer, methods=["POST"]),
         ]
         if self.jsapi_modes:
             routes.append(Route("/_sandbox/jsapi_mode", self._admin_jsapi_mode, methods=["POST"]))
@@ -382,6 +426,30 @@ class Sandbox:
         self.record_event("admin", f"the user has {'granted' if granted else 'not granted'} {scope}")
         return JSONResponse({"scope": scope, "granted": granted})
 
+    async def _admin_tour_approval(self, request: Request) -> Response:
+        try:
+            if request.method == "POST":
+                on = (await read_body(request) or {}).get("on")
+                if not isinstance(on, bool):
+                    return _admin_problem(400, "bad_switch", "Send on: true (an administrator must approve) or false.")
+                self.set_tour_approval(on)
+            return JSONResponse({"status": self.tour_approval_status()})
+        except LookupError as exc:
+            return _admin_problem(404, "no_approval_step", _sentence(exc))
+
+    async def _admin_tour_answer(self, request: Request) -> Response:
+        wanted = (await read_body(request) or {}).get("answer")
+        answer = next((answer for answer in ADMIN_ANSWERS if answer == wanted), None)
+        if answer is None:
+            return _admin_problem(400, "bad_answer", f"Send answer: one of {', '.join(ADMIN_ANSWERS)}.")
+        try:
+            self.answer_tour_approval(answer)
+            return JSONResponse({"status": self.tour_approval_status()})
+        except LookupError as exc:
+            return _admin_problem(404, "no_approval_step", _sentence(exc))
+        except ValueError as exc:
+            return _admin_problem(409, "answer_not_possible", _sentence(exc))
+
     async def _admin_expire_tokens(self, request: Request) -> Response:
         count = self.expire_access_tokens()
         self.record_event("admin", f"{count} access token(s) expired now")
@@ -418,6 +486,17 @@ class Sandbox:
             return JSONResponse({"error": f"unknown jsapi mode {wanted!r}", "modes": list(self.jsapi_modes)}, 400)
         self.jsapi_mode = wanted
         return JSONResponse({"mode": wanted})
+
+
+def _admin_problem(status: int, code: str, message: str) -> JSONResponse:
+    """An admin endpoint's refusal as the gateway words its own: a stable code and a sentence."""
+    return JSONResponse({"error": code, "message": message}, status)
+
+
+def _sentence(exc: Exception) -> str:
+    """An emulator's exception as a sentence for an admin answer (a KeyError's ``str`` is quoted)."""
+    text = str(exc.args[0] if exc.args else exc).rstrip(" .")
+    return f"{text[:1].upper()}{text[1:]}."
 
 
 # -- helpers for emulators ---------------------------------------------------------------------
@@ -537,7 +616,9 @@ async def serve_apps(
     try:
         for index, (role, app) in enumerate(apps.items()):
             config = uvicorn.Config(
-                app, host=host, port=port + index if port else 0, log_level="warning", lifespan="off"
+                app, host=host, port=port + index if port else 0, log_level="warning", lifespan="off",
+                # as `gateway serve` runs: the gateway judges X-Forwarded-For itself (trusted_proxies)
+                proxy_headers=False,
             )
             server = _Server(config)
             tasks.append(asyncio.create_task(server.serve()))
