@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +33,7 @@ from plugins.dingtalk.crypto import CallbackCrypto
 from plugins.dingtalk.sandbox import (
     _FAKE_JSSDK,
     APP_PERMISSIONS,
+    BRIDGE_CONSENT_KEY_PREFIX,
     DEFAULT_USERS,
     OTHER_CORP_ID,
     SANDBOX_APP_KEY,
@@ -622,3 +624,45 @@ async def test_a_withdrawn_permission_is_access_denied_until_an_authorization_as
     assert (await lab.me(again)).status_code == 200 and (await lab.me(first)).status_code == 200
     unknown = await lab.http.post(grant, json={"scope": "Mail.Read", "granted": False})
     assert unknown.status_code == 404 and "Mail.Read" in unknown.json()["error"]
+
+
+async def test_the_tours_approval_endpoints_make_a_member_wait_for_an_administrator(lab: Lab) -> None:
+    """``/_sandbox/tour/approval`` on: the member 李四 signs in, in an organisation that has not
+    granted the app's permissions, so openAuth type 1 answers toAdmin; ``tour/answer`` approves
+    (DingTalk's administrator cannot refuse: 409 with a code); off: the administrator again."""
+    tour = lab.urls["oapi"] + "/_sandbox/tour"
+    url = lab.urls["api"] + "/_sandbox/jsapi/open_auth"
+    body = {"type": "1", "clientId": SANDBOX_APP_KEY, "corpId": SANDBOX_CORP_ID, "rpcScope": ".default",
+            "fieldScope": ""}
+    assert (await lab.http.get(tour + "/approval")).json() == {"status": ""}
+    assert (await lab.http.post(tour + "/approval", json={"on": True})).json() == {"status": ""}
+    assert lab.sandbox.current_user == LISI.userid
+    assert (await lab.http.post(url, json=body)).json() == {"status": "toAdmin", "result": None}
+    assert (await lab.http.get(tour + "/approval")).json() == {"status": "1 waiting"}
+    refused = await lab.http.post(tour + "/answer", json={"answer": "rejected"})
+    assert refused.status_code == 409 and refused.json()["error"] == "answer_not_possible"
+    assert (await lab.http.post(tour + "/answer", json={"answer": "approved"})).json() == {"status": "approved"}
+    assert (await lab.http.post(url, json=body)).json() == {"status": "ok", "result": None}
+    assert (await lab.http.post(tour + "/approval", json={"on": False})).status_code == 200
+    assert lab.sandbox.current_user == ZHANG.userid
+
+
+@pytest.mark.parametrize(("path", "body", "code"), [
+    ("approval", {"on": 1}, "bad_switch"), ("approval", "on", "bad_switch"),
+    ("answer", {"answer": "approve"}, "bad_answer"), ("answer", {"answer": None}, "bad_answer"),
+])
+async def test_the_tours_approval_endpoints_refuse_bad_input(lab: Lab, path: str, body: Any, code: str) -> None:
+    answer = await lab.http.post(lab.urls["login"] + f"/_sandbox/tour/{path}", json=body)
+    assert answer.status_code == 400 and answer.json()["error"] == code and answer.json()["message"]
+    assert lab.sandbox.current_user == ZHANG.userid
+
+
+def test_the_tour_entries_and_the_bridges_consent_key() -> None:
+    entries = DingTalkSandbox().demo_tour()
+    assert [(entry.provider, entry.next_path) for entry in entries] == [
+        ("dingtalk", "/"), ("dingtalk-isv", f"/?corpid={SANDBOX_CORP_ID}")]
+    assert all(entry.has_approval and not entry.admin_can_refuse for entry in entries)
+    # The tour forgets what the bridge remembers: the prefix is the bridge's own.
+    bridge = (Path(__file__).parents[1] / "plugins" / "dingtalk" / "bridge.js").read_text()
+    assert f'CONSENT_KEY = "{BRIDGE_CONSENT_KEY_PREFIX}"' in bridge
+    assert all(entry.forget_storage == (BRIDGE_CONSENT_KEY_PREFIX,) for entry in entries)

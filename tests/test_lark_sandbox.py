@@ -598,3 +598,18 @@ async def test_the_user_grant_switch_answers_99991679_until_the_user_consents_ag
     assert (await lab.http.get(calendars, headers={"Authorization": f"Bearer {fresh}"})).json()["code"] == 0
     bad = await lab.http.post(lab.urls["open"] + "/_sandbox/user_grant", json={"scope": scope, "granted": "no"})
     assert bad.status_code == 400 and bad.json()["error"]
+
+
+async def test_the_tour_has_no_approval_step_here(lab: Lab) -> None:
+    """Lark's administrator makes the app available in the console: the tour's approval endpoints
+    say there is no such step, with a code."""
+    tour = lab.urls["open"] + "/_sandbox/tour"
+    for answer in (await lab.http.get(tour + "/approval"),
+                   await lab.http.post(tour + "/approval", json={"on": True}),
+                   await lab.http.post(tour + "/answer", json={"answer": "approved"})):
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"] == "no_approval_step" and "Feishu/Lark" in answer.json()["message"]
+    bad = await lab.http.post(tour + "/answer", json={"answer": "maybe"})
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_answer"
+    (entry,) = lab.sandbox.demo_tour()
+    assert (entry.provider, entry.title, entry.has_approval) == ("lark", "Feishu/Lark", False)

@@ -717,3 +717,37 @@ async def test_a_withheld_scope_is_190303_until_the_user_authorizes_again(lab: L
     assert (await lab.profile(answer["access_token"], ZHANG.open_id)).status_code == 200
     unknown = await lab.http.post(grant, json={"scope": "MANAGE_USER_INFO", "granted": False})
     assert unknown.status_code == 404
+
+
+async def test_the_tours_approval_endpoints_drive_the_current_users_administrator(lab: Lab) -> None:
+    """``/_sandbox/tour/approval`` and ``/_sandbox/tour/answer`` (the demo tour's switch and its
+    administrator's buttons): the current user's first authorization waits, then is answered."""
+    tour = lab.urls["web"] + "/_sandbox/tour"
+    assert (await lab.http.get(tour + "/approval")).json() == {"status": "approved"}
+    assert (await lab.http.post(tour + "/approval", json={"on": True})).json() == {"status": "pending"}
+    with pytest.raises(ValueError, match="pending"):
+        lab.sandbox.mint_client_code()  # the client hands out no code while the administrator has not answered
+    assert (await lab.http.post(tour + "/answer", json={"answer": "rejected"})).json() == {"status": "rejected"}
+    assert lab.sandbox.approval[ZHANG.open_id] == "rejected"
+    assert (await lab.http.post(tour + "/answer", json={"answer": "approved"})).json() == {"status": "approved"}
+    assert lab.sandbox.mint_client_code()
+    await lab.http.post(tour + "/approval", json={"on": True})
+    assert (await lab.http.post(tour + "/approval", json={"on": False})).json() == {"status": "approved"}
+    kinds = [event["kind"] for event in (await lab.http.get(lab.urls["web"] + "/_sandbox/events")).json()["events"]]
+    assert kinds.count("approval") == 5
+
+
+@pytest.mark.parametrize(("path", "body", "code"), [
+    ("approval", {"on": "yes"}, "bad_switch"), ("approval", {}, "bad_switch"), ("approval", [True], "bad_switch"),
+    ("answer", {"answer": "pending"}, "bad_answer"), ("answer", {}, "bad_answer"),
+])
+async def test_the_tours_approval_endpoints_refuse_bad_input(lab: Lab, path: str, body: Any, code: str) -> None:
+    answer = await lab.http.post(lab.urls["api"] + f"/_sandbox/tour/{path}", json=body)
+    assert answer.status_code == 400 and answer.json()["error"] == code and answer.json()["message"]
+    assert lab.sandbox.approval[ZHANG.open_id] == "approved"
+
+
+def test_the_tour_entry() -> None:
+    (entry,) = WeMeetSandbox().demo_tour()
+    assert (entry.provider, entry.title, entry.has_approval, entry.admin_can_refuse) == (
+        "wemeet", "Tencent Meeting", True, True)

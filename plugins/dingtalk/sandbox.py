@@ -38,7 +38,8 @@ Every host serves the admin API under ``/_sandbox/``: ``GET stats``, ``GET event
 (``DELETE`` clears), ``POST user_consent``, ``POST tokens/expire``, ``POST current_user``, ``POST
 jsapi_mode``, ``POST open_auth_status``, ``POST suite_ticket`` (rotate and push), ``POST check_url``,
 ``GET admin_requests``, ``POST admin_requests/approve``, ``POST app_grants/revoke`` (the
-organisations forget the app permissions their administrators granted), the
+organisations forget the app permissions their administrators granted), the tour's ``GET``/``POST
+tour/approval`` and ``POST tour/answer`` (``Sandbox``'s, filled in by ``set_tour_approval``), the
 CORS endpoints the fake JSSDK calls (``jsapi/code``, ``jsapi/open_auth``) and the fake
 ``dingtalk.open.js`` itself. Paths are spelled out here rather than imported from the provider,
 so a typo on one side cannot hide behind the same typo on the other.
@@ -67,9 +68,11 @@ from starlette.routing import BaseRoute, Route
 from gateway.providers import str_field
 from gateway.sandbox import (
     CORS_HEADERS,
+    AdminAnswer,
     DemoApiCall,
     Fault,
     Sandbox,
+    TourEntry,
     consent_form,
     read_form,
     read_json,
@@ -103,6 +106,13 @@ USER_TOKEN_TTL_S = 7200
 REFRESH_TOKEN_TTL_S = 30 * 86400
 CONSENT_TTL_S = 600
 DELEGATED_PERMISSIONS = ("Contact.User.Read", "Contact.User.mobile")
+#: The tour's administrator and member of the app's organisation (its approval switch signs in as
+#: the member, whose openAuth type 1 answers toAdmin until an administrator approves).
+TOUR_ADMIN, TOUR_MEMBER = "zhangsan01", "lisi0002"
+#: What plugins/dingtalk/bridge.js remembers of an administrator's grant in the browser
+#: (``localStorage`` keys with this prefix, its CONSENT_KEY): the tour forgets them when a member
+#: who was never granted the app signs in.
+BRIDGE_CONSENT_KEY_PREFIX = "gw-dingtalk-app-consent:"
 APP_PERMISSIONS = ("qyapi_base", "Contact.User.Read", "Pro.HrmDismission.ReadWrite")
 
 
@@ -327,6 +337,8 @@ class DingTalkSandbox(Sandbox):
     """
 
     plugin = "dingtalk"
+    title = "DingTalk"
+    tour_position = 20
     client_user_agent = "AliApp(DingTalk/7.8.1) com.laiwang.DingTalk/46766536 Channel/201200 language/zh-Hans-CN"
     jsapi_modes = JSAPI_MODES
     call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {
@@ -466,6 +478,7 @@ class DingTalkSandbox(Sandbox):
         requests waiting for them): the next non-admin's openAuth type 1 answers ``toAdmin``."""
         self._app_grants.clear()
         self.admin_requests.clear()
+        self.record_event("admin", "the organisations' administrators have not granted the app's permissions yet")
 
     def expire_access_tokens(self) -> int:
         now = self.clock()
@@ -636,6 +649,44 @@ class DingTalkSandbox(Sandbox):
                             route={"path": "v1.0/contact/users/me", "scopes": [openapi.STAFF_PERMISSION]},
                             consent_note=note, shows="unionId")
                 for name in (self.plugin, self.DEMO_ISV)]
+
+    def demo_tour(self) -> list[TourEntry]:
+        """Both app kinds, signing in through the authorization component (a user token to refresh,
+        and the administrator's approval of the app's permissions first) instead of the silent
+        free-login code. The third-party app's homepage URL says which organisation
+        (``?corpid=$CORPID$``)."""
+        member = self.users[TOUR_MEMBER].name if TOUR_MEMBER in self.users else TOUR_MEMBER
+        common: dict[str, Any] = {
+            "deny_help": "The login page or the authorization component is refused.",
+            "deny_answers": ("access_denied", "cancel"),
+            "approval_help": f"Signs in as {member}, a member (not an administrator): the authorization component "
+                             "sends the app's permissions to an administrator. Approve below, then open again.",
+            "approval_answers": ("toAdmin",),
+            "settings": {"scopes": [openapi.STAFF_PERMISSION], "app_scopes": [".default"]},
+            "forget_storage": (BRIDGE_CONSENT_KEY_PREFIX,),
+        }
+        return [TourEntry(self.plugin, "DingTalk (internal app)", **common),
+                TourEntry(self.DEMO_ISV, "DingTalk (third-party app)", next_path=f"/?corpid={self.app_corp_id}",
+                          **common)]
+
+    def set_tour_approval(self, on: bool) -> None:
+        """On: a member (not an administrator) of an organisation that has not granted the app's
+        permissions signs in, so openAuth type 1 answers toAdmin until an administrator approves.
+        Off: the administrator signs in (granted at once)."""
+        self.set_current_user(TOUR_MEMBER if on else TOUR_ADMIN)
+        if on:
+            self.revoke_app_grants()
+
+    def answer_tour_approval(self, answer: AdminAnswer) -> None:
+        """DingTalk's administrator approves only: a refusal there is a toAdmin left unanswered."""
+        if answer != "approved":
+            raise ValueError("a DingTalk administrator approves a request or leaves it waiting; there is no refusal")
+        self.approve_admin_requests()
+
+    def tour_approval_status(self) -> str:
+        waiting = sum(1 for request in self.admin_requests if not request.approved)
+        approved = len(self.admin_requests) - waiting
+        return f"{waiting} waiting" if waiting else "approved" if approved else ""
 
     def set_user_grant(self, scope: str, granted: bool) -> None:
         """Withdrawn: every user token of the current person is refused ``scope`` until an
@@ -1117,7 +1168,6 @@ class DingTalkSandbox(Sandbox):
 
     async def _admin_revoke_grants(self, request: Request) -> Response:
         self.revoke_app_grants()
-        self.record_event("admin", "the organisations' administrators have not granted the app's permissions yet")
         return JSONResponse({"revoked": True})
 
 

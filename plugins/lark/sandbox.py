@@ -57,6 +57,7 @@ from gateway.sandbox import (
     DemoApiCall,
     Fault,
     Sandbox,
+    TourEntry,
     consent_form,
     read_body,
     redirect_allowed,
@@ -312,6 +313,8 @@ class LarkSandbox(Sandbox):
     """
 
     plugin = "lark"
+    title = "Feishu/Lark"
+    tour_position = 10
     client_user_agent = "Lark/7.30.8 LarkLocale/en_US ChannelName/Feishu"
     jsapi_modes = JSAPI_MODES
     call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {
@@ -448,6 +451,16 @@ class LarkSandbox(Sandbox):
             consent_note="Outside the client the gateway sends the browser to Feishu's authorize page with the "
                             "added scope; the user comes back here.",
             shows="calendar_list")]
+
+    def demo_tour(self) -> list[TourEntry]:
+        """No approval step: Lark's administrator makes an app available in the console, before any
+        user signs in."""
+        return [TourEntry(
+            self.plugin, "Feishu/Lark",
+            deny_help="The consent page or the client's consent sheet is refused.",
+            deny_answers=("access_denied", "errno 2700002"),
+            approval_help="Feishu/Lark has no approval step for a user: an administrator makes the app available "
+                          "in the console.")]
 
     def set_user_grant(self, scope: str, granted: bool) -> None:
         (openapi.grant_scopes if granted else openapi.revoke_scopes)(self, self.current_user, [scope])

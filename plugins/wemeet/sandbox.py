@@ -33,7 +33,8 @@ Two hosts, as in production: ``web`` (meeting.tencent.com: authorize page, ``/we
 the fake JS-SDK at ``/_sandbox/wemeet-js-sdk.js``) and ``api`` (api.meeting.qq.com). Both serve the
 admin API under ``/_sandbox/``: ``GET stats``, ``GET events``, ``GET users``, ``POST faults``
 (``DELETE`` clears), ``POST user_consent``, ``POST tokens/expire``, ``POST current_user``, ``POST
-approve`` (the administrator's answer: approved, pending or rejected), ``POST jsapi_mode`` and ``POST
+approve`` (the administrator's answer: approved, pending or rejected), the tour's ``GET``/``POST
+tour/approval`` and ``POST tour/answer`` (the same, for the current user), ``POST jsapi_mode`` and ``POST
 jsapi/code`` (CORS: the fake JS-SDK mints its codes there). Paths are spelled out here rather than imported from the
 provider, so a typo on one side cannot hide behind the same typo on the other.
 
@@ -60,9 +61,11 @@ from starlette.routing import BaseRoute, Route
 from gateway.providers import str_field
 from gateway.sandbox import (
     CORS_HEADERS,
+    AdminAnswer,
     DemoApiCall,
     Fault,
     Sandbox,
+    TourEntry,
     consent_form,
     read_body,
     redirect_allowed,
@@ -245,6 +248,8 @@ class WeMeetSandbox(Sandbox):
     """
 
     plugin = "wemeet"
+    title = "Tencent Meeting"
+    tour_position = 30
     client_user_agent = CLIENT_UA
     jsapi_modes = JSAPI_MODES
     call_labels: ClassVar[Mapping[str, tuple[str, str]]] = {
@@ -367,6 +372,25 @@ class WeMeetSandbox(Sandbox):
         return [DemoApiCall(self.plugin, "the user's profile", profile, "VIEW_USER_INFO",
                             route={"path": "v1/users/info/basic"}, in_client_consent=False, consent_note=note,
                             shows="username")]
+
+    def demo_tour(self) -> list[TourEntry]:
+        return [TourEntry(
+            self.plugin, "Tencent Meeting",
+            deny_help="The authorization page or dialog is refused.", deny_answers=("access_denied", "bizCode 3"),
+            approval_help="The first authorization of an enterprise account waits for its administrator. Approve "
+                          "(or refuse) below, then open again.",
+            approval_answers=("bizCode 1", "a redirect without auth_code"), admin_can_refuse=True)]
+
+    def set_tour_approval(self, on: bool) -> None:
+        """The first authorization of the current user's enterprise account waits for its
+        administrator (on), or was approved (off)."""
+        self.approve(self.current_user, "pending" if on else "approved")
+
+    def answer_tour_approval(self, answer: AdminAnswer) -> None:
+        self.approve(self.current_user, answer)
+
+    def tour_approval_status(self) -> str:
+        return self.approval[self.current_user]
 
     def set_user_grant(self, scope: str, granted: bool) -> None:
         """Not granted: the app asks for ``scope`` since the user authorized it, so the user must
