@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import GatewayConfig
 from gateway.demo_pages import app_page, demo_page, favicon, relay_page, static_file, tour_page
-from gateway.demo_tour import BURST, EMULATOR_TITLES, Tour, TourError
+from gateway.demo_tour import BURST, Tour, TourError, emulator_title, tour_providers
 from gateway.identity import IdentitySigner
 from gateway.middleware import AuthGateway
 from gateway.sandbox import Sandbox, available_sandboxes, serve_apps
@@ -272,15 +272,6 @@ def demo_config(host: str, port: int, providers: dict[str, dict[str, Any]],
     )
 
 
-#: What the tour adds to the emulators' own demo settings: DingTalk signs in through the
-#: authorization component (a user token to refresh; the administrator's approval of the app's
-#: permissions first) instead of the silent free-login code.
-TOUR_SETTINGS: dict[str, dict[str, Any]] = {
-    "dingtalk": {"scopes": ["Contact.User.Read"], "app_scopes": [".default"]},
-    "dingtalk-isv": {"scopes": ["Contact.User.Read"], "app_scopes": [".default"]},
-}
-
-
 class PortBusy(Exception):
     """A port the demo needs is taken by another program."""
 
@@ -319,12 +310,15 @@ async def running_demo(host: str = "127.0.0.1", port: int = 8000) -> AsyncIterat
     """The whole demo, served: the gateway on ``port``, each emulator host on the next ports."""
     sandboxes: dict[str, Sandbox] = {name: cls() for name, cls in sorted(available_sandboxes().items())}
     wanted = {port: "the demo gateway"}
-    for name, sandbox in sandboxes.items():
+    for sandbox in sandboxes.values():
         for role in sandbox.hosts():
-            wanted[port + len(wanted)] = f"the {EMULATOR_TITLES.get(name, name)} emulator's {role} host"
+            wanted[port + len(wanted)] = f"the {emulator_title(sandbox)} emulator's {role} host"
     for candidate, what in wanted.items():
         if _port_taken(host, candidate):
             raise PortBusy(candidate, what)
+    cards = tour_providers(sandboxes)
+    # What the tour adds to the emulators' own demo settings (e.g. a sign-in with a refresh token).
+    tour_settings = {card.name: card.entry.settings for card in cards}
     async with contextlib.AsyncExitStack() as stack:
         providers: dict[str, dict[str, Any]] = {}
         hosts: dict[str, dict[str, str]] = {}
@@ -333,17 +327,18 @@ async def running_demo(host: str = "127.0.0.1", port: int = 8000) -> AsyncIterat
             try:
                 urls = await stack.enter_async_context(serve_apps(sandbox.hosts(), host=host, port=next_port))
             except SystemExit:  # uvicorn could not bind after all (taken since the check)
-                raise PortBusy(next_port, f"the {EMULATOR_TITLES.get(name, name)} emulator") from None
+                raise PortBusy(next_port, f"the {emulator_title(sandbox)} emulator") from None
             next_port += len(urls)
             hosts[name] = urls
             for provider_name, settings in sandbox.demo_providers(urls).items():
-                providers[provider_name] = {**settings, **TOUR_SETTINGS.get(provider_name, {})}
+                providers[provider_name] = {**settings, **tour_settings.get(provider_name, {})}
         # The relay page's calls, one per provider at most, and the routes that let them through.
         api_calls = {call.provider: call for sandbox in sandboxes.values() for call in sandbox.demo_api_calls()
                      if call.provider in providers}
         config = demo_config(host, port, providers, [call.relay_route() for call in api_calls.values()])
         tour = Tour({name: next(iter(urls.values())) for name, urls in hosts.items()}, config.public_url,
-                    config.path_prefix, api_calls,
+                    config.path_prefix, api_calls, providers=cards,
+                    titles={name: emulator_title(sandbox) for name, sandbox in sandboxes.items()},
                     origins=[url for urls in hosts.values() for url in urls.values()])
         stack.push_async_callback(tour.aclose)
         clients = {name: sandbox.client_user_agent for name, sandbox in sandboxes.items()}
@@ -377,7 +372,7 @@ def startup_lines(demo: RunningDemo) -> list[str]:
     """What ``gateway demo`` prints once everything answers: which emulator is on which port."""
     lines = [f"  {'Demo gateway + app':<28} {demo.url}"]
     for name, urls in demo.hosts.items():
-        title = f"{EMULATOR_TITLES.get(name, name)} emulator"
+        title = f"{emulator_title(demo.sandboxes[name])} emulator"
         lines.append(f"  {title:<28} " + ", ".join(f"{role} {url}" for role, url in urls.items()))
     return ["", *lines, "", f"  Demo ready: open {demo.url}/demo/", ""]
 

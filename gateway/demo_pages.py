@@ -82,10 +82,12 @@ def _timeline_panel() -> str:
 
 
 def _switch(provider: TourProvider, switch: str, label: str, help_text: str, *, on: bool,
-            applicable: bool = True, answers: tuple[str, ...] = ()) -> str:
-    """A switch, what it makes happen, and the provider's answers as labelled codes."""
+            applicable: bool = True, answers: tuple[str, ...] = (), forget_storage: tuple[str, ...] = ()) -> str:
+    """A switch, what it makes happen, and the provider's answers as labelled codes.
+    ``forget_storage``: the localStorage key prefixes demo.js removes when the switch goes on."""
     checked = " checked" if on else ""
     disabled = "" if applicable else " disabled"
+    forget = f' data-forget-storage="{html.escape(json.dumps(list(forget_storage)))}"' if forget_storage else ""
     codes = ""
     if answers:
         codes = ' <small class="code">provider answers: ' + ", ".join(
@@ -93,35 +95,30 @@ def _switch(provider: TourProvider, switch: str, label: str, help_text: str, *, 
     return (
         f'<label class="switch{" off" if not applicable else ""}">'
         f'<input type="checkbox" data-provider="{html.escape(provider.name)}" data-switch="{switch}"'
-        f"{checked}{disabled}>"
+        f"{forget}{checked}{disabled}>"
         f' <span>{html.escape(label)}</span></label><p class="hint">{html.escape(help_text)}{codes}</p>'
     )
 
 
-_APPROVAL_HELP = {
-    "": "Feishu/Lark has no approval step for a user: an administrator makes the app available in the console.",
-    "dingtalk": "Signs in as 李四, a member (not an administrator): the authorization component sends the "
-                "app's permissions to an administrator. Approve below, then open again.",
-    "wemeet": "The first authorization of an enterprise account waits for its administrator. Approve (or "
-              "refuse) below, then open again.",
-}
-_APPROVAL_ANSWERS = {"": (), "dingtalk": ("toAdmin",), "wemeet": ("bizCode 1", "a redirect without auth_code")}
-_DENY_HELP = {
-    "lark": ("The consent page or the client's consent sheet is refused.", ("access_denied", "errno 2700002")),
-    "dingtalk": ("The login page or the authorization component is refused.", ("access_denied", "cancel")),
-    "wemeet": ("The authorization page or dialog is refused.", ("access_denied", "bizCode 3")),
-}
+def _shared_note(provider: TourProvider) -> str:
+    """Said on each card of an emulator that serves several: its switches apply to all of them."""
+    count = provider.shared_with
+    if count < 2:
+        return ""
+    together = "Both" if count == 2 else f"All {count}"
+    applies = "both" if count == 2 else "all of them"
+    return (f'<p class="hint">{together} {html.escape(provider.emulator_title)} apps share one emulator: '
+            f"a switch applies to {applies}.</p>")
 
 
 def _provider_card(provider: TourProvider, state: Mapping[str, Any], relay_call: DemoApiCall | None = None) -> str:
     name = html.escape(provider.name)
-    shared = ("<p class=\"hint\">Both DingTalk apps share one emulator: a switch applies to both.</p>"
-              if provider.emulator == "dingtalk" else "")
+    entry = provider.entry
     approve = ""
     if provider.approval:
         approve = (f'<p class="admin"><button type="button" class="small" data-action="approve" data-provider="{name}">'
                    "Approve as the administrator</button>")
-        if provider.approval == "wemeet":
+        if entry.admin_can_refuse:
             approve += (f' <button type="button" class="small secondary" data-action="reject" data-provider="{name}">'
                         "Refuse as the administrator</button>")
         answered = str(state.get("approval_status") or "")
@@ -133,11 +130,11 @@ def _provider_card(provider: TourProvider, state: Mapping[str, Any], relay_call:
         f'<a class="button secondary" href="/demo/client/{html.escape(provider.emulator)}?provider={name}">'
         "Open in the simulated client</a></p>"
         + _relay_links(provider, relay_call)
-        + _switch(provider, "deny", "The user denies", _DENY_HELP[provider.emulator][0], on=bool(state.get("deny")),
-                  answers=_DENY_HELP[provider.emulator][1])
-        + _switch(provider, "approval", "The admin must approve", _APPROVAL_HELP[provider.approval],
-                  on=bool(state.get("approval")), applicable=bool(provider.approval),
-                  answers=_APPROVAL_ANSWERS[provider.approval])
+        + _switch(provider, "deny", "The user denies", entry.deny_help, on=bool(state.get("deny")),
+                  answers=entry.deny_answers)
+        + _switch(provider, "approval", "The admin must approve", entry.approval_help,
+                  on=bool(state.get("approval")), applicable=provider.approval,
+                  answers=entry.approval_answers or (), forget_storage=entry.forget_storage)
         + approve
         + f'<p class="actions"><button type="button" class="small" data-action="expire" data-provider="{name}">'
         "Expire the access token now</button>"
@@ -146,7 +143,7 @@ def _provider_card(provider: TourProvider, state: Mapping[str, Any], relay_call:
         '<p class="hint">These two act on your session: sign in with this provider first. Expiring sends '
         "5 requests at once: watch one refresh in the timeline. A second device gets new tokens: watch what "
         "happens to the old ones.</p>"
-        + shared + "</section>"
+        + _shared_note(provider) + "</section>"
     )
 
 

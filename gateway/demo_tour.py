@@ -6,6 +6,11 @@ the user signs in again on a second device. Every switch goes through an emulato
 under ``/_sandbox/`` (over HTTP, as any client of ``gateway sandbox`` would drive it); the
 emulators stay strict and answer what the provider documents for that situation.
 
+The core knows no provider: each emulator declares its cards (``Sandbox.demo_tour``, one
+``TourEntry`` per provider) and does the provider's part of each action behind the admin
+endpoints every emulator has (``user_consent``, ``tokens/expire``, ``user_grant``,
+``tour/approval``, ``tour/answer``).
+
 The timeline merges what the emulators record (``GET /_sandbox/events``: JSAPI calls, codes,
 exchanges, tokens issued or killed, identity lookups) with what the demo app itself sees (the
 identity it received), in one sequence the page polls.
@@ -16,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import httpx
 
 from gateway.errors import GatewayError
-from gateway.sandbox import DemoApiCall
+from gateway.sandbox import DemoApiCall, Sandbox, TourEntry
 from gateway.tokens import token_key
 
 log = logging.getLogger("gateway.demo")
@@ -37,29 +42,43 @@ BURST = 5
 
 @dataclass(frozen=True)
 class TourProvider:
-    """One provider as the tour shows it. ``approval``: how its administrator approval works in
-    the emulator ("" when the provider has no such step)."""
+    """One card of the tour: an emulator's ``TourEntry`` and that emulator. ``shared_with``: how
+    many entries the emulator has in all (its switches apply to every one of them)."""
 
-    name: str  # the key under providers: (URLs, X-Auth-Provider)
-    title: str
+    entry: TourEntry
     emulator: str  # the Sandbox's plugin name
-    approval: Literal["", "dingtalk", "wemeet"] = ""
-    next_path: str = "/"
+    emulator_title: str
+    shared_with: int = 1
+
+    @property
+    def name(self) -> str:  # the key under providers: (URLs, X-Auth-Provider)
+        return self.entry.provider
+
+    @property
+    def title(self) -> str:
+        return self.entry.title
+
+    @property
+    def next_path(self) -> str:
+        return self.entry.next_path
+
+    @property
+    def approval(self) -> bool:
+        return self.entry.has_approval
 
 
-#: The tour's providers, in the order shown. The names are the ones used everywhere in the docs.
-TOUR: tuple[TourProvider, ...] = (
-    TourProvider("lark", "Feishu/Lark", "lark"),
-    TourProvider("dingtalk", "DingTalk (internal app)", "dingtalk", approval="dingtalk"),
-    # A third-party app serves many organisations: its homepage URL says which (?corpid=$CORPID$).
-    TourProvider("dingtalk-isv", "DingTalk (third-party app)", "dingtalk", approval="dingtalk",
-                 next_path="/?corpid=dingsandbox0a1b2c3d4e5f"),
-    TourProvider("wemeet", "Tencent Meeting", "wemeet", approval="wemeet"),
-)
-EMULATOR_TITLES = {"lark": "Feishu/Lark", "dingtalk": "DingTalk", "wemeet": "Tencent Meeting"}
+def emulator_title(sandbox: Sandbox) -> str:
+    return sandbox.title or sandbox.plugin
 
-# DingTalk: an administrator and a member of the same organisation (plugins/dingtalk/sandbox.py).
-DINGTALK_ADMIN, DINGTALK_MEMBER = "zhangsan01", "lisi0002"
+
+def tour_providers(sandboxes: Mapping[str, Sandbox]) -> list[TourProvider]:
+    """Every emulator's tour entries, in the order of the page: by ``tour_position``, then plugin
+    name, then each emulator's own order."""
+    cards: list[TourProvider] = []
+    for name, sandbox in sorted(sandboxes.items(), key=lambda item: (item[1].tour_position, item[0])):
+        entries = sandbox.demo_tour()
+        cards.extend(TourProvider(entry, name, emulator_title(sandbox), len(entries)) for entry in entries)
+    return cards
 
 
 class TourError(Exception):
@@ -72,19 +91,23 @@ class TourError(Exception):
 
 class Tour:
     """What the tour page drives. ``admin_urls``: one base URL per emulator (any of its hosts
-    serves the admin API); ``runtime``: the demo gateway's (for the token record that "expire the
-    access token now" moves, and the provider a second device's old refresh token is tried with)."""
+    serves the admin API); ``providers``: the cards (``tour_providers``), those of an emulator
+    without a URL left out; ``titles``: each emulator's name for people; ``runtime``: the demo
+    gateway's (for the token record that "expire the access token now" moves, and the provider a
+    second device's old refresh token is tried with)."""
 
     def __init__(self, admin_urls: Mapping[str, str], public_url: str, path_prefix: str,
-                 api_calls: Mapping[str, DemoApiCall] | None = None, *, origins: Sequence[str] = ()) -> None:
+                 api_calls: Mapping[str, DemoApiCall] | None = None, *, providers: Iterable[TourProvider] = (),
+                 titles: Mapping[str, str] | None = None, origins: Sequence[str] = ()) -> None:
         self.admin_urls = dict(admin_urls)
+        self.titles = {emulator: (titles or {}).get(emulator) or emulator for emulator in self.admin_urls}
         #: Every emulator host (the relay page loads their fake JSSDKs, which call them).
         self.origins = list(origins)
         #: The relay page's call per provider name (what each emulator contributed).
         self.api_calls = dict(api_calls or {})
         self.public_url = public_url
         self.path_prefix = path_prefix
-        self.providers = {provider.name: provider for provider in TOUR if provider.emulator in self.admin_urls}
+        self.providers = {provider.name: provider for provider in providers if provider.emulator in self.admin_urls}
         self.switches: dict[tuple[str, Switch], bool] = {}
         self.runtime: Any = None  # gateway.runtime.Runtime, set once the gateway is built
         self.http = httpx.AsyncClient(timeout=10)
@@ -122,7 +145,7 @@ class Tour:
                 for event in events:
                     self._cursors[emulator] = max(self._cursors[emulator], int(event["seq"]))
                     batch.append({"at": event["at"], "kind": event["kind"], "text": event["text"],
-                                  "source": f"{EMULATOR_TITLES.get(emulator, emulator)} emulator"})
+                                  "source": f"{self.titles[emulator]} emulator"})
             batch.extend(self._unsorted)  # notes taken while the emulators were asked
             self._unsorted = [event for event in batch if float(event["at"]) > cutoff]
             for event in sorted((event for event in batch if float(event["at"]) <= cutoff),
@@ -144,11 +167,10 @@ class Tour:
         try:
             answer = await self.http.request(method, f"{self.admin_urls[emulator]}/_sandbox/{path}", json=body)
         except httpx.HTTPError as exc:
-            title = EMULATOR_TITLES[emulator]
             raise TourError(502, "emulator_unavailable",
-                            f"The {title} emulator did not answer ({type(exc).__name__}).") from None
+                            f"The {self.titles[emulator]} emulator did not answer ({type(exc).__name__}).") from None
         if answer.status_code >= 400:
-            raise TourError(502, "emulator_refused", f"The {EMULATOR_TITLES[emulator]} emulator refused: {answer.text}")
+            raise TourError(502, "emulator_refused", f"The {self.titles[emulator]} emulator refused: {answer.text}")
         return answer.json() if answer.content else None
 
     def _emulator_names(self, emulator: str) -> list[str]:
@@ -158,27 +180,17 @@ class Tour:
     async def set_switch(self, name: str, switch: Switch, on: bool) -> None:
         provider = self.provider(name)
         emulator = provider.emulator
-        title = EMULATOR_TITLES[emulator]
         if switch == "deny":
             await self._admin(emulator, "POST", "user_consent", {"mode": "deny" if on else "allow"})
-        elif provider.approval == "dingtalk":
-            # A member (not an administrator) of an organisation that has not granted the app's
-            # permissions: openAuth type 1 answers toAdmin until an administrator approves.
-            await self._admin(emulator, "POST", "current_user", {"userid": DINGTALK_MEMBER if on else DINGTALK_ADMIN})
-            if on:
-                await self._admin(emulator, "POST", "app_grants/revoke")
-        elif provider.approval == "wemeet":
-            # The first authorization of an enterprise account waits for its administrator.
-            open_id = await self._wemeet_user()
-            answer = "pending" if on else "approved"
-            await self._admin(emulator, "POST", "approve", {"open_id": open_id, "answer": answer})
+        elif provider.approval:  # the emulator makes the sign-in wait as its provider does
+            await self._admin(emulator, "POST", "tour/approval", {"on": on})
         else:
             raise TourError(409, "not_applicable", f"{provider.title} has no administrator approval step: an "
                                                    "administrator makes the app available in the console.")
         for shared in self._emulator_names(emulator):
             self.switches[(shared, switch)] = on
         what = {"deny": "the user refuses", "approval": "an administrator must approve"}[switch]
-        self.note("switch", f"{title}: {what} — {'on' if on else 'off'}")
+        self.note("switch", f"{self.titles[emulator]}: {what} — {'on' if on else 'off'}")
 
     def api_call(self, name: str) -> DemoApiCall:
         call = self.api_calls.get(name)
@@ -192,38 +204,29 @@ class Tour:
         call = self.api_call(name)
         emulator = self.provider(name).emulator
         await self._admin(emulator, "POST", "user_grant", {"scope": call.scope, "granted": granted})
-        self.note("switch", f"{EMULATOR_TITLES[emulator]}: the user has {'granted' if granted else 'not granted'} "
+        self.note("switch", f"{self.titles[emulator]}: the user has {'granted' if granted else 'not granted'} "
                             f"{call.scope}")
         return {"provider": name, "scope": call.scope, "granted": granted}
 
-    async def _wemeet_user(self) -> str:
-        users = await self._admin("wemeet", "GET", "users")
-        return str(next(user["open_id"] for user in users if user["current"]))
-
     async def answer_approval(self, name: str, answer: Literal["approved", "rejected"]) -> None:
-        """The administrator answers the waiting request (DingTalk approves only: a refusal there
-        is a member's toAdmin left unanswered)."""
+        """The administrator answers what waits (some providers' administrators approve only:
+        their entries have no ``admin_can_refuse``)."""
         provider = self.provider(name)
-        if provider.approval == "dingtalk" and answer == "approved":
-            await self._admin("dingtalk", "POST", "admin_requests/approve")
-        elif provider.approval == "wemeet":
-            await self._admin("wemeet", "POST", "approve", {"open_id": await self._wemeet_user(), "answer": answer})
-        else:
+        if not provider.approval or (answer == "rejected" and not provider.entry.admin_can_refuse):
             raise TourError(409, "not_applicable", f"{provider.title} has no such administrator answer.")
+        await self._admin(provider.emulator, "POST", "tour/answer", {"answer": answer})
 
     async def state(self) -> dict[str, Any]:
         """Each provider's switches, and what its administrator has answered so far."""
         providers = []
+        statuses: dict[str, str] = {}  # per emulator: the entries of one share its administrator
         for name, provider in self.providers.items():
             approval = ""
-            if provider.approval == "dingtalk":
-                requests = await self._admin("dingtalk", "GET", "admin_requests")
-                waiting = sum(1 for request in requests if not request["approved"])
-                approved = sum(1 for request in requests if request["approved"])
-                approval = f"{waiting} waiting" if waiting else "approved" if approved else ""
-            elif provider.approval == "wemeet":
-                users = await self._admin("wemeet", "GET", "users")
-                approval = next(user["approval"] for user in users if user["current"])
+            if provider.approval:
+                if provider.emulator not in statuses:
+                    answer = await self._admin(provider.emulator, "GET", "tour/approval")
+                    statuses[provider.emulator] = str(answer.get("status", "")) if isinstance(answer, dict) else ""
+                approval = statuses[provider.emulator]
             providers.append({
                 "name": name, "title": provider.title,
                 "deny": self.switches.get((name, "deny"), False),
@@ -259,7 +262,7 @@ class Tour:
 
     async def second_device(self, claims: Mapping[str, Any]) -> dict[str, Any]:
         """The same user signs in again elsewhere (a browser OAuth walked by the demo with its own
-        cookies). The provider issues new tokens (Tencent Meeting kills the previous ones at once);
+        cookies). The provider issues new tokens (some providers kill the previous ones at once);
         the gateway replaces the user's one token record, which this browser's session shares.
         Then the first device's old refresh token is tried once, to show what the provider says."""
         provider_name, tenant, user = self._record_key(claims)

@@ -14,7 +14,6 @@
   "use strict";
 
   var POLL_MS = 700;
-  var DINGTALK_CONSENT_PREFIX = "gw-dingtalk-app-consent:";
   var KIND_LABELS = {
     jsapi: "JSAPI call", code: "code", exchange: "exchange", tokens: "tokens", identity: "identity",
     refresh: "refresh", revoked: "tokens died", refused: "refused", approval: "approval", admin: "emulator",
@@ -166,13 +165,18 @@
     }
   }
 
-  // The DingTalk bridge remembers an administrator's grant in this browser: a user who has never
-  // been granted it has no such mark, so the demo removes it when the approval switch goes on.
-  function forgetDingTalkGrants() {
+  // A provider's client-side bridge may remember an administrator's grant in this browser: a user
+  // who has never been granted it has no such mark, so the demo removes the keys the switch names
+  // (data-forget-storage: a JSON list of key prefixes, from the emulator's tour entry) when it goes on.
+  function forgetStoredGrants(box) {
+    var prefixes;
+    try { prefixes = JSON.parse(box.getAttribute("data-forget-storage") || "[]"); } catch (ignored) { return; }
     try {
       for (var i = window.localStorage.length - 1; i >= 0; i -= 1) {
         var key = window.localStorage.key(i);
-        if (key && key.indexOf(DINGTALK_CONSENT_PREFIX) === 0) { window.localStorage.removeItem(key); }
+        for (var j = 0; key && j < prefixes.length; j += 1) {
+          if (key.indexOf(prefixes[j]) === 0) { window.localStorage.removeItem(key); break; }
+        }
       }
     } catch (ignored) { /* no storage: nothing remembered either */ }
   }
@@ -181,7 +185,7 @@
     var box = event.target;
     var provider = box.getAttribute("data-provider");
     var which = box.getAttribute("data-switch");
-    if (which === "approval" && box.checked && provider.indexOf("dingtalk") === 0) { forgetDingTalkGrants(); }
+    if (which === "approval" && box.checked) { forgetStoredGrants(box); }
     request("/demo/api/switch", { provider: provider, "switch": which, on: box.checked }).then(function (state) {
       applyState(state);
       say(titleOf(provider) + ": " + (box.checked ? "on" : "off") + ". Open the app with it to see what happens.");
