@@ -80,7 +80,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
 #: What may stand in a query as sent (RFC 3986 query characters; ``%`` keeps the caller's escapes).
 _QUERY_SAFE = "!$&'()*+,;=:@/?%"
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_UNSAFE_VALUE = re.compile(rb"[\r\n\x00]")
 #: Response headers never passed back: hop-by-hop ones, and cookies the provider sets (they
 #: would land on the app's origin).
 _RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"}
@@ -250,10 +249,9 @@ class Relay:
         next_path = _page_path(headers)
 
         tokens, token = await self._token(provider, caller, route, next_path)
-        origin, base_path = _split_base(base)
+        origin, base_path, fixed = _split_base(base)
         pool = self.runtime.relay_http.get(origin)
         target_path = f"{base_path}/{path}".encode("latin-1")
-        fixed = b"host: " + urlsplit(base).netloc.encode("idna") + b"\r\naccept-encoding: identity\r\n"
         rid = request_id.get()
         if rid is not None:
             fixed += b"x-request-id: " + rid.encode("ascii") + b"\r\n"
@@ -308,7 +306,7 @@ class Relay:
         segments = path.split("/")
         if (not name or not path or "\\" in text or ";" in text or _AMBIGUOUS_ESCAPES.search(text)
                 or any(segment in ("", ".", "..") for segment in segments)
-                or _HOST_LIKE.search(segments[0]) or any(ord(c) < 0x21 or ord(c) > 0x7e for c in text)):
+                or _HOST_LIKE.search(segments[0]) or not _visible_ascii(text)):
             raise GatewayError("The API path is not one the gateway relays (no '..', '//', ';', '\\', "
                                "encoded separators or hosts).", code="bad_path", status_code=400)
         return name, path
@@ -464,10 +462,17 @@ def _page_path(headers: Sequence[tuple[bytes, bytes]]) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _split_base(base: str) -> tuple[str, str]:
-    """A provider base URL as (origin, path without its trailing slash)."""
+def _split_base(base: str) -> tuple[str, str, bytes]:
+    """A provider base URL as (origin, path without its trailing slash, the request head's
+    headers that depend on it alone: ``Host`` and the identity ``Accept-Encoding``)."""
     parts = urlsplit(base)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", parts.path.rstrip("/")
+    fixed = b"host: " + parts.netloc.encode("idna") + b"\r\naccept-encoding: identity\r\n"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", parts.path.rstrip("/"), fixed
+
+
+def _visible_ascii(text: str) -> bool:
+    """Only visible ASCII (0x21-0x7e): no space, control character or anything beyond ASCII."""
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 def _param_name(piece: bytes) -> str:
@@ -482,9 +487,15 @@ def _query(raw: bytes, credentials: frozenset[str], added: Sequence[tuple[str, s
     return b"?" + quote_from_bytes(b"&".join(pieces), safe=_QUERY_SAFE).encode("ascii") if pieces else b""
 
 
+@functools.lru_cache(maxsize=16)
+def _dropped(credentials: frozenset[str]) -> frozenset[bytes]:
+    """The request headers never forwarded to a provider whose token headers are ``credentials``."""
+    return _REQUEST_DROP | {name.lower().encode() for name in credentials}
+
+
 def _forward_headers(headers: Sequence[tuple[bytes, bytes]], credentials: frozenset[str]) -> list[tuple[bytes, bytes]]:
     listed = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
-    drop = _REQUEST_DROP | listed | {name.encode() for name in credentials}
+    drop = _dropped(credentials) | listed if listed else _dropped(credentials)
     # X-Forwarded-*: about the path to us, nothing the provider should know. X-Auth-*: the default
     # identity header names (the edge already removed the configured ones in every spelling).
     return [(key, value) for key, value in headers
@@ -500,7 +511,7 @@ def _request_head(method: str, target: bytes, fixed: bytes, forwarded: Sequence[
     own: set[bytes] = set()
     for name, value in plugin_headers:
         raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
-        if not _HEADER_NAME.fullmatch(raw_name) or _UNSAFE_VALUE.search(raw_value):
+        if not _HEADER_NAME.fullmatch(raw_name) or b"\r" in raw_value or b"\n" in raw_value or b"\0" in raw_value:
             raise GatewayError("The provider plugin made a header that cannot be sent.", code="relay_misconfigured",
                                status_code=502)
         own.add(raw_name.lower())

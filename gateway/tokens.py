@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
 from gateway.logs import audit
@@ -56,6 +56,10 @@ _DEFAULT_RECORD_TTL_S = 30 * 86400
 def token_key(provider: str, tenant: str, user: str) -> str:
     return f"tok:{provider}:{tenant}:{user}"
 
+
+#: How many opened token records are kept to be reused while their stored bytes are unchanged
+#: (each a few kilobytes: Lark's tokens are about a thousand characters each).
+_OPENED_RECORDS = 512
 
 _SLOW = "The sign-in provider is slow to answer; please try again shortly."
 _ENDED = "Your sign-in has ended; please sign in again."
@@ -116,6 +120,10 @@ class TokenManager:
         self._rejected: dict[str, str] = {}
         # Back-off after a transient failure; bounded, and forgotten once long past.
         self._not_before: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=3600)
+        # The last records opened, with the stored bytes they came from: a record read again
+        # unchanged (a page's burst of relayed calls) is not decrypted and parsed again. Keyed
+        # by record and checked against the bytes, so a write by any replica is seen at once.
+        self._opened: LRUCache[str, tuple[bytes, TokenSet]] = LRUCache(maxsize=_OPENED_RECORDS)
 
     def _encode(self, key: str, provider: str, tokens: TokenSet) -> bytes:
         data = json.dumps({"provider": provider, "tokens": tokens.to_dict()}, separators=(",", ":")).encode()
@@ -124,15 +132,20 @@ class TokenManager:
     def _decode(self, key: str, data: bytes) -> TokenSet | None:
         """The record's tokens; None when it cannot be opened (sealed with a secret since removed,
         damaged): its user signs in again, never a 500."""
+        known = self._opened.get(key)
+        if known is not None and known[0] == data:
+            return known[1]
         opened = unseal(self._sealer, key, data)  # a record written before sealing: sealed on its next write
         if opened is None:
             log.warning("a token record could not be opened (a removed session secret?); its user signs in again")
             return None
         try:
-            return TokenSet.from_dict(json.loads(opened)["tokens"])
+            tokens = TokenSet.from_dict(json.loads(opened)["tokens"])
         except (ValueError, KeyError, TypeError):
             log.warning("a token record could not be read; its user signs in again")
             return None
+        self._opened[key] = (data, tokens)
+        return tokens
 
     def needs_refresh(self, tokens: TokenSet) -> bool:
         return self.clock() >= tokens.refresh_at(self.refresh_margin_s)

@@ -129,6 +129,22 @@ async def test_save_replaces_the_record(manager: TokenManager, store: MemoryStor
     assert await manager.load(key) == replacement
 
 
+
+async def test_a_record_read_again_is_reused_only_while_its_bytes_are_unchanged(
+        store: MemoryStore, provider: FakeProvider, clock: Clock) -> None:
+    """Opened records are kept for reuse (no decryption per relayed call), but another replica's
+    write, or damage, is seen on the very next read: reuse is checked against the stored bytes."""
+    sealer = Sealer([secrets.token_urlsafe(32)])
+    here, there = (TokenManager(store, {"fake": provider}, refresh_margin_s=300, clock=clock, sealer=sealer)
+                   for _ in range(2))
+    key = await here.save("fake", "t1", "u1", tokens("first", issued_at=clock.now, lifetime_s=7200))
+    first = await here.load(key)
+    assert first is not None and await here.load(key) is first  # unchanged bytes: the same object
+    await there.save("fake", "t1", "u1", tokens("second", issued_at=clock.now + 1, lifetime_s=7200))
+    second = await here.load(key)
+    assert second is not None and second.access_token == "at-second"
+    await store.set(key, b"damaged" + (await store.get(key) or b"")[7:], 3600)
+    assert await here.load(key) is None  # not the reused tokens
 def test_union_scope_keeps_each_scope_once_in_order() -> None:
     assert union_scope("offline_access a", "b a", "c,d") == "offline_access a b c d"
     assert union_scope("", "") == "" and union_scope("a") == "a"
