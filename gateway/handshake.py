@@ -490,6 +490,8 @@ class Handshake:
         response: Response,
     ) -> Response:
         identity = grant.identity
+        # From here the provider has said who this is: a failure still names them (login.failed).
+        request.state.granted = identity
         if not self.runtime.access.tenant_allowed(identity.tenant):
             raise LoginDenied("Your organisation is not allowed to use this app.", code="tenant_not_allowed")
         # A consent adds to the grant: the record keeps the scopes it had (TokenManager.save). The
@@ -501,7 +503,7 @@ class Handshake:
         if previous:
             await self._end_session(previous)
         ticket, _ = await self.runtime.sessions.create(
-            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name
+            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name, flow=flow
         )
         request.state.signed_in = identity  # for the login.succeeded audit event (_login_attempt)
         session = self.config.session
@@ -525,8 +527,12 @@ class Handshake:
         except Exception as exc:
             code = exc.code if isinstance(exc, GatewayError) else "internal_error"
             self.runtime.metrics.inc("gateway_logins_total", provider.name, flow, code)
+            # Who, only when the provider already said (a grant redeemed, then refused: e.g.
+            # tenant_not_allowed); a failure before that knows no one, and nobody is guessed.
+            granted = getattr(request.state, "granted", None)
             audit("login.failed", provider=provider.name, flow=flow, error=code,
-                  client_ip=client_ip(request.scope, self._trusted))
+                  client_ip=client_ip(request.scope, self._trusted),
+                  tenant=granted.tenant if granted else None, user_id=granted.user if granted else None)
             pending: PendingLogin | None = getattr(request.state, "pending", None)
             if pending is not None and pending.is_consent:
                 await self.audit_consent(request, provider.name, flow, pending, error=code)
@@ -663,7 +669,7 @@ class Handshake:
         ended = await self._end_session(ticket) if ticket else None
         if ended is not None:
             self.runtime.metrics.inc("gateway_logouts_total")
-            audit("logout", provider=ended.provider, tenant=ended.tenant, user_id=ended.user,
+            audit("logout", provider=ended.provider, flow=ended.flow, tenant=ended.tenant, user_id=ended.user,
                   client_ip=client_ip(request.scope, self._trusted))
         response: Response
         if wants_html(request.headers):

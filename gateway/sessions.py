@@ -9,8 +9,9 @@ usable about the secret (not even a hash to test guesses against) and verificati
 A cookie issued before this scheme (raw secret, ``kid`` a hash of it) still verifies until it
 expires, so a deploy logs no one out.
 
-The record (who the user is, which token record is theirs, when the session ends) lives in the
-store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever its own ``exp``.
+The record (who the user is, which token record is theirs, when the session ends, how its sign-in
+ran) lives in the store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever
+its own ``exp``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import jwt
 
+from gateway.providers import Flow
 from gateway.sealing import derive_key
 from gateway.stores import Store
 from gateway.tokens import token_key
@@ -45,6 +48,9 @@ def _legacy_key(secret: str) -> tuple[str, bytes]:
 
 @dataclass(frozen=True)
 class SessionRecord:
+    """One signed-in browser. ``flow`` is how its sign-in ran, ``client`` or ``browser``, for the
+    ``logout`` audit event; None: unknown (a record stored before it was kept)."""
+
     sid: str
     provider: str
     user: str
@@ -52,6 +58,7 @@ class SessionRecord:
     name: str
     created_at: float
     expires_at: float
+    flow: Flow | None = None
 
     @property
     def token_key(self) -> str:
@@ -61,7 +68,11 @@ class SessionRecord:
     def to_bytes(self) -> bytes:
         # A JSON list, not an object: the field names and the sid (already in the store key) would
         # double what every signed-in user costs the store (docs/benchmarks.md, memory).
-        fields = [self.provider, self.user, self.tenant, self.name, int(self.created_at), int(self.expires_at)]
+        # The flow last, and only when known: without it, the list is the previous version's.
+        fields: list[str | int] = [self.provider, self.user, self.tenant, self.name, int(self.created_at),
+                                   int(self.expires_at)]
+        if self.flow is not None:
+            fields.append(self.flow)
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -70,9 +81,12 @@ class SessionRecord:
         if isinstance(fields, dict):  # written by a version before the compact list (still in Redis)
             return cls(sid=sid, provider=fields["provider"], user=fields["user"], tenant=fields["tenant"],
                        name=fields["name"], created_at=fields["created_at"], expires_at=fields["expires_at"])
-        provider, user, tenant, name, created_at, expires_at = fields
+        # Six fields: a record stored before the flow was kept. Anything after the flow is a later
+        # version's: skipped, so the next field added does not break a replica running this one.
+        provider, user, tenant, name, created_at, expires_at, *later = fields
+        flow = later[0] if later and later[0] in get_args(Flow) else None  # a value never written: unknown
         return cls(sid=sid, provider=provider, user=user, tenant=tenant, name=name,
-                   created_at=float(created_at), expires_at=float(expires_at))
+                   created_at=float(created_at), expires_at=float(expires_at), flow=flow)
 
 
 class CookieCodec:
@@ -118,9 +132,9 @@ class SessionStore:
         return f"sess:{sid}"
 
     async def create(
-        self, *, provider: str, user: str, tenant: str, name: str
+        self, *, provider: str, user: str, tenant: str, name: str, flow: Flow | None = None
     ) -> tuple[str, SessionRecord]:
-        """A new session; returns the cookie value and the record."""
+        """A new session, signed in by ``flow``; returns the cookie value and the record."""
         now = float(int(time.time()))  # whole seconds: what the cookie and the stored record keep
         record = SessionRecord(
             sid=secrets.token_urlsafe(24),
@@ -130,6 +144,7 @@ class SessionStore:
             name=name,
             created_at=now,
             expires_at=now + self.max_age_s,
+            flow=flow,
         )
         await self.store.set(self._key(record.sid), record.to_bytes(), self.max_age_s)
         return self.codec.encode(record.sid, issued_at=now, expires_at=record.expires_at), record

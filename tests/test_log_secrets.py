@@ -2,7 +2,7 @@
 
 A full run with ``logging: {format: json, level: DEBUG}`` as ``gateway serve`` sets it up: a sign-in
 through each emulator (Lark in the browser, DingTalk and Tencent Meeting in the client), a token
-refresh, failed sign-ins, a logout. Every line written is kept; then every value the emulators
+refresh, failed sign-ins, logouts. Every line written is kept; then every value the emulators
 issued (codes, access and refresh tokens, app tokens), the app secrets, the session secret, the
 cookies and the states are looked for in them. The audit events that must be there are checked
 too, so a run that logged nothing cannot pass.
@@ -175,6 +175,8 @@ async def test_no_issued_value_appears_in_any_log_line() -> None:
                 await asyncio.sleep(2.2)  # the refresh is due 2 s after the login
                 assert (await client.get("/after-refresh", headers=HTML)).status_code == 200
                 secret_values |= _cookie_values(client)
+                logout = await client.post("/_gateway/logout", headers={"origin": running.url})
+                assert logout.status_code == 200
 
         for sandbox in (lark, dingtalk, wemeet):
             secret_values |= issued_values(sandbox)
@@ -187,12 +189,14 @@ async def test_no_issued_value_appears_in_any_log_line() -> None:
     # The run did what it must, and said so: a scan of nothing would prove nothing.
     for expected in [("login.succeeded", "lark"), ("token.refreshed", "lark"), ("login.failed", "lark"),
                      ("logout", "lark"), ("login.succeeded", "dingtalk"), ("login.failed", "dingtalk"),
-                     ("login.succeeded", "wemeet"), ("token.refreshed", "wemeet")]:
+                     ("login.succeeded", "wemeet"), ("token.refreshed", "wemeet"), ("logout", "wemeet")]:
         assert expected in events, (expected, events)
-    # Every sign-in's and refresh's event says which flow it was (a refresh: its sign-in's).
+    # Every sign-in's, refresh's and logout's event says which flow it was (a refresh, a logout:
+    # the sign-in's).
     flows = {(record["event"], record["provider"], record.get("flow")) for record in audit
-             if record["event"].startswith(("login.", "token."))}
-    assert {("token.refreshed", "lark", "browser"), ("token.refreshed", "wemeet", "in-client")} <= flows, flows
+             if record["event"].startswith(("login.", "token.", "logout"))}
+    assert {("token.refreshed", "lark", "browser"), ("token.refreshed", "wemeet", "in-client"),
+            ("logout", "lark", "browser"), ("logout", "wemeet", "in-client")} <= flows, flows
     assert all(flow in ("browser", "in-client") for _, _, flow in flows), flows
     documented = documented_audit_events()  # docs/deployment.md's table: each line as it says
     for record in audit:

@@ -14,6 +14,8 @@ import json
 import logging
 import re
 import socket
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -29,6 +31,7 @@ from plugins.lark.sandbox import LarkSandbox
 from tests.conftest import (
     BROWSER_UA,
     HTML,
+    ConfigFactory,
     GatewayStarter,
     ServedLark,
     browser_login,
@@ -118,6 +121,7 @@ async def test_every_log_line_of_a_request_carries_its_id(start_gateway: Gateway
                                                                        ("login.failed", "rid-2")]
     assert audit[0]["error"] == "state_invalid" and audit[0]["flow"] == "browser"
     assert audit[0]["provider"] == "lark" and audit[0]["client_ip"] == "127.0.0.1"
+    assert "tenant" not in audit[0] and "user_id" not in audit[0]  # nobody named yet: nobody guessed
     assert all(line["request_id"] in ("rid-audit-1", "rid-2") for line in lines)
 
 
@@ -236,3 +240,67 @@ async def test_an_audit_event_outside_a_request_has_no_client_ip(caplog: Any) ->
     fields = [record.event_fields for record in caplog.records]  # type: ignore[attr-defined]
     assert "client_ip" not in fields[0]
     assert fields[1]["client_ip"] == "192.0.2.1" and fields[2]["client_ip"] == "192.0.2.2"
+
+
+async def test_a_refused_tenant_s_login_failed_names_who_the_provider_said_signed_in(
+        start_gateway: GatewayStarter, lark: ServedLark) -> None:
+    """The code was redeemed, so the provider has said who this is; the gateway then refuses the
+    organisation (``tenant_not_allowed``): the event names that tenant and user."""
+    user = lark.sandbox.users[lark.sandbox.current_user]
+    async with start_gateway(access={"allow_tenants": ["someone-else"]}) as running, running.client() as client:
+        with json_lines("gateway.audit") as buffer:
+            refused = await browser_login(client, "/x")
+    assert refused.status_code == 403
+    [event] = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert (event["event"], event["error"], event["flow"]) == ("login.failed", "tenant_not_allowed", "browser")
+    assert (event["tenant"], event["user_id"]) == (user.tenant_key, user.open_id)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "memory":
+        return {"backend": "memory"}
+    return {"backend": "redis", "url": request.getfixturevalue("redis_url"),
+            "key_prefix": f"t:{uuid.uuid4().hex[:10]}:"}
+
+
+async def test_logout_names_the_sign_ins_flow_and_a_session_stored_before_it_still_logs_out(
+        make_config: ConfigFactory, lark: ServedLark, store_section: dict[str, Any]) -> None:
+    """The session record keeps its sign-in's flow for the ``logout`` event. A record the previous
+    version stored (its compact list, six fields, no flow), in memory or in Redis, still
+    authenticates and logs out: its event has no flow."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = make_config(public_url=f"http://127.0.0.1:{sock.getsockname()[1]}", store=store_section)
+    gateway = AuthGateway(echo_app(), config)
+    cookie_name = config.session.cookie_name
+    try:
+        async with serve(gateway, sock) as url, \
+                httpx.AsyncClient(base_url=url, headers={"user-agent": BROWSER_UA}, timeout=10) as client, \
+                httpx.AsyncClient(base_url=url, headers={"user-agent": BROWSER_UA}, timeout=10) as legacy:
+            assert (await browser_login(client, "/x")).status_code == 200
+            sessions = gateway.runtime.sessions
+            record = await sessions.load(client.cookies[cookie_name])
+            assert record is not None and record.flow == "browser"
+            # Another session of the same user, written as the previous version wrote it.
+            now = int(time.time())
+            stored = [record.provider, record.user, record.tenant, record.name, now, now + 3600]
+            await gateway.runtime.store.set("sess:legacy-sid-1", json.dumps(stored).encode(), 3600)
+            ticket = sessions.codec.encode("legacy-sid-1", issued_at=now, expires_at=now + 3600)
+            legacy.cookies.set(cookie_name, ticket)
+            old = await legacy.get("/old", headers=HTML)
+            with json_lines("gateway.audit") as buffer:
+                for each in (client, legacy):
+                    assert (await each.post("/_gateway/logout", headers={"origin": url})).status_code == 200
+            # The same cookie sent again (the logout answer deleted it from the client).
+            after = await legacy.get("/old", headers={"accept": "application/json",
+                                                      "cookie": f"{cookie_name}={ticket}"})
+    finally:
+        await gateway.aclose()
+    assert old.status_code == 200 and headers_of(old)["x-auth-user"] == [record.user]
+    assert after.status_code == 401  # ended server-side, not only forgotten by the client
+    new, previous = (json.loads(line) for line in buffer.getvalue().splitlines())
+    assert new["event"] == previous["event"] == "logout"
+    assert new["flow"] == "browser" and "flow" not in previous
+    assert all((event["provider"], event["tenant"], event["user_id"]) == (record.provider, record.tenant, record.user)
+               for event in (new, previous))

@@ -173,6 +173,15 @@ async def _create(sessions: SessionStore) -> tuple[str, SessionRecord]:
     return await sessions.create(provider="lark", user="ou_1", tenant="t1", name="张三\n")
 
 
+async def test_a_session_keeps_the_flow_of_its_sign_in(store: SessionStore) -> None:
+    cookie, record = await store.create(provider="lark", user="ou_1", tenant="t1", name="", flow="client")
+    assert record.flow == "client"
+    loaded = await store.load(cookie)
+    assert loaded == record and loaded.flow == "client"
+    _, unknown = await _create(store)  # a caller that does not say: unknown, not guessed
+    assert unknown.flow is None
+
+
 async def test_create_and_load(store: SessionStore) -> None:
     before = time.time()
     cookie, record = await _create(store)
@@ -263,3 +272,28 @@ def test_a_record_written_by_an_older_version_still_loads() -> None:
               b'"token_key":"tok:lark:t1:ou_1","created_at":1.5,"expires_at":2.5}')
     record = SessionRecord.from_bytes("sid-1", legacy)
     assert (record.sid, record.user, record.token_key, record.expires_at) == ("sid-1", "ou_1", "tok:lark:t1:ou_1", 2.5)
+
+
+def test_a_record_with_its_sign_ins_flow_stores_it_last() -> None:
+    record = SessionRecord(sid="sid-1", provider="lark", user="ou_1", tenant="t1", name="张三",
+                           created_at=1700000000.0, expires_at=1700604800.0, flow="browser")
+    assert record.to_bytes() == '["lark","ou_1","t1","张三",1700000000,1700604800,"browser"]'.encode()
+    assert SessionRecord.from_bytes("sid-1", record.to_bytes()) == record
+
+
+def test_a_record_stored_before_the_flow_was_kept_loads_with_none() -> None:
+    """The previous version's compact list, byte for byte: six fields, no flow."""
+    record = SessionRecord.from_bytes("sid-1", b'["lark","ou_1","t1","x",1700000000,1700604800]')
+    assert (record.user, record.token_key, record.expires_at, record.flow) == (
+        "ou_1", "tok:lark:t1:ou_1", 1700604800.0, None)
+
+
+@pytest.mark.parametrize(("stored", "flow"), [
+    (b'["lark","ou_1","t1","x",1,2,"teleport"]', None),  # a value never written is not believed
+    (b'["lark","ou_1","t1","x",1,2,null]', None),
+    (b'["lark","ou_1","t1","x",1,2,"client","a later field"]', "client"),  # a later version's: skipped
+    (b'["lark","ou_1","t1","x",1,2,null,{"later":1}]', None),
+])
+def test_the_flow_is_read_only_when_it_is_one_and_later_fields_are_skipped(stored: bytes, flow: str | None) -> None:
+    record = SessionRecord.from_bytes("sid-1", stored)
+    assert record.flow == flow and (record.user, record.expires_at) == ("ou_1", 2.0)
