@@ -221,14 +221,14 @@ class Handshake:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             return
-        send = self._with_policy(send)
         sub = scope["path"][len(self.prefix) :].strip("/")
+        head, _, rest = sub.partition("/")
+        if head == "api":  # the provider-API relay: any method, bodies streamed, its own policy headers
+            await self.relay(scope, receive, send)
+            return
+        send = self._with_policy(send)
         if sub.startswith("providers/"):
             await self._provider_routes(scope, receive, send)
-            return
-        head, _, rest = sub.partition("/")
-        if head == "api":  # the provider-API relay, any method, bodies streamed (gateway/relay.py)
-            await self.relay(scope, receive, send)
             return
         method = "GET" if scope["method"] == "HEAD" else scope["method"]
         handler = self._routes.get((method, head))

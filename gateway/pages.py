@@ -74,6 +74,19 @@ def policy_headers(csp: str) -> list[tuple[bytes, bytes]]:
             (b"referrer-policy", b"no-referrer")]
 
 
+#: The names ``policy_headers`` sets.
+POLICY_HEADER_NAMES = frozenset({b"content-security-policy", b"x-content-type-options", b"referrer-policy"})
+
+
+def relay_policy_headers(frame_ancestors: Iterable[str]) -> list[tuple[bytes, bytes]]:
+    """The policy headers of a relayed answer (gateway/relay.py), in place of the provider's: it
+    is a provider's data served from the app's origin, so a document among them (an HTML file, an
+    SVG) runs nothing and is sandboxed (an opaque origin: no access to the app's cookies or
+    pages); framing follows ``access.frame_ancestors`` as the gateway's pages do."""
+    ancestors = " ".join(frame_ancestors) or "'none'"
+    return policy_headers(f"default-src 'none'; frame-ancestors {ancestors}; sandbox")
+
+
 def script_json(value: Any) -> str:
     """``value`` as JSON safe inside ``<script type="application/json">``: ``<``, ``>`` and ``&``
     escaped (``</script>``, ``<!--`` and ``<script`` change the HTML parser's state even there),

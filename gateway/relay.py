@@ -41,7 +41,7 @@ from urllib.parse import quote, quote_from_bytes, unquote_to_bytes, urlencode, u
 import httpx
 import jwt
 from starlette.responses import JSONResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway.config import RelayRoute
 from gateway.edge import FORWARDING_HEADERS, first_header
@@ -57,7 +57,7 @@ from gateway.http1 import (
     hop_by_hop,
 )
 from gateway.logs import request_id
-from gateway.pages import error_response, gateway_error_response
+from gateway.pages import POLICY_HEADER_NAMES, error_response, gateway_error_response, relay_policy_headers
 from gateway.providers import Provider, RelayVerdict, TokenSet
 from gateway.runtime import Runtime
 from gateway.state import safe_next
@@ -80,9 +80,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
 #: What may stand in a query as sent (RFC 3986 query characters; ``%`` keeps the caller's escapes).
 _QUERY_SAFE = "!$&'()*+,;=:@/?%"
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: Response headers never passed back: hop-by-hop ones, and cookies the provider sets (they
-#: would land on the app's origin).
-_RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"}
+#: Response headers never passed back: hop-by-hop ones, cookies the provider sets (they would
+#: land on the app's origin), and the policy headers (the relay's own replace them).
+_RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"} | POLICY_HEADER_NAMES
 
 
 class RelayRefused(GatewayError):
@@ -107,6 +107,15 @@ class _Route:
     methods: frozenset[str]
     token: Literal["user", "app"]
     scopes: tuple[str, ...]
+
+
+class _Progress:
+    """Whether the answer has begun (an error after that cannot be answered any more)."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,8 @@ class Relay:
         self.config = runtime.config
         self.prefix = runtime.config.path_prefix
         self._api_prefix = f"{self.prefix}/api/".encode()
+        #: The headers on every relay answer (gateway/pages.py ``relay_policy_headers``).
+        self.policy = relay_policy_headers(self.config.access.frame_ancestors)
         self._routes: dict[str, list[_Route]] = {}
         for route in self.config.relay.routes:
             self._routes.setdefault(route.provider, []).append(_compile(route))
@@ -197,33 +208,32 @@ class Relay:
     # -- ASGI ---------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        progress = _Progress()
         try:
-            await self._call(scope, receive, tracked)
+            await self._call(scope, receive, send, progress)
         except ConsentRequired as exc:
-            await _consent_response(scope, exc)(scope, receive, send)
+            await self._answer(_consent_response(scope, exc), scope, receive, send)
         except GatewayError as exc:
-            if started:
+            if progress.started:
                 raise
             if isinstance(exc, ProviderError) and exc.provider_code is not None:
                 log.info("relay: provider answered %s (%s)", exc.code, exc.provider_code)
             login_url = f"{self.prefix}/login?next={quote(_page_path(scope['headers']), safe='')}"
-            await _json_error(scope, exc, login_url)(scope, receive, send)
+            await self._answer(_json_error(scope, exc, login_url), scope, receive, send)
         except Exception:
-            if started:
+            if progress.started:
                 raise
             log.exception("unexpected error in the relay")
-            await error_response(scope, 500, "internal_error",
-                                 "Something went wrong in the sign-in gateway. Please try again.")(scope, receive, send)
+            await self._answer(error_response(scope, 500, "internal_error",
+                                              "Something went wrong in the sign-in gateway. Please try again."),
+                               scope, receive, send)
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _answer(self, response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+        """One of the relay's own answers (an error), with the relay's policy headers."""
+        response.raw_headers.extend(self.policy)
+        await response(scope, receive, send)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send, progress: _Progress) -> None:
         name, path = self._target(scope)
         provider = self.runtime.providers.get(name)
         if provider is None:
@@ -269,7 +279,7 @@ class Relay:
                     renewed = await self._renew(provider, caller, route, token)
                     if not body.replayable:
                         # The body went to the provider and is gone: the next call has the new token.
-                        await answer.relay(scope, send, verdict)
+                        await answer.relay(send, verdict, self.policy, progress)
                         return
                     tokens, token = renewed
                     continue
@@ -286,7 +296,7 @@ class Relay:
                 if verdict.outcome == "misconfigured":
                     raise GatewayError(verdict.message or "This route cannot be called with this token.",
                                        code="relay_misconfigured", status_code=502)
-                await answer.relay(scope, send, verdict)
+                await answer.relay(send, verdict, self.policy, progress)
                 return
             finally:
                 answer.close()
@@ -369,7 +379,7 @@ class Relay:
         except ReauthRequired:
             raise GatewayError("Your sign-in has ended; please sign in again.", code="login_required",
                                status_code=401) from None
-        granted = provider.granted_scopes(tokens)
+        granted = provider.granted_scopes(tokens) if route.scopes else None
         missing = [scope for scope in route.scopes if granted is not None and scope not in granted]
         if missing or not tokens.access_token:
             # No user token at all (e.g. DingTalk's free login gives none): consent gives one.
@@ -494,8 +504,8 @@ def _dropped(credentials: frozenset[str]) -> frozenset[bytes]:
 
 
 def _forward_headers(headers: Sequence[tuple[bytes, bytes]], credentials: frozenset[str]) -> list[tuple[bytes, bytes]]:
-    listed = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
-    drop = _dropped(credentials) | listed if listed else _dropped(credentials)
+    listed = hop_by_hop(headers)
+    drop = _dropped(credentials) if listed is HOP_BY_HOP else _dropped(credentials) | listed
     # X-Forwarded-*: about the path to us, nothing the provider should know. X-Auth-*: the default
     # identity header names (the edge already removed the configured ones in every spelling).
     return [(key, value) for key, value in headers
@@ -579,21 +589,30 @@ class _Answer:
         body = b"".join(connection.chunks) if connection.complete else None  # kept: relay() sends them
         return provider.relay_verdict(connection.status, headers, body)
 
-    async def relay(self, scope: Scope, send: Send, verdict: RelayVerdict) -> None:
-        """Pass the answer on as it is: status, end-to-end headers, the body streamed. Broken off
-        midway, the response is left incomplete (the server cuts it: the caller sees the cut)."""
+    async def relay(self, send: Send, verdict: RelayVerdict, policy: Sequence[tuple[bytes, bytes]],
+                    progress: _Progress) -> None:
+        """Pass the answer on as it is: status, end-to-end headers (and the relay's ``policy``),
+        the body streamed. Broken off midway, the response is left incomplete (the server cuts
+        it: the caller sees the cut)."""
         connection = self.connection
-        drop = _RESPONSE_DROP | hop_by_hop(connection.headers)
+        listed = hop_by_hop(connection.headers)
+        drop = _RESPONSE_DROP if listed is HOP_BY_HOP else _RESPONSE_DROP | listed
         headers = [item for item in connection.headers if item[0] not in drop]
         names = {name for name, _ in headers}
         if verdict.outcome == "rate_limited" and b"retry-after" not in names:
             headers.append((b"retry-after", str(verdict.retry_after_s or 5).encode()))
         if b"cache-control" not in names:
             headers.append((b"cache-control", b"no-store"))  # a user's data: never cached by the way
+        headers += policy
+        progress.started = True
         await send({"type": "http.response.start", "status": connection.status, "headers": headers})
         while True:
             if connection.chunks:
-                await send({"type": "http.response.body", "body": connection.take(), "more_body": True})
+                body = connection.take()
+                if connection.complete and connection.error is None:
+                    await send({"type": "http.response.body", "body": body})  # all of it, in one message
+                    return
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 continue
             if connection.error is not None:
                 return

@@ -84,9 +84,16 @@ class Api:
         async def broken(request: Request) -> Response:
             return Response("upstream exploded", status_code=502)
 
+        async def page(request: Request) -> Response:
+            # A provider's document with lax policies of its own: served from the app's origin.
+            return Response("<script>parent.steal(document.cookie)</script>", media_type="text/html", headers={
+                "content-security-policy": "script-src * 'unsafe-inline'", "referrer-policy": "unsafe-url",
+                "x-content-type-options": "sniff-please"})
+
         return Starlette(routes=[Route("/files/upload", upload, methods=["POST"]),
                                  Route("/files/download", download, methods=["GET"]),
-                                 Route("/files/broken", broken, methods=["GET"])])
+                                 Route("/files/broken", broken, methods=["GET"]),
+                                 Route("/files/page", page, methods=["GET"])])
 
 
 async def with_gateway(api: Api, body: Any) -> Any:
@@ -172,3 +179,19 @@ async def test_a_provider_5xx_is_503_provider_unavailable_by_default() -> None:
         assert int(answer.headers["retry-after"]) >= 1
 
     await with_gateway(Api(), broken)
+
+
+async def test_relayed_answers_carry_the_relays_policy_in_place_of_the_providers() -> None:
+    """A relayed document runs nothing and is sandboxed (no access to the app's origin), whatever
+    policy the provider sent; the relay's own error answers carry the same headers."""
+
+    async def policies(client: httpx.AsyncClient, runtime: Any) -> None:
+        for path, status in (("/files/page", 200), ("/files/broken", 503), ("/files/a;b", 400)):
+            answer = await client.get(f"/_gateway/api/acme{path}")
+            assert answer.status_code == status, answer.text
+            assert answer.headers.get_list("content-security-policy") == [
+                "default-src 'none'; frame-ancestors 'none'; sandbox"], path
+            assert answer.headers.get_list("referrer-policy") == ["no-referrer"], path
+            assert answer.headers.get_list("x-content-type-options") == ["nosniff"], path
+
+    await with_gateway(Api(), policies)
