@@ -459,6 +459,9 @@ def classify_api(response: httpx.Response, *, operation: Operation) -> tuple[dic
 
 #: oapi rate limits (sheet 9: 90001-90014 [C], 90018/90019 [3P]).
 _RELAY_RATE_OAPI = frozenset({*range(90001, 90015), 90018, 90019})
+#: The fields a relayed answer's verdict reads (oapi ``errcode``, api host ``code``/``Code``):
+#: an answer under 400 with none of them anywhere passes without being parsed.
+_RELAY_ERROR_KEYS = (b'"errcode"', b'"code"', b'"Code"')
 
 
 
@@ -989,6 +992,8 @@ class DingTalkProvider(Provider):
             await self.app_tokens.invalidate(self._app_token_key(corp))
 
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+        if status < 400 and (body is None or not any(key in body for key in _RELAY_ERROR_KEYS)):
+            return PASS  # no error field anywhere in it: not parsed (answers can be tens of kilobytes)
         data = json_object(body)
         if data is not None and "errcode" in data:  # oapi: HTTP 200 with errcode (sheet 5)
             oapi_code = oapi_error_code(data)

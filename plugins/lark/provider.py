@@ -79,6 +79,9 @@ TENANT_TOKEN_EARLY_S = 1800
 #: (99991668, 99991677: what the official CLI and lark-oapi do) or tenant token (99991663);
 #: consent on 99991679 (with ``error.permission_violations``); 99991400 is a rate limit.
 _RELAY_EXPIRED = frozenset({99991663, 99991668, 99991677})
+#: A success envelope as Lark writes it, ``{"code":0,...``: read without parsing the whole body
+#: (a relayed answer can be tens of kilobytes of data; only ``code`` decides).
+_RELAY_SUCCESS = re.compile(rb'\s*\{\s*"code"\s*:\s*0\s*[,}]')
 
 # ``Lark/<version>`` is in the UA of both brands' clients on every platform; ``LarkLocale/`` is the
 # UI language. A bare "lark" substring would also match unrelated browsers and crawlers.
@@ -497,6 +500,8 @@ class LarkProvider(Provider):
 
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
         """Lark decides on ``code`` (its HTTP statuses are not reliable: sheet "generic errors")."""
+        if body is not None and status < 400 and _RELAY_SUCCESS.match(body):
+            return PASS
         data = json_object(body)
         code = as_int(data.get("code")) if data is not None else None
         if code == 99991668 and "not support" in str_field(data or {}, "msg"):

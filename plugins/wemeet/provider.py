@@ -417,6 +417,8 @@ class WeMeetProvider(Provider):
 
     def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
         """Errors are HTTP 400/500 with ``{"error_info": {"error_code", ...}}`` (sheet 6.1)."""
+        if status < 500 and (body is None or b'"error_info"' not in body):
+            return PASS  # nothing to read: not parsed (answers can be tens of kilobytes)
         data = json_object(body)
         info = data.get("error_info") if data is not None else None
         code = as_int(info.get("error_code")) if isinstance(info, dict) else None
