@@ -36,7 +36,7 @@ from gateway.bodies import read_json
 from gateway.config import GatewayConfig
 from gateway.consent import consent, consent_outcome, consent_url, scopes_field
 from gateway.edge import TrustedProxies
-from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired
+from gateway.errors import GatewayError, LoginDenied, LoginPending, ProviderError, ReauthRequired, StoreUnavailable
 from gateway.i18n import EN, Locale, display_name, error_message, language_headers, locale_of, text
 from gateway.identity import Headers
 from gateway.logs import audit, client_ip
@@ -503,7 +503,7 @@ class Handshake:
         if previous:
             await self._end_session(previous)
         ticket, _ = await self.runtime.sessions.create(
-            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name, flow=flow
+            provider=provider.name, user=identity.user, tenant=identity.tenant, name=identity.name
         )
         request.state.signed_in = identity  # for the login.succeeded audit event (_login_attempt)
         session = self.config.session
@@ -660,6 +660,17 @@ class Handshake:
         self.runtime.authenticator.forget(ticket)
         return record
 
+    async def _sign_in_flow(self, record: SessionRecord) -> Flow | None:
+        """The flow of the user's latest sign-in, for ``logout``: their token record's (one per user,
+        shared by their sessions, TokenSet.flow), not the session's own, which is not stored (a
+        replica of an earlier version reads exactly six fields in it). None when the record is
+        gone, has no flow, or cannot be read: the session is already ended, the logout succeeds."""
+        try:
+            tokens = await self.runtime.tokens.load(record.token_key)
+        except StoreUnavailable:
+            return None
+        return tokens.flow if tokens is not None else None
+
     async def logout(self, request: Request, rest: str) -> Response:
         origin = request.headers.get("origin")
         if origin is None and request.headers.get("sec-fetch-site") != "same-origin":
@@ -669,8 +680,8 @@ class Handshake:
         ended = await self._end_session(ticket) if ticket else None
         if ended is not None:
             self.runtime.metrics.inc("gateway_logouts_total")
-            audit("logout", provider=ended.provider, flow=ended.flow, tenant=ended.tenant, user_id=ended.user,
-                  client_ip=client_ip(request.scope, self._trusted))
+            audit("logout", provider=ended.provider, flow=await self._sign_in_flow(ended), tenant=ended.tenant,
+                  user_id=ended.user, client_ip=client_ip(request.scope, self._trusted))
         response: Response
         if wants_html(request.headers):
             locale = locale_of(request.scope)

@@ -9,9 +9,8 @@ usable about the secret (not even a hash to test guesses against) and verificati
 A cookie issued before this scheme (raw secret, ``kid`` a hash of it) still verifies until it
 expires, so a deploy logs no one out.
 
-The record (who the user is, which token record is theirs, when the session ends, how its sign-in
-ran) lives in the store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever
-its own ``exp``.
+The record (who the user is, which token record is theirs, when the session ends) lives in the
+store. Ending it server-side (logout, ``max_age_s``) kills the cookie, whatever its own ``exp``.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import get_args
 
 import jwt
 
-from gateway.providers import Flow
 from gateway.sealing import derive_key
 from gateway.stores import Store
 from gateway.tokens import token_key
@@ -48,9 +45,6 @@ def _legacy_key(secret: str) -> tuple[str, bytes]:
 
 @dataclass(frozen=True)
 class SessionRecord:
-    """One signed-in browser. ``flow`` is how its sign-in ran, ``client`` or ``browser``, for the
-    ``logout`` audit event; None: unknown (a record stored before it was kept)."""
-
     sid: str
     provider: str
     user: str
@@ -58,7 +52,6 @@ class SessionRecord:
     name: str
     created_at: float
     expires_at: float
-    flow: Flow | None = None
 
     @property
     def token_key(self) -> str:
@@ -68,11 +61,9 @@ class SessionRecord:
     def to_bytes(self) -> bytes:
         # A JSON list, not an object: the field names and the sid (already in the store key) would
         # double what every signed-in user costs the store (docs/benchmarks.md, memory).
-        # The flow last, and only when known: without it, the list is the previous version's.
-        fields: list[str | int] = [self.provider, self.user, self.tenant, self.name, int(self.created_at),
-                                   int(self.expires_at)]
-        if self.flow is not None:
-            fields.append(self.flow)
+        # Six fields, always: a replica of an earlier version unpacks exactly six, so a longer list
+        # written here would be a 500 there for the length of a rolling upgrade.
+        fields = [self.provider, self.user, self.tenant, self.name, int(self.created_at), int(self.expires_at)]
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -81,12 +72,11 @@ class SessionRecord:
         if isinstance(fields, dict):  # written by a version before the compact list (still in Redis)
             return cls(sid=sid, provider=fields["provider"], user=fields["user"], tenant=fields["tenant"],
                        name=fields["name"], created_at=fields["created_at"], expires_at=fields["expires_at"])
-        # Six fields: a record stored before the flow was kept. Anything after the flow is a later
-        # version's: skipped, so the next field added does not break a replica running this one.
-        provider, user, tenant, name, created_at, expires_at, *later = fields
-        flow = later[0] if later and later[0] in get_args(Flow) else None  # a value never written: unknown
+        # Fields after the sixth are a later version's, skipped: a version that adds one can roll
+        # out beside this one (not beside an earlier one, which unpacks exactly six).
+        provider, user, tenant, name, created_at, expires_at, *_later = fields
         return cls(sid=sid, provider=provider, user=user, tenant=tenant, name=name,
-                   created_at=float(created_at), expires_at=float(expires_at), flow=flow)
+                   created_at=float(created_at), expires_at=float(expires_at))
 
 
 class CookieCodec:
@@ -132,9 +122,9 @@ class SessionStore:
         return f"sess:{sid}"
 
     async def create(
-        self, *, provider: str, user: str, tenant: str, name: str, flow: Flow | None = None
+        self, *, provider: str, user: str, tenant: str, name: str
     ) -> tuple[str, SessionRecord]:
-        """A new session, signed in by ``flow``; returns the cookie value and the record."""
+        """A new session; returns the cookie value and the record."""
         now = float(int(time.time()))  # whole seconds: what the cookie and the stored record keep
         record = SessionRecord(
             sid=secrets.token_urlsafe(24),
@@ -144,7 +134,6 @@ class SessionStore:
             name=name,
             created_at=now,
             expires_at=now + self.max_age_s,
-            flow=flow,
         )
         await self.store.set(self._key(record.sid), record.to_bytes(), self.max_age_s)
         return self.codec.encode(record.sid, issued_at=now, expires_at=record.expires_at), record

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -264,43 +265,64 @@ def store_section(request: pytest.FixtureRequest) -> dict[str, Any]:
             "key_prefix": f"t:{uuid.uuid4().hex[:10]}:"}
 
 
-async def test_logout_names_the_sign_ins_flow_and_a_session_stored_before_it_still_logs_out(
+async def test_logout_names_the_flow_of_the_user_s_token_record_and_a_later_version_s_session_logs_out(
         make_config: ConfigFactory, lark: ServedLark, store_section: dict[str, Any]) -> None:
-    """The session record keeps its sign-in's flow for the ``logout`` event. A record the previous
-    version stored (its compact list, six fields, no flow), in memory or in Redis, still
-    authenticates and logs out: its event has no flow."""
+    """``logout`` takes the flow from the user's token record (TokenSet.flow: the latest sign-in's),
+    not from the session record, whose stored form stays the previous version's six fields. A
+    session record a later version wrote (a field more), in memory or in Redis, still
+    authenticates and logs out. A token record with no flow (stored before it was kept), or none
+    at all: the event has no flow, and the logout succeeds."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = make_config(public_url=f"http://127.0.0.1:{sock.getsockname()[1]}", store=store_section)
     gateway = AuthGateway(echo_app(), config)
     cookie_name = config.session.cookie_name
+    runtime = gateway.runtime
+    logouts: list[dict[str, Any]] = []
     try:
         async with serve(gateway, sock) as url, \
                 httpx.AsyncClient(base_url=url, headers={"user-agent": BROWSER_UA}, timeout=10) as client, \
-                httpx.AsyncClient(base_url=url, headers={"user-agent": BROWSER_UA}, timeout=10) as legacy:
+                httpx.AsyncClient(base_url=url, headers={"user-agent": BROWSER_UA}, timeout=10) as other:
             assert (await browser_login(client, "/x")).status_code == 200
-            sessions = gateway.runtime.sessions
-            record = await sessions.load(client.cookies[cookie_name])
-            assert record is not None and record.flow == "browser"
-            # Another session of the same user, written as the previous version wrote it.
+            record = await runtime.sessions.load(client.cookies[cookie_name])
+            assert record is not None
+            stored = json.loads(await runtime.store.get(f"sess:{record.sid}") or b"null")
+            assert len(stored) == 6  # the form a replica of the previous version reads
+
+            async def log_out(ticket: str) -> None:
+                other.cookies.set(cookie_name, ticket)
+                with json_lines("gateway.audit") as buffer:
+                    assert (await other.post("/_gateway/logout", headers={"origin": url})).status_code == 200
+                logouts.extend(json.loads(line) for line in buffer.getvalue().splitlines())
+
+            # Another session of the same user, written by a later version with a field more.
             now = int(time.time())
-            stored = [record.provider, record.user, record.tenant, record.name, now, now + 3600]
-            await gateway.runtime.store.set("sess:legacy-sid-1", json.dumps(stored).encode(), 3600)
-            ticket = sessions.codec.encode("legacy-sid-1", issued_at=now, expires_at=now + 3600)
-            legacy.cookies.set(cookie_name, ticket)
-            old = await legacy.get("/old", headers=HTML)
-            with json_lines("gateway.audit") as buffer:
-                for each in (client, legacy):
-                    assert (await each.post("/_gateway/logout", headers={"origin": url})).status_code == 200
+            later = [record.provider, record.user, record.tenant, record.name, now, now + 3600, "a later field"]
+            await runtime.store.set("sess:later-sid-1", json.dumps(later).encode(), 3600)
+            ticket = runtime.sessions.codec.encode("later-sid-1", issued_at=now, expires_at=now + 3600)
+            other.cookies.set(cookie_name, ticket)
+            seen = await other.get("/later", headers=HTML)
+            await log_out(client.cookies[cookie_name])
+            await log_out(ticket)
             # The same cookie sent again (the logout answer deleted it from the client).
-            after = await legacy.get("/old", headers={"accept": "application/json",
-                                                      "cookie": f"{cookie_name}={ticket}"})
+            after = await other.get("/later", headers={"accept": "application/json",
+                                                       "cookie": f"{cookie_name}={ticket}"})
+            # The token record as a gateway before TokenSet.flow stored it, then no record at all.
+            tokens = await runtime.tokens.load(record.token_key)
+            assert tokens is not None and tokens.flow == "browser"
+            await runtime.tokens.save(record.provider, record.tenant, record.user, replace(tokens, flow=None))
+            ticket, _ = await runtime.sessions.create(provider=record.provider, user=record.user,
+                                                      tenant=record.tenant, name=record.name)
+            await log_out(ticket)
+            await runtime.store.delete(record.token_key)
+            ticket, _ = await runtime.sessions.create(provider=record.provider, user=record.user,
+                                                      tenant=record.tenant, name=record.name)
+            await log_out(ticket)
     finally:
         await gateway.aclose()
-    assert old.status_code == 200 and headers_of(old)["x-auth-user"] == [record.user]
+    assert seen.status_code == 200 and headers_of(seen)["x-auth-user"] == [record.user]
     assert after.status_code == 401  # ended server-side, not only forgotten by the client
-    new, previous = (json.loads(line) for line in buffer.getvalue().splitlines())
-    assert new["event"] == previous["event"] == "logout"
-    assert new["flow"] == "browser" and "flow" not in previous
+    assert [event["event"] for event in logouts] == ["logout"] * 4
+    assert [event.get("flow") for event in logouts] == ["browser", "browser", None, None]
     assert all((event["provider"], event["tenant"], event["user_id"]) == (record.provider, record.tenant, record.user)
-               for event in (new, previous))
+               for event in logouts)
