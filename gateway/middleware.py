@@ -133,6 +133,7 @@ class AuthGateway:
             headers.append((b"x-request-id", rid.encode("ascii")))
         scope = {**scope, "headers": headers}  # a copy: the server's scope is not ours to change
         if own:
+            scope["gateway.session_ticket"] = raw_ticket  # as the edge read it: the relay's caller
             if path == self._auth_path and kind == "http" and \
                     await self._forward_auth(scope, raw_ticket, send, peer, from_proxy):
                 return

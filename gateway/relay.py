@@ -35,7 +35,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from fnmatch import translate
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes, urlencode, urlsplit
 
 import httpx
@@ -65,6 +65,8 @@ from gateway.tokens import token_key
 
 log = logging.getLogger("gateway.relay")
 
+#: How many resolved ``<path>``/method pairs are kept (``Relay._plan``).
+_PLANS = 1024
 #: A JSON answer up to this size is read whole and shown to the plugin (error envelopes are a few
 #: hundred bytes); anything larger, or not JSON, streams through without being read.
 _CLASSIFY_BYTES = 64 * 1024
@@ -118,13 +120,23 @@ class _Progress:
         self.started = False
 
 
-@dataclass(frozen=True)
-class _Caller:
+class _Caller(NamedTuple):
     provider: str
     tenant: str
     user: str
     key: str  # the token record
     server: bool  # a server call (identity JWT), not a browser
+
+
+class _Plan(NamedTuple):
+    """A ``<path>`` and method as sent, resolved: the route, and what the request head needs."""
+
+    provider: Provider
+    route: _Route
+    path: str
+    origin: str
+    target_path: bytes  # the base URL's path and ``<path>``
+    fixed: bytes  # the head's headers that depend on the base URL alone (Host, Accept-Encoding)
 
 
 class _Body:
@@ -187,6 +199,7 @@ class Relay:
         self._api_prefix = f"{self.prefix}/api/".encode()
         #: The headers on every relay answer (gateway/pages.py ``relay_policy_headers``).
         self.policy = relay_policy_headers(self.config.access.frame_ancestors)
+        self._plans: dict[tuple[bytes, str], _Plan] = {}
         self._routes: dict[str, list[_Route]] = {}
         for route in self.config.relay.routes:
             self._routes.setdefault(route.provider, []).append(_compile(route))
@@ -234,15 +247,9 @@ class Relay:
         await response(scope, receive, send)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, progress: _Progress) -> None:
-        name, path = self._target(scope)
-        provider = self.runtime.providers.get(name)
-        if provider is None:
-            raise GatewayError(f"No provider named {name!r} is configured.", code="unknown_provider", status_code=404)
         method = scope["method"]
-        route = self._route(name, path, method)
-        base = provider.relay_base_url(path)
-        if base is None:
-            raise RelayRefused(f"{provider.display_name or name} serves no API at this path through the gateway.")
+        plan = self._plan(scope, method)
+        provider, route, path, name = plan.provider, plan.route, plan.path, plan.provider.name
         caller = await self._caller(scope, name, method)
         headers = scope["headers"]
         declared = declared_length(headers)
@@ -250,18 +257,14 @@ class Relay:
         if declared is not None and declared > limit:
             raise GatewayError("The request body is too large for the relay.", code="body_too_large",
                                status_code=413)
-        if urlsplit(f"{base}/{path}").netloc != urlsplit(base).netloc:  # belt and braces: the path cannot move hosts
-            raise GatewayError("The path cannot be relayed.", code="bad_path", status_code=400)
         query: bytes = scope.get("query_string", b"")
         forwarded = _forward_headers(headers, provider.relay_credential_headers)
         body = _Body(receive, keep=self.config.relay.replay_body_bytes, limit=limit)
         await body.prepare()
-        next_path = _page_path(headers)
 
-        tokens, token = await self._token(provider, caller, route, next_path)
-        origin, base_path, fixed = _split_base(base)
+        tokens, token = await self._token(provider, caller, route, headers)
+        origin, target_path, fixed = plan.origin, plan.target_path, plan.fixed
         pool = self.runtime.relay_http.get(origin)
-        target_path = f"{base_path}/{path}".encode("latin-1")
         rid = request_id.get()
         if rid is not None:
             fixed += b"x-request-id: " + rid.encode("ascii") + b"\r\n"
@@ -288,7 +291,7 @@ class Relay:
                     raise ConsentRequired(
                         "This needs your permission first: the app asks for access it does not have yet.",
                         provider=name, scopes=scopes,
-                        consent_url=self.consent_url(name, scopes, next_path, route.token))
+                        consent_url=self.consent_url(name, scopes, _page_path(headers), route.token))
                 if verdict.outcome == "unavailable":
                     raise ProviderUnavailable(
                         verdict.message or f"{provider.display_name or name} is unavailable right now.",
@@ -303,12 +306,35 @@ class Relay:
 
     # -- the parts ------------------------------------------------------------------------------
 
-    def _target(self, scope: Scope) -> tuple[str, str]:
-        """(provider name, ``<path>``) as sent, or a 400 for anything ambiguous."""
+    def _plan(self, scope: Scope, method: str) -> _Plan:
+        """Where this call goes, decided once per ``<path>`` and method as sent (a refusal is
+        decided again each time: only accepted paths are kept)."""
         if scope.get("gateway.path_rewritten"):
             # Dot or empty segments, resolved by the edge: what was sent is not what would be called.
             raise GatewayError("The API path has '.', '..' or empty segments.", code="bad_path", status_code=400)
         raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
+        plan = self._plans.get((raw, method))
+        if plan is not None:
+            return plan
+        name, path = self._target(raw)
+        provider = self.runtime.providers.get(name)
+        if provider is None:
+            raise GatewayError(f"No provider named {name!r} is configured.", code="unknown_provider", status_code=404)
+        route = self._route(name, path, method)
+        base = provider.relay_base_url(path)
+        if base is None:
+            raise RelayRefused(f"{provider.display_name or name} serves no API at this path through the gateway.")
+        if urlsplit(f"{base}/{path}").netloc != urlsplit(base).netloc:  # belt and braces: the path cannot move hosts
+            raise GatewayError("The path cannot be relayed.", code="bad_path", status_code=400)
+        origin, base_path, fixed = _split_base(base)
+        if len(self._plans) >= _PLANS:
+            self._plans.clear()  # bounded: many distinct paths just start the cache again
+        plan = self._plans[(raw, method)] = _Plan(provider, route, path, origin,
+                                                  f"{base_path}/{path}".encode("latin-1"), fixed)
+        return plan
+
+    def _target(self, raw: bytes) -> tuple[str, str]:
+        """(provider name, ``<path>``) of the raw request path, or a 400 for anything ambiguous."""
         if not raw.startswith(self._api_prefix):
             raise RelayRefused("Name a provider and an API path: <prefix>/api/<provider>/<path>.")
         text = raw[len(self._api_prefix):].decode("latin-1")
@@ -336,8 +362,9 @@ class Relay:
             if kind.lower() == "bearer" and credential.strip().count(".") == 2:
                 return self._server_caller(credential.strip(), provider)
             # Any other Authorization is the caller's own business: dropped, never forwarded.
-        ticket = _cookie(headers, self.config.session.cookie_name)
-        authenticated = await self.runtime.authenticator.authenticate(ticket) if ticket else None
+        # The session cookie as the edge read it (gateway/edge.py, every spelling and duplicate).
+        ticket: bytes | None = scope.get("gateway.session_ticket")
+        authenticated = await self.runtime.authenticator.authenticate(ticket.decode("latin-1")) if ticket else None
         if authenticated is None:
             raise GatewayError("You are not signed in.", code="login_required", status_code=401)
         if method not in ("GET", "HEAD"):
@@ -370,7 +397,7 @@ class Relay:
                                status_code=403)
         return _Caller(name, tenant, user, token_key(name, tenant, user), server=True)
 
-    async def _token(self, provider: Provider, caller: _Caller, route: _Route, next_path: str
+    async def _token(self, provider: Provider, caller: _Caller, route: _Route, headers: Sequence[tuple[bytes, bytes]]
                      ) -> tuple[TokenSet | None, str]:
         if route.token == "app":
             return None, await provider.relay_app_token(caller.tenant)
@@ -386,7 +413,7 @@ class Relay:
             scopes = missing or list(route.scopes)
             raise ConsentRequired("This needs your permission first: the app asks for access it does not have yet.",
                                   provider=provider.name, scopes=scopes,
-                                  consent_url=self.consent_url(provider.name, scopes, next_path))
+                                  consent_url=self.consent_url(provider.name, scopes, _page_path(headers)))
         return tokens, tokens.access_token
 
     async def _renew(self, provider: Provider, caller: _Caller, route: _Route, refused: str
@@ -438,16 +465,6 @@ class Relay:
 def _compile(route: RelayRoute) -> _Route:
     methods = frozenset(route.methods)
     return _Route(re.compile(translate(route.path)), methods, route.token, tuple(route.scopes))
-
-
-def _cookie(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:
-    for key, value in headers:
-        if key == b"cookie":
-            for part in value.decode("latin-1").split(";"):
-                cookie_name, _, cookie_value = part.strip().partition("=")
-                if cookie_name == name and cookie_value:
-                    return cookie_value
-    return None
 
 
 def _require_our_origin(headers: Sequence[tuple[bytes, bytes]], origin: str) -> None:
