@@ -20,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 import httptools
 
@@ -38,6 +38,36 @@ def hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
                 listed = []
             listed += [token.strip().lower() for token in value.split(b",")]
     return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
+
+
+class HeaderView(Mapping[str, str]):
+    """Raw header pairs read as a mapping: names case-insensitive, several values joined with
+    ", " (as ``httpx.Headers`` reads them). Decoded on the first lookup only: most answers are
+    never asked."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _names(self) -> dict[str, str]:
+        if self._decoded is None:
+            decoded: dict[str, str] = {}
+            for name, value in self._raw:
+                key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+                decoded[key] = f"{decoded[key]}, {text}" if key in decoded else text
+            self._decoded = decoded
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._names()[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:

@@ -392,7 +392,7 @@ class Provider:
         """The provider refused the app token ``token`` before its time: forget it (once), so the
         retry fetches a new one. The default forgets nothing."""
 
-    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+    def relay_verdict(self, status: int, headers: Mapping[str, str], body: bytes | None) -> RelayVerdict:
         """Read a provider's answer. ``body`` is the whole body when it is small and JSON (error
         envelopes are), else None (a download streams through unread). The default: 401 is an
         expired token, 429 a rate limit, a 5xx transient, anything else passes."""
@@ -421,7 +421,7 @@ class Provider:
             raise classify_http_error(exc, provider=self.display_name or self.name) from None
 
 
-def retry_after_hint(headers: httpx.Headers, *names: str) -> int | None:
+def retry_after_hint(headers: Mapping[str, str], *names: str) -> int | None:
     """The first of ``names`` that holds a whole number of seconds (0-3600), e.g. Lark's
     ``x-ogw-ratelimit-reset``; None when none does."""
     for name in names:

@@ -38,7 +38,6 @@ from fnmatch import translate
 from typing import Any, Literal, NamedTuple
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes, urlencode, urlsplit
 
-import httpx
 import jwt
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -49,6 +48,7 @@ from gateway.errors import GatewayError, ProviderError, ProviderUnavailable, Rea
 from gateway.http1 import (
     HOP_BY_HOP,
     Connection,
+    HeaderView,
     Pool,
     UpstreamBusy,
     UpstreamFailed,
@@ -595,7 +595,7 @@ class _Answer:
                 content_type = value
             elif name == b"content-length":
                 length = value.strip()
-        headers = httpx.Headers(connection.headers)
+        headers = HeaderView(connection.headers)
         if b"json" not in content_type or (length and not (length.isdigit() and int(length) <= _CLASSIFY_BYTES)):
             return provider.relay_verdict(connection.status, headers, None)
         while not connection.complete and connection.error is None and connection.buffered <= _CLASSIFY_BYTES:

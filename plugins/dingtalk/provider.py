@@ -991,7 +991,7 @@ class DingTalkProvider(Provider):
         if await self.app_token(corp) == token:
             await self.app_tokens.invalidate(self._app_token_key(corp))
 
-    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+    def relay_verdict(self, status: int, headers: Mapping[str, str], body: bytes | None) -> RelayVerdict:
         if status < 400 and (body is None or not any(key in body for key in _RELAY_ERROR_KEYS)):
             return PASS  # no error field anywhere in it: not parsed (answers can be tens of kilobytes)
         data = json_object(body)

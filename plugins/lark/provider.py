@@ -498,7 +498,7 @@ class LarkProvider(Provider):
             raise ProviderUnavailable(f"{self.display_name} answered the tenant token request without a token.")
         return token, now + expire
 
-    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+    def relay_verdict(self, status: int, headers: Mapping[str, str], body: bytes | None) -> RelayVerdict:
         """Lark decides on ``code`` (its HTTP statuses are not reliable: sheet "generic errors")."""
         if body is not None and status < 400 and _RELAY_SUCCESS.match(body):
             return PASS

@@ -415,7 +415,7 @@ class WeMeetProvider(Provider):
         open_id = tokens.extra.get("open_id", "") if tokens is not None else ""
         return RelayAuth(headers=self._rest_headers(token, open_id))
 
-    def relay_verdict(self, status: int, headers: httpx.Headers, body: bytes | None) -> RelayVerdict:
+    def relay_verdict(self, status: int, headers: Mapping[str, str], body: bytes | None) -> RelayVerdict:
         """Errors are HTTP 400/500 with ``{"error_info": {"error_code", ...}}`` (sheet 6.1)."""
         if status < 500 and (body is None or b'"error_info"' not in body):
             return PASS  # nothing to read: not parsed (answers can be tens of kilobytes)
