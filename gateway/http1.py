@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 import httptools
+from starlette.types import Receive
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade"})
@@ -38,6 +39,39 @@ def hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
                 listed = []
             listed += [token.strip().lower() for token in value.split(b",")]
     return HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the ASGI client leaves, so a streamed answer is not read on
+    for nobody (the sidecar's, gateway/proxy.py, and the relay's, gateway/relay.py). Armed once
+    the request body is read (receive is free then) and only if the response is still streaming
+    (no extra task for small responses). The caller catches the cancellation when ``gone``
+    (``task.uncancel()``) and always calls ``stop()``."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive, self.task = receive, asyncio.current_task()
+        self.watcher: asyncio.Task[None] | None = None
+        self.body_read = self.streaming = self.gone = self.finished = False
+
+    def body_sent(self) -> None:
+        self.arm(body_read=True)
+
+    def arm(self, *, body_read: bool = False, streaming: bool = False) -> None:
+        self.body_read, self.streaming = self.body_read or body_read, self.streaming or streaming
+        if self.body_read and self.streaming and self.watcher is None and not self.finished:
+            self.watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if not self.finished and self.task is not None:
+            self.gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.finished = True
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class HeaderView(Mapping[str, str]):

@@ -55,6 +55,7 @@ from gateway.edge import TrustedProxies
 from gateway.http1 import (
     HOP_BY_HOP,
     Connection,
+    DisconnectWatch,
     Pool,
     UpstreamBusy,
     UpstreamFailed,
@@ -88,37 +89,6 @@ def _close_code(code: object) -> int:
     if not isinstance(code, int) or not 1000 <= code < 5000:
         return 1011
     return _UNSENDABLE_CLOSE.get(code, code)
-
-
-class _DisconnectWatch:
-    """Cancels the request's task when the client leaves. Armed once the request body is read (receive
-    is free then) and only if the response is still streaming (no extra task for small responses)."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.receive, self.task = receive, asyncio.current_task()
-        self.watcher: asyncio.Task[None] | None = None
-        self.body_read = self.streaming = self.gone = self.finished = False
-
-    def body_sent(self) -> None:
-        self.arm(body_read=True)
-
-    def arm(self, *, body_read: bool = False, streaming: bool = False) -> None:
-        self.body_read, self.streaming = self.body_read or body_read, self.streaming or streaming
-        if self.body_read and self.streaming and self.watcher is None and not self.finished:
-            self.watcher = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        if not self.finished and self.task is not None:
-            self.gone = True
-            self.task.cancel()
-
-    def stop(self) -> None:
-        self.finished = True
-        if self.watcher is not None:
-            self.watcher.cancel()
-
 
 
 class _SlowBody(Exception):
@@ -205,7 +175,7 @@ class UpstreamProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            watch = _DisconnectWatch(receive)
+            watch = DisconnectWatch(receive)
             try:
                 await self._http(scope, receive, send, watch)
             except asyncio.CancelledError:
@@ -321,7 +291,7 @@ class UpstreamProxy:
         return b"".join(parts), declared
 
     async def _send_body(self, connection: Connection, message: Message, receive: Receive,
-                         declared: int | None, watch: _DisconnectWatch) -> None:
+                         declared: int | None, watch: DisconnectWatch) -> None:
         """Stream the rest of the request body (the first message is ``message``) to the upstream:
         chunked, or exactly ``declared`` bytes (a body that would go past it, or ends short, raises
         ``_BadLength`` before a byte too many is written: the caller cuts the upstream connection,
@@ -355,7 +325,7 @@ class UpstreamProxy:
         watch.body_sent()
 
     async def _exchange(self, scope: Scope, receive: Receive, message: Message,
-                        watch: _DisconnectWatch) -> Connection:
+                        watch: DisconnectWatch) -> Connection:
         """Send the request; returns the connection once the response headers are in (or raises)."""
         pool = self._connections()
         streaming = bool(message.get("more_body"))
@@ -368,7 +338,7 @@ class UpstreamProxy:
             return await exchange(pool, head, method=scope["method"], stream=stream)
         return await exchange(pool, head, method=scope["method"], body=body, sent=watch.body_sent)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, watch: _DisconnectWatch) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send, watch: DisconnectWatch) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
@@ -407,7 +377,7 @@ class UpstreamProxy:
         await error_response(scope, status, code, text, headers=headers)(scope, receive, send)
 
     @staticmethod
-    async def _stream(connection: Connection, send: Send, watch: _DisconnectWatch) -> None:
+    async def _stream(connection: Connection, send: Send, watch: DisconnectWatch) -> None:
         raw = connection.headers
         drop = hop_by_hop(raw)
         headers = [item for item in raw if item[0] not in drop]

@@ -29,6 +29,7 @@ One call, in order; every refusal is decided before anything reaches the provide
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -48,6 +49,7 @@ from gateway.errors import GatewayError, ProviderError, ProviderUnavailable, Rea
 from gateway.http1 import (
     HOP_BY_HOP,
     Connection,
+    DisconnectWatch,
     HeaderView,
     Pool,
     UpstreamBusy,
@@ -112,12 +114,20 @@ class _Route:
 
 
 class _Progress:
-    """Whether the answer has begun (an error after that cannot be answered any more)."""
+    """How far the answer has got: begun (an error can no longer be answered), and while a
+    streamed answer is passed on, the watch that stops it when the caller leaves."""
 
-    __slots__ = ("started",)
+    __slots__ = ("receive", "started", "watch")
 
-    def __init__(self) -> None:
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
         self.started = False
+        self.watch: DisconnectWatch | None = None
+
+    def streaming(self) -> None:
+        """The answer streams on (the request was all read and sent): watch for the caller leaving."""
+        self.watch = DisconnectWatch(self.receive)
+        self.watch.arm(body_read=True, streaming=True)
 
 
 class _Caller(NamedTuple):
@@ -221,9 +231,14 @@ class Relay:
     # -- ASGI ---------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        progress = _Progress()
+        progress = _Progress(receive)
         try:
             await self._call(scope, receive, send, progress)
+        except asyncio.CancelledError:
+            watch = progress.watch
+            if watch is None or not watch.gone or watch.task is None:
+                raise
+            watch.task.uncancel()  # the caller left: nobody to answer, the provider's answer is dropped
         except ConsentRequired as exc:
             await self._answer(_consent_response(scope, exc), scope, receive, send)
         except GatewayError as exc:
@@ -240,6 +255,9 @@ class Relay:
             await self._answer(error_response(scope, 500, "internal_error",
                                               "Something went wrong in the sign-in gateway. Please try again."),
                                scope, receive, send)
+        finally:
+            if progress.watch is not None:
+                progress.watch.stop()
 
     async def _answer(self, response: Response, scope: Scope, receive: Receive, send: Send) -> None:
         """One of the relay's own answers (an error), with the relay's policy headers."""
@@ -635,7 +653,11 @@ class _Answer:
                 return
             if connection.complete:
                 break
+            if progress.watch is None:
+                progress.streaming()
             await connection.wait()
+        if progress.watch is not None:
+            progress.watch.stop()  # all of it is here: leaving now cancels nothing
         await send({"type": "http.response.body", "body": b""})
 
     def close(self) -> None:

@@ -28,6 +28,8 @@ from tests.conftest import echo_app, free_port
 
 CHUNK = 64 * 1024
 WAIT_S = 10.0
+#: The "endless" download's length: 5 s of parts, far more than a caller who left lets through.
+ENDLESS_PARTS = 500
 
 
 class StreamSettings(ProviderSettings):
@@ -58,6 +60,8 @@ class Api:
     def __init__(self) -> None:
         self.upload_started = asyncio.Event()
         self.download_started = asyncio.Event()
+        self.endless_stopped = asyncio.Event()
+        self.endless_parts = 0
 
     def app(self) -> Starlette:
         async def upload(request: Request) -> Response:
@@ -81,6 +85,18 @@ class Api:
             return StreamingResponse(body(), media_type="application/octet-stream",
                                      headers={"x-request-id": "prov-1"})
 
+        async def endless(request: Request) -> Response:
+            async def body() -> AsyncIterator[bytes]:
+                try:
+                    while self.endless_parts < ENDLESS_PARTS:  # a download nobody should read to its end
+                        self.endless_parts += 1
+                        yield b"e" * CHUNK
+                        await asyncio.sleep(0.01)
+                finally:
+                    self.endless_stopped.set()  # the gateway closed its connection
+
+            return StreamingResponse(body(), media_type="application/octet-stream")
+
         async def broken(request: Request) -> Response:
             return Response("upstream exploded", status_code=502)
 
@@ -93,7 +109,8 @@ class Api:
         return Starlette(routes=[Route("/files/upload", upload, methods=["POST"]),
                                  Route("/files/download", download, methods=["GET"]),
                                  Route("/files/broken", broken, methods=["GET"]),
-                                 Route("/files/page", page, methods=["GET"])])
+                                 Route("/files/page", page, methods=["GET"]),
+                                 Route("/files/endless", endless, methods=["GET"])])
 
 
 async def with_gateway(api: Api, body: Any) -> Any:
@@ -195,3 +212,20 @@ async def test_relayed_answers_carry_the_relays_policy_in_place_of_the_providers
             assert answer.headers.get_list("x-content-type-options") == ["nosniff"], path
 
     await with_gateway(Api(), policies)
+
+
+async def test_a_download_whose_caller_leaves_is_not_read_on() -> None:
+    """The caller takes a part of a streamed download and hangs up: the gateway stops reading the
+    provider's answer and closes that connection (it is not read to its end for nobody)."""
+    api = Api()
+
+    async def leave(client: httpx.AsyncClient, runtime: Any) -> None:
+        async with client.stream("GET", "/_gateway/api/acme/files/endless") as answer:
+            assert answer.status_code == 200
+            async for _ in answer.aiter_raw():
+                break  # one part, then the caller is gone (the stream is closed on exit)
+        await asyncio.wait_for(api.endless_stopped.wait(), WAIT_S)
+        assert api.endless_parts < ENDLESS_PARTS / 5  # stopped soon after the caller left, not read to the end
+        assert (await client.get("/_gateway/api/acme/files/page")).status_code == 200  # the relay goes on
+
+    await with_gateway(api, leave)
