@@ -234,6 +234,11 @@ class Connection(asyncio.Protocol):
             raise UpstreamInvalid("the upstream sent more than one response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            # A trailer field after a chunked body: dropped (RFC 9110 6.5.1 lets a proxy discard
+            # what it does not process). Kept, it would join the head read after the body (a small
+            # answer is sent whole): a provider's trailing Content-Length or Location in our head.
+            return
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:

@@ -67,8 +67,9 @@ from gateway.tokens import token_key
 
 log = logging.getLogger("gateway.relay")
 
-#: How many resolved ``<path>``/method pairs are kept (``Relay._plan``).
+#: How many resolved ``<path>``/method pairs are kept (``Relay._plan``), of paths up to this length.
 _PLANS = 1024
+_PLAN_PATH_BYTES = 512
 #: A JSON answer up to this size is read whole and shown to the plugin (error envelopes are a few
 #: hundred bytes); anything larger, or not JSON, streams through without being read.
 _CLASSIFY_BYTES = 64 * 1024
@@ -252,7 +253,7 @@ class Relay:
             if progress.started:
                 raise
             log.exception("unexpected error in the relay")
-            await self._answer(error_response(scope, 500, "internal_error",
+            await self._answer(error_response({**scope, "headers": _json_accept(scope)}, 500, "internal_error",
                                               "Something went wrong in the sign-in gateway. Please try again."),
                                scope, receive, send)
         finally:
@@ -345,10 +346,11 @@ class Relay:
         if urlsplit(f"{base}/{path}").netloc != urlsplit(base).netloc:  # belt and braces: the path cannot move hosts
             raise GatewayError("The path cannot be relayed.", code="bad_path", status_code=400)
         origin, base_path, fixed = _split_base(base)
-        if len(self._plans) >= _PLANS:
-            self._plans.clear()  # bounded: many distinct paths just start the cache again
-        plan = self._plans[(raw, method)] = _Plan(provider, route, path, origin,
-                                                  f"{base_path}/{path}".encode("latin-1"), fixed)
+        plan = _Plan(provider, route, path, origin, f"{base_path}/{path}".encode("latin-1"), fixed)
+        if len(raw) <= _PLAN_PATH_BYTES:  # a long path (anyone can send one, signed in or not) is not kept
+            if len(self._plans) >= _PLANS:
+                self._plans.clear()  # bounded: many distinct paths just start the cache again
+            self._plans[(raw, method)] = plan
         return plan
 
     def _target(self, raw: bytes) -> tuple[str, str]:
@@ -645,7 +647,9 @@ class _Answer:
             if connection.chunks:
                 body = connection.take()
                 if connection.complete and connection.error is None:
-                    await send({"type": "http.response.body", "body": body})  # all of it, in one message
+                    if progress.watch is not None:
+                        progress.watch.stop()  # all of it is here: leaving now cancels nothing
+                    await send({"type": "http.response.body", "body": body})  # the rest, in one message
                     return
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 continue

@@ -191,7 +191,10 @@ class TokenManager:
 
     async def load(self, key: str) -> TokenSet | None:
         data = await self.store.get(key)
-        return self._decode(key, data) if data is not None else None
+        if data is None:
+            self._opened.pop(key, None)  # gone (a logout, a revoked grant): not kept opened either
+            return None
+        return self._decode(key, data)
 
     async def current(self, key: str, provider: str) -> TokenSet:
         """Tokens that are fresh enough to use, refreshing them first when they are due.

@@ -491,6 +491,19 @@ async def test_response_connection_header_still_drops_what_it_names(start: Start
     assert "x-upstream-hop" not in response.headers and len(upstream.requests) == 1
 
 
+async def test_trailer_fields_never_reach_the_response_head(start: Starter) -> None:
+    """A chunked answer's trailers are dropped: a small answer's head is read after its body, and a
+    trailing Location must not join it (a trailing Content-Length llhttp refuses itself: 502)."""
+    reply = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Injected, Location\r\n\r\n"
+             b"2\r\nhi\r\n0\r\nX-Injected: yes\r\nLocation: https://evil.example/\r\n\r\n")
+    async with scripted_upstream(answer(reply)) as upstream, start(upstream.url) as url, \
+            httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(url + "/public/x")
+    assert response.status_code == 200 and response.content == b"hi"
+    assert "x-injected" not in response.headers and "location" not in response.headers
+    assert len(upstream.requests) == 1
+
+
 # --- finding 16: idle keep-alive and the retry -----------------------------------------------------
 
 def test_default_idle_limit_is_below_common_upstream_keep_alives() -> None:

@@ -344,3 +344,16 @@ async def test_two_replicas_on_redis_refresh_a_refused_token_once(lark: ServedLa
     finally:
         for gateway in gateways:
             await gateway.aclose()
+
+
+async def test_long_paths_are_relayed_but_not_kept(start_gateway: GatewayStarter, lark: ServedLark) -> None:
+    """The relay keeps what it resolved of short accepted paths only: a caller (signed in or not)
+    sending many long distinct paths under a listed route cannot make it hold them."""
+    async with signed_in(start_gateway, provider=GRANTED) as (running, client, _sent):
+        relay = running.gateway.handshake.relay
+        assert (await client.get(CALENDARS)).status_code == 200
+        long_path = f"{CALENDARS}/{'x' * 600}"
+        answer = await client.get(long_path)
+        assert answer.status_code == 404 and answer.text == "Not Found"  # relayed: the emulator's own 404
+        kept = {raw for raw, _ in relay._plans}
+        assert CALENDARS.encode() in kept and not any(len(raw) > 512 for raw in kept)
