@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import statistics
@@ -34,7 +35,7 @@ import aiohttp
 import httpx
 
 from bench.context import Context, Row
-from bench.harness import PYTHON, Proc, Spread, free_port, log, server_argv, wait_http
+from bench.harness import PYTHON, Proc, Spread, cpu_seconds, free_port, log, server_argv, wait_http
 from bench.site import COOKIE, Emulator, login
 from bench.storm import _redis
 from plugins.lark import openapi
@@ -117,6 +118,7 @@ async def external_lark(ctx: Context) -> AsyncIterator[Emulator]:
             urls = dict(found)
             await asyncio.sleep(0.1)
         await wait_http(urls["open"] + "/_sandbox/stats", proc)
+        ctx.pids[urls["open"]] = proc.process.pid
         yield Emulator(LarkSandbox(), urls)  # the local instance only names the app (the same defaults)
     finally:
         proc.stop()
@@ -176,9 +178,17 @@ async def _throughput(ctx: Context) -> list[Row]:
             relayed = (urls[0] + RELAYED, {"Cookie": f"{COOKIE}={ticket}"})
             await closed_loop(*relayed, options.connections, options.warmup_s)
             ratios, added, base_p99 = [], [], []
+            # CPU per call of each process (gateway, emulator, this client), for each loop.
+            pids = (procs[-1].process.pid, ctx.pids[lark.urls["open"]])
+            per_call: dict[str, list[tuple[float, ...]]] = {"relay": [], "direct": []}
             for rep in range(options.reps):
+                spent = _cpu(pids)
                 via = await closed_loop(*relayed, options.connections, options.duration_s)
+                spent, was = _cpu(pids), spent
+                per_call["relay"].append(_per_call(spent, was, via.calls))
                 to = await closed_loop(*direct, options.connections, options.duration_s)
+                spent, was = _cpu(pids), spent
+                per_call["direct"].append(_per_call(spent, was, to.calls))
                 half_via = await closed_loop(*relayed, max(1, options.connections // 2), options.duration_s)
                 half_to = await closed_loop(*direct, max(1, options.connections // 2), options.duration_s)
                 if via.failures or to.failures or half_via.failures or half_to.failures:
@@ -189,17 +199,34 @@ async def _throughput(ctx: Context) -> list[Row]:
                 log(f"  relay rep {rep + 1}: relay {via.rps:.0f} req/s, direct {to.rps:.0f} req/s "
                     f"(ratio {ratios[-1]:.2f}); half load p99 relay {half_via.pct(0.99):.1f} ms, "
                     f"direct {half_to.pct(0.99):.1f} ms")
-            ctx.raw["relay-throughput"] = {"ratio": ratios, "added_p99_ms": added, "direct_p99_ms": base_p99}
+            ctx.raw["relay-throughput"] = {"ratio": ratios, "added_p99_ms": added, "direct_p99_ms": base_p99,
+                                           "cpu_us_per_call": per_call}
+            relay_cpu = [statistics.median(part[i] for part in per_call["relay"]) for i in range(3)]
+            direct_cpu = [statistics.median(part[i] for part in per_call["direct"]) for i in range(3)]
             return [
                 Row.ratio("relay", "relay req/s ÷ direct to the emulator with the token (same client)",
                           Spread.of(ratios), 0.5),
                 Row("relay", "p99 added by the relay at half the connections, ms", Spread.of(added).fmt(1),
                     "< 5", statistics.median(added) < 5,
                     note=f"direct p99 {statistics.median(base_p99):.1f} ms"),
+                Row("relay", "CPU per call, µs (user + system): gateway / emulator / client",
+                    " / ".join(f"{value:.0f}" for value in relay_cpu),
+                    note="direct: — / {:.0f} / {:.0f} (the three share two cores)".format(*direct_cpu[1:])),
             ]
         finally:
             for proc in reversed(procs):
                 proc.stop()
+
+
+def _cpu(pids: tuple[int, int]) -> tuple[float, float, float]:
+    """CPU seconds used so far by the gateway, the emulator and this process (the client)."""
+    mine = os.times()
+    return cpu_seconds([pids[0]]), cpu_seconds([pids[1]]), mine.user + mine.system
+
+
+def _per_call(now: tuple[float, ...], then: tuple[float, ...], calls: int) -> tuple[float, ...]:
+    """Microseconds of CPU per call of each process between two ``_cpu`` readings."""
+    return tuple(1e6 * (after - before) / max(1, calls) for after, before in zip(now, then, strict=True))
 
 
 async def storm_burst(urls: list[str], ticket: str, count: int) -> tuple[int, list[str]]:
