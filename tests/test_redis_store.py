@@ -405,7 +405,10 @@ def test_an_outage_is_logged_once_and_its_end_once_even_when_answers_interleave(
             health.answered()  # another master answered
             now[0] += 0.1
         assert health.reason is not None
-        now[0] += 1.0  # a second without a failure
+        now[0] += 4.0  # four seconds without a failure: not yet
+        health.answered()
+        assert health.reason is not None
+        now[0] += 1.0  # five seconds without a failure
         health.answered()
         assert health.reason is None
     assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]

@@ -70,8 +70,11 @@ _UNAVAILABLE = "The session store is unavailable; please try again shortly."
 _FAILURES = (RedisError, RedisClusterException, OSError)
 
 # A recovery is logged once the store has answered for this long without a failure: in a Cluster
-# with one master dead, commands to the other masters succeed between the failures.
-_SETTLE_S = 1.0
+# with one master dead, commands to the other masters succeed between the failures, and the
+# commands that need the dead master's slots can be seconds apart (a refresh lock waits for its
+# back-off): a second was shorter than a failover (cluster-node-timeout and the election), so a
+# recovery was logged, then the same outage again.
+_SETTLE_S = 5.0
 _SWITCH_MASTER = "+switch-master"
 _ALONE_S = 5.0  # how long "this master has no replica" is believed without asking again
 
