@@ -117,10 +117,17 @@ class ProviderMisconfigured(ProviderError):
 
 
 class LoginDenied(ProviderError):
-    """The user refused consent, or is not allowed to use this app."""
+    """The user refused consent, or is not allowed to use this app. ``tenant`` and ``user``: who
+    the provider said signed in, when it said so before refusing (the ``login.failed`` audit
+    event names them; never shown to the user)."""
 
     status_code = 403
     code = "access_denied"
+
+    def __init__(self, message: str, *, code: str | None = None, status_code: int | None = None,
+                 provider_code: str | int | None = None, tenant: str | None = None, user: str | None = None) -> None:
+        super().__init__(message, code=code, status_code=status_code, provider_code=provider_code)
+        self.tenant, self.user = tenant, user
 
 
 class LoginPending(ProviderError):

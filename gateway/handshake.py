@@ -530,9 +530,11 @@ class Handshake:
             # Who, only when the provider already said (a grant redeemed, then refused: e.g.
             # tenant_not_allowed); a failure before that knows no one, and nobody is guessed.
             granted = getattr(request.state, "granted", None)
+            tenant, user = (granted.tenant, granted.user) if granted else (None, None)
+            if isinstance(exc, LoginDenied) and exc.user:  # a plugin's refusal that names who it refused
+                tenant, user = exc.tenant, exc.user
             audit("login.failed", provider=provider.name, flow=flow, error=code,
-                  client_ip=client_ip(request.scope, self._trusted),
-                  tenant=granted.tenant if granted else None, user_id=granted.user if granted else None)
+                  client_ip=client_ip(request.scope, self._trusted), tenant=tenant, user_id=user)
             pending: PendingLogin | None = getattr(request.state, "pending", None)
             if pending is not None and pending.is_consent:
                 await self.audit_consent(request, provider.name, flow, pending, error=code)

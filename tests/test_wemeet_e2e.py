@@ -369,3 +369,20 @@ def test_gateway_demo_walks_the_wemeet_browser_flow_and_serves_the_simulated_cli
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/_sandbox/wemeet-js-sdk\.js", config["jssdkUrl"])
         sdk = httpx.get(config["jssdkUrl"], timeout=5)
         assert sdk.status_code == 200 and "requestAgentAuthCode" in sdk.text and "window.wemeet" in sdk.text
+
+
+async def test_a_disabled_account_is_refused_and_the_audit_names_it(start: Starter, wemeet: ServedWeMeet) -> None:
+    """The profile says the account is disabled: 403 user_inactive, and ``login.failed`` names the
+    account Tencent Meeting refused (the plugin knew it by then), its organisation too."""
+    from dataclasses import replace
+
+    from tests.test_request_id import json_lines
+
+    wemeet.sandbox.users[ZHANG.open_id] = replace(ZHANG, status="4")
+    async with start() as running, running.client() as client:
+        with json_lines("gateway.audit") as buffer:
+            answer = await client.get("/", headers=HTML, follow_redirects=True)
+    assert answer.status_code == 403 and "user_inactive" in answer.text  # the callback's page
+    [event] = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert (event["event"], event["error"]) == ("login.failed", "user_inactive")
+    assert (event["tenant"], event["user_id"]) == (ZHANG.open_corp_id, ZHANG.open_id)

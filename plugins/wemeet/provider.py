@@ -478,7 +478,8 @@ class WeMeetProvider(Provider):
         status = str_field(profile, "status")
         if status in _INACTIVE_STATUS:
             raise LoginDenied(
-                f"Tencent Meeting says this account is {_INACTIVE_STATUS[status]}.", code="user_inactive"
+                f"Tencent Meeting says this account is {_INACTIVE_STATUS[status]}.", code="user_inactive",
+                tenant=tenant or str_field(profile, "open_corp_id"), user=open_id,
             )
         if not corp_known:
             tenant = str_field(profile, "open_corp_id")  # older exchange answers have no open_corp_id
