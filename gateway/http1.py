@@ -23,7 +23,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 import httptools
-from starlette.types import Receive
+from starlette.types import Receive, Send
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade"})
@@ -72,6 +72,29 @@ class DisconnectWatch:
         self.finished = True
         if self.watcher is not None:
             self.watcher.cancel()
+
+
+async def send_body(connection: Connection, send: Send, watch: DisconnectWatch) -> None:
+    """The answer's body to ``send`` (the response start already sent): in one message when it is
+    all here (the usual small answer), else as it arrives with ``watch`` armed, so a caller who
+    leaves stops the reading. Broken off midway, the response is left incomplete: the server
+    aborts it and the client sees the cut."""
+    if connection.complete and connection.error is None:
+        watch.finished = True
+        await send({"type": "http.response.body", "body": connection.take() if connection.chunks else b""})
+        return
+    watch.arm(streaming=True)
+    while True:
+        if connection.chunks:
+            await send({"type": "http.response.body", "body": connection.take(), "more_body": True})
+            continue
+        if connection.error is not None:
+            return
+        if connection.complete:
+            break
+        await connection.wait()
+    watch.finished = True  # all of it is here: leaving now cancels nothing
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class HeaderView(Mapping[str, str]):

@@ -63,6 +63,7 @@ from gateway.http1 import (
     declared_length,
     exchange,
     hop_by_hop,
+    send_body,
 )
 from gateway.pages import error_response
 from gateway.upstream_health import CAUSES, UpstreamHealth, os_error_cause
@@ -382,22 +383,7 @@ class UpstreamProxy:
         drop = hop_by_hop(raw)
         headers = [item for item in raw if item[0] not in drop]
         await send({"type": "http.response.start", "status": connection.status, "headers": headers})
-        if connection.complete:  # the usual small answer: all of it is here already
-            watch.finished = True
-            await send({"type": "http.response.body", "body": connection.take() if connection.chunks else b""})
-            return
-        watch.arm(streaming=True)
-        while True:
-            if connection.chunks:
-                await send({"type": "http.response.body", "body": connection.take(), "more_body": True})
-                continue
-            if connection.error is not None:
-                return  # leave the response incomplete: the server aborts it, the client sees the cut
-            if connection.complete:
-                break
-            await connection.wait()
-        watch.finished = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send_body(connection, send, watch)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         import aiohttp

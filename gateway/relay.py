@@ -57,6 +57,7 @@ from gateway.http1 import (
     declared_length,
     exchange,
     hop_by_hop,
+    send_body,
 )
 from gateway.logs import request_id
 from gateway.pages import POLICY_HEADER_NAMES, error_response, gateway_error_response, relay_policy_headers
@@ -115,20 +116,14 @@ class _Route:
 
 
 class _Progress:
-    """How far the answer has got: begun (an error can no longer be answered), and while a
-    streamed answer is passed on, the watch that stops it when the caller leaves."""
+    """How far the answer has got: begun (an error can no longer be answered), and the watch that
+    stops a streamed answer when the caller leaves."""
 
-    __slots__ = ("receive", "started", "watch")
+    __slots__ = ("started", "watch")
 
     def __init__(self, receive: Receive) -> None:
-        self.receive = receive
         self.started = False
-        self.watch: DisconnectWatch | None = None
-
-    def streaming(self) -> None:
-        """The answer streams on (the request was all read and sent): watch for the caller leaving."""
-        self.watch = DisconnectWatch(self.receive)
-        self.watch.arm(body_read=True, streaming=True)
+        self.watch = DisconnectWatch(receive)
 
 
 class _Caller(NamedTuple):
@@ -237,7 +232,7 @@ class Relay:
             await self._call(scope, receive, send, progress)
         except asyncio.CancelledError:
             watch = progress.watch
-            if watch is None or not watch.gone or watch.task is None:
+            if not watch.gone or watch.task is None:
                 raise
             watch.task.uncancel()  # the caller left: nobody to answer, the provider's answer is dropped
         except ConsentRequired as exc:
@@ -257,8 +252,7 @@ class Relay:
                                               "Something went wrong in the sign-in gateway. Please try again."),
                                scope, receive, send)
         finally:
-            if progress.watch is not None:
-                progress.watch.stop()
+            progress.watch.stop()
 
     async def _answer(self, response: Response, scope: Scope, receive: Receive, send: Send) -> None:
         """One of the relay's own answers (an error), with the relay's policy headers."""
@@ -643,26 +637,8 @@ class _Answer:
         headers += policy
         progress.started = True
         await send({"type": "http.response.start", "status": connection.status, "headers": headers})
-        while True:
-            if connection.chunks:
-                body = connection.take()
-                if connection.complete and connection.error is None:
-                    if progress.watch is not None:
-                        progress.watch.stop()  # all of it is here: leaving now cancels nothing
-                    await send({"type": "http.response.body", "body": body})  # the rest, in one message
-                    return
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                continue
-            if connection.error is not None:
-                return
-            if connection.complete:
-                break
-            if progress.watch is None:
-                progress.streaming()
-            await connection.wait()
-        if progress.watch is not None:
-            progress.watch.stop()  # all of it is here: leaving now cancels nothing
-        await send({"type": "http.response.body", "body": b""})
+        progress.watch.body_sent()  # the request was all read and sent before its answer came
+        await send_body(connection, send, progress.watch)
 
     def close(self) -> None:
         self.pool.release(self.connection)
