@@ -407,7 +407,7 @@ class Provider:
     def granted_scopes(self, tokens: TokenSet) -> frozenset[str] | None:
         """The scopes the user's grant holds, or None when the provider does not say (then a
         route's ``scopes`` are not checked before the call: the provider's answer decides)."""
-        names = tokens.scope.replace(",", " ").split()
+        names = scope_names(tokens.scope)
         return frozenset(names) if names else None
 
     # -- helpers for subclasses ---------------------------------------------------------------
@@ -419,6 +419,12 @@ class Provider:
             return await self.http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             raise classify_http_error(exc, provider=self.display_name or self.name) from None
+
+
+def scope_names(scope: str) -> list[str]:
+    """The scopes of a grant's scope string: space-separated as OAuth writes them, commas accepted
+    too (some providers answer a comma-separated list)."""
+    return scope.replace(",", " ").split()
 
 
 def retry_after_hint(headers: Mapping[str, str], *names: str) -> int | None:

@@ -43,7 +43,7 @@ from cachetools import LRUCache, TTLCache
 from gateway.errors import ProviderUnavailable, ReauthRequired, StoreUnavailable
 from gateway.logs import audit
 from gateway.metrics import Metrics
-from gateway.providers import Provider, TokenSet
+from gateway.providers import Provider, TokenSet, scope_names
 from gateway.sealing import Sealer, seal, unseal
 from gateway.stores import LockTimeout, Store, Versioned
 
@@ -81,10 +81,9 @@ def _audit_refresh(key: str, provider: str, tokens: TokenSet, error: str | None,
 
 
 def union_scope(*scopes: str) -> str:
-    """Space-separated scope strings (commas accepted too, as ``Provider.granted_scopes`` reads
-    them) as one, each scope once, in first-seen order; "" when none holds any."""
-    names = (name for scope in scopes for name in scope.replace(",", " ").split())
-    return " ".join(dict.fromkeys(names))
+    """Scope strings (as ``scope_names`` reads them) as one space-separated string, each scope
+    once, in first-seen order; "" when none holds any."""
+    return " ".join(dict.fromkeys(name for scope in scopes for name in scope_names(scope)))
 
 
 def _backoff_key(key: str) -> str:
